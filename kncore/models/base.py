@@ -1,0 +1,116 @@
+"""Architecture adapters: the per-architecture pieces of one transformer block.
+
+An adapter never copies weights: every method reads the Hugging Face modules it
+was built from. The generic layer loop in :mod:`kncore.runtime` strings these
+pieces together, so a new architecture is one adapter file and every method
+(IG, causal tracing, ROME, KN interventions) gets it.
+
+Shapes used throughout: hidden ``h`` is ``[B, n, d_model]``; queries are
+``[B, H, n, Dh]``; keys and values ``[B, H_kv, n, Dh]`` (after rotary);
+neuron activations ``[B, n, d_ff]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BLOCK_SEQUENTIAL = "sequential"  # pre-LN: h += attn(ln1 h); h += mlp(ln2 h)   (GPT-2, LLaMA)
+BLOCK_PARALLEL = "parallel"      # pre-LN: h += attn(ln1 h) + mlp(ln1 h)        (GPT-J)
+BLOCK_POST_LN = "post_ln"        # post-LN: h = ln(h + attn h); h = ln(h + mlp h) (BERT)
+
+
+class Adapter:
+    """Base class. Subclasses set the dimensions and implement the pieces."""
+
+    arch: str = "?"
+    causal: bool = True
+    block_style: str = BLOCK_SEQUENTIAL
+    adds_bos: bool = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # -- dimensions ---------------------------------------------------------
+    n_layers: int
+    d_model: int
+    d_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_ctx: int
+    vocab_size: int
+
+    # -- pieces -------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embedding_module(self) -> nn.Module:
+        """The token-embedding module (causal tracing corrupts its output)."""
+        raise NotImplementedError
+
+    def ln1(self, L: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ln2(self, L: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def qkv(self, L: int, x: torch.Tensor, position_ids: torch.Tensor):
+        """Return q [B,H,n,Dh], k and v [B,H_kv,n,Dh] with positions applied."""
+        raise NotImplementedError
+
+    def attn_scale(self, L: int) -> float:
+        return self.head_dim ** -0.5
+
+    def attn_upcast(self) -> bool:
+        """Whether scores are computed in fp32 whatever the model dtype."""
+        return False
+
+    def attn_proj(self, L: int, o: torch.Tensor) -> torch.Tensor:
+        """Output projection of the merged heads o [B, n, H*Dh]."""
+        raise NotImplementedError
+
+    def mlp_pre(self, L: int, x: torch.Tensor):
+        """Return (pre_act, aux). pre_act is the pre-activation site; aux is
+        anything else the activation needs (LLaMA's up-projection)."""
+        raise NotImplementedError
+
+    def mlp_act(self, L: int, pre: torch.Tensor, aux) -> torch.Tensor:
+        raise NotImplementedError
+
+    def down_weight(self, L: int) -> torch.Tensor:
+        """The down-projection weight as [d_ff, d_model] (a view, no copy)."""
+        raise NotImplementedError
+
+    def down_bias(self, L: int):
+        raise NotImplementedError
+
+    def down_module(self, L: int) -> nn.Module:
+        """The module that holds the down-projection (ROME edits it)."""
+        raise NotImplementedError
+
+    def mlp_down(self, L: int, act: torch.Tensor) -> torch.Tensor:
+        out = act @ self.down_weight(L)
+        b = self.down_bias(L)
+        return out if b is None else out + b
+
+    def post_attn_norm(self, L: int, h: torch.Tensor) -> torch.Tensor:  # post-LN only
+        raise NotImplementedError
+
+    def post_mlp_norm(self, L: int, h: torch.Tensor) -> torch.Tensor:  # post-LN only
+        raise NotImplementedError
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and (LM or MLM) head: hidden [.., d_model] -> logits."""
+        raise NotImplementedError
+
+    def layer_module_name(self, L: int, kind: str | None = None) -> str:
+        """Hugging Face module path of block L (kind None), its mlp or attn."""
+        raise NotImplementedError
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    mod = model
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod

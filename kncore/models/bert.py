@@ -1,0 +1,86 @@
+"""BERT masked-LM adapter: post-LayerNorm blocks, bidirectional attention.
+Only the MLM head at the [MASK] position is scored."""
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, BLOCK_POST_LN
+
+
+class BertAdapter(Adapter):
+    arch = "bert"
+    causal = False
+    block_style = BLOCK_POST_LN
+
+    def __init__(self, model):
+        super().__init__(model)
+        c = self.config
+        if not hasattr(model, "cls") or not hasattr(model, "bert"):
+            raise ValueError("BERT is supported as a masked LM (BertForMaskedLM)")
+        self.enc = model.bert
+        self.blocks = self.enc.encoder.layer
+        self.n_layers = c.num_hidden_layers
+        self.d_model = c.hidden_size
+        self.d_ff = c.intermediate_size
+        self.n_heads = self.n_kv_heads = c.num_attention_heads
+        self.head_dim = c.hidden_size // c.num_attention_heads
+        self.n_ctx = c.max_position_embeddings
+        self.vocab_size = c.vocab_size
+        pet = getattr(c, "position_embedding_type", "absolute")
+        if pet not in (None, "absolute"):
+            raise ValueError(f"BERT position_embedding_type={pet!r} is not supported (only 'absolute')")
+
+    def embed(self, input_ids, position_ids):
+        e = self.enc.embeddings
+        x = e.word_embeddings(input_ids) + e.position_embeddings(position_ids)
+        x = x + e.token_type_embeddings(torch.zeros_like(input_ids))
+        return e.LayerNorm(x)
+
+    def embedding_module(self):
+        return self.enc.embeddings.word_embeddings
+
+    def ln1(self, L, h):
+        return h  # post-LN: attention reads the residual directly
+
+    def ln2(self, L, h):
+        return h
+
+    def qkv(self, L, x, position_ids):
+        a = self.blocks[L].attention.self
+        B, n, _ = x.shape
+        shape = (B, n, self.n_heads, self.head_dim)
+        return (a.query(x).view(shape).transpose(1, 2), a.key(x).view(shape).transpose(1, 2),
+                a.value(x).view(shape).transpose(1, 2))
+
+    def attn_proj(self, L, o):
+        return self.blocks[L].attention.output.dense(o)
+
+    def post_attn_norm(self, L, h):
+        return self.blocks[L].attention.output.LayerNorm(h)
+
+    def mlp_pre(self, L, x):
+        return self.blocks[L].intermediate.dense(x), None
+
+    def mlp_act(self, L, pre, aux):
+        return self.blocks[L].intermediate.intermediate_act_fn(pre)
+
+    def down_module(self, L):
+        return self.blocks[L].output.dense
+
+    def down_weight(self, L):
+        return self.blocks[L].output.dense.weight.t()
+
+    def down_bias(self, L):
+        return self.blocks[L].output.dense.bias
+
+    def post_mlp_norm(self, L, h):
+        return self.blocks[L].output.LayerNorm(h)
+
+    def final(self, h):
+        return self.model.cls(h)
+
+    def layer_module_name(self, L, kind=None):
+        base = f"bert.encoder.layer.{L}"
+        if kind is None:
+            return base
+        return f"{base}.{ {'mlp': 'output', 'attn': 'attention'}[kind] }"

@@ -1,0 +1,390 @@
+"""The one model runtime: a plain layer loop over the Hugging Face weights.
+
+Every method in kncore (integrated gradients, causal tracing, ROME statistics
+and edits, KN interventions) drives :func:`run`. It can
+
+* start at any layer from given hidden states and stop early;
+* capture any site at every layer in one forward, at chosen positions;
+* apply a batch of different interventions in one forward (each :class:`Patch`
+  names its own rows, layer, positions and replacement or scaling);
+* reuse a key/value cache, so a later pass computes only the positions it is
+  given (those >= p) from layer L up. With causal attention nothing at layers
+  < L or positions < p can change, which is what makes IG and tracing fast.
+
+Sites (TransformerLens hook names in brackets):
+
+``resid_pre``  input of block L          (``blocks.{L}.hook_resid_pre``)
+``attn_out``   attention output          (``blocks.{L}.hook_attn_out``)
+``pre_act``    MLP pre-activation        (``blocks.{L}.mlp.hook_pre``; LLaMA: the gate projection)
+``act``        input of down-projection  (``blocks.{L}.mlp.hook_post``; the neurons)
+``mlp_out``    MLP output                (``blocks.{L}.hook_mlp_out``)
+``resid_post`` output of block L         (``blocks.{L}.hook_resid_post``)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .models.base import Adapter, BLOCK_PARALLEL, BLOCK_POST_LN, BLOCK_SEQUENTIAL
+
+SITES = ("resid_pre", "attn_out", "pre_act", "act", "mlp_out", "resid_post")
+NEURON_SITES = ("pre_act", "act")
+_TL = {
+    "resid_pre": "blocks.{L}.hook_resid_pre",
+    "attn_out": "blocks.{L}.hook_attn_out",
+    "pre_act": "blocks.{L}.mlp.hook_pre",
+    "act": "blocks.{L}.mlp.hook_post",
+    "mlp_out": "blocks.{L}.hook_mlp_out",
+    "resid_post": "blocks.{L}.hook_resid_post",
+}
+_TL_RE = {re.compile("^" + re.escape(v).replace(r"\{L\}", r"(\d+)") + "$"): k for k, v in _TL.items()}
+
+
+def hook_name(site: str, layer: int) -> str:
+    """TransformerLens-style name of a site, e.g. ``blocks.3.mlp.hook_post``."""
+    return _TL[site].format(L=layer)
+
+
+def parse_site(key) -> tuple[str, int]:
+    """Accept ``(site, layer)`` or a TransformerLens hook name."""
+    if isinstance(key, str):
+        for rx, site in _TL_RE.items():
+            m = rx.match(key)
+            if m:
+                return site, int(m.group(1))
+        raise ValueError(f"unknown hook name {key!r}; expected e.g. 'blocks.3.mlp.hook_post'")
+    site, layer = key
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+    return site, int(layer)
+
+
+@dataclass
+class Patch:
+    """One intervention at (site, layer) on some rows and positions.
+
+    ``positions`` are absolute token positions (an int, a sequence, or None
+    for every computed position). ``rows`` are batch rows (None: every row).
+    The selected entries are taken in row-major order (rows ascending, then
+    positions ascending); ``value`` replaces them and must broadcast to
+    ``[k, width]`` for k selected entries (or to ``[k, len(neurons)]``).
+    ``scale`` multiplies them (a float, ``[width]`` or ``[k, width]``).
+    ``neurons`` restricts a neuron-site patch to some neuron indices.
+    ``fn(x_sel) -> x_sel`` is the escape hatch for anything else.
+    """
+
+    site: str
+    layer: int
+    positions: int | Sequence[int] | None = None
+    rows: Sequence[int] | torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    scale: torch.Tensor | float | None = None
+    neurons: Sequence[int] | torch.Tensor | None = None
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        self.site, self.layer = parse_site((self.site, self.layer))
+        given = sum(x is not None for x in (self.value, self.scale, self.fn))
+        if given != 1:
+            raise ValueError("a Patch needs exactly one of value=, scale= or fn=")
+        if self.neurons is not None and self.site not in NEURON_SITES:
+            raise ValueError(f"neurons= only applies to neuron sites {NEURON_SITES}, not {self.site!r}")
+
+
+@dataclass
+class KVCache:
+    """Keys and values of already-computed positions, per layer.
+
+    ``k[l]`` and ``v[l]`` are ``[Bp, H_kv, P, Dh]`` (rotary applied);
+    ``mask`` is ``[Bp, P]`` with True for real tokens (None: all real).
+    Rows of a later pass map onto cache rows through ``past_rows``.
+    """
+
+    k: list
+    v: list
+    mask: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        for t in self.k:
+            if t is not None:
+                return t.shape[2]
+        return 0
+
+    def lengths(self) -> torch.Tensor:
+        """Number of real tokens in each cache row."""
+        ref = next(t for t in self.k if t is not None)
+        if self.mask is None:
+            return torch.full((ref.shape[0],), ref.shape[2], dtype=torch.long, device=ref.device)
+        return self.mask.sum(-1)
+
+    def truncate(self, P: int) -> "KVCache":
+        """The first P positions (for example the prefix before the last token)."""
+        cut = lambda ts: [None if t is None else t[:, :, :P] for t in ts]
+        return KVCache(cut(self.k), cut(self.v), None if self.mask is None else self.mask[:, :P])
+
+    def rows(self, idx: torch.Tensor) -> "KVCache":
+        pick = lambda ts: [None if t is None else t[idx] for t in ts]
+        return KVCache(pick(self.k), pick(self.v), None if self.mask is None else self.mask[idx])
+
+
+@dataclass
+class RunOutput:
+    logits: torch.Tensor | None
+    hidden: torch.Tensor  # output of the last computed block (before the final norm)
+    captured: dict = field(default_factory=dict)  # (site, layer) -> tensor
+    kv: KVCache | None = None  # keys/values of the computed positions (return_kv=True)
+    position_ids: torch.Tensor | None = None
+
+    def __getitem__(self, key):
+        return self.captured[parse_site(key)]
+
+
+def _norm_patches(patches: Iterable[Patch]) -> dict:
+    table: dict = {}
+    for p in patches:
+        table.setdefault((p.site, p.layer), []).append(p)
+    return table
+
+
+def _apply_patches(x, plist, pos_ids):
+    """Apply the patches of one (site, layer) to x [B, n, w]."""
+    B = x.shape[0]
+    for p in plist:
+        if p.positions is None:
+            colmask = torch.ones_like(pos_ids, dtype=torch.bool)
+        else:
+            want = torch.as_tensor(p.positions, device=pos_ids.device).reshape(-1)
+            colmask = (pos_ids[..., None] == want).any(-1)
+        if p.rows is not None:
+            rows = torch.as_tensor(p.rows, device=x.device, dtype=torch.long).reshape(-1)
+            if rows.numel() and (rows.min() < 0 or rows.max() >= B):
+                raise IndexError(f"patch rows out of range for batch of {B}")
+            rowmask = torch.zeros(B, dtype=torch.bool, device=x.device)
+            rowmask[rows] = True
+            colmask = colmask & rowmask[:, None]
+        ri, ci = colmask.nonzero(as_tuple=True)
+        if ri.numel() == 0:
+            continue
+        sel = x[ri, ci]  # [k, w]
+        if p.neurons is not None:
+            nidx = torch.as_tensor(p.neurons, device=x.device, dtype=torch.long).reshape(-1)
+            part = sel[:, nidx]
+            part = _edit(part, p)
+            sel = sel.index_copy(1, nidx, part.to(sel.dtype))
+        else:
+            sel = _edit(sel, p)
+        x = x.index_put((ri, ci), sel.to(x.dtype))
+    return x
+
+
+def _edit(sel, p: Patch):
+    if p.fn is not None:
+        return p.fn(sel)
+    if p.scale is not None:
+        s = p.scale
+        return sel * (torch.as_tensor(s, dtype=sel.dtype, device=sel.device) if not torch.is_tensor(s) else s.to(sel.dtype))
+    v = p.value.to(device=sel.device, dtype=sel.dtype)
+    try:
+        return torch.broadcast_to(v, sel.shape)
+    except RuntimeError:
+        raise ValueError(f"patch value of shape {tuple(v.shape)} does not broadcast to the "
+                         f"{tuple(sel.shape)} entries selected at {p.site} layer {p.layer}") from None
+
+
+def _capture(store, key, x, cap_idx, keep_grad):
+    """Store x at the capture positions: cap_idx None (all) or [B, k] columns."""
+    if cap_idx is not None:
+        x = torch.gather(x, 1, cap_idx[..., None].expand(-1, -1, x.shape[-1]))
+    store[key] = x if keep_grad else x.detach()
+
+
+def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal_offset):
+    """Self-attention of block L for the new tokens x [B, n, d].
+
+    past_k/past_v: [B, H_kv, P, Dh] or None. key_valid: [B, P + n] bool.
+    Returns (attn_out [B, n, d], k_new, v_new).
+    """
+    q, k, v = ad.qkv(L, x, pos_ids)
+    if past_k is not None:
+        k_all = torch.cat([past_k.to(k.dtype), k], dim=2)
+        v_all = torch.cat([past_v.to(v.dtype), v], dim=2)
+    else:
+        k_all, v_all = k, v
+    B, H, n, Dh = q.shape
+    P = k_all.shape[2] - n
+    allowed = key_valid[:, None, :].expand(B, n, P + n)
+    if ad.causal:
+        i = torch.arange(n, device=x.device)[:, None]
+        j = torch.arange(P + n, device=x.device)[None, :]
+        allowed = allowed & ((j < P) | (j - P <= i))[None]
+    rep = ad.n_heads // ad.n_kv_heads
+    if rep > 1:
+        k_rep, v_rep = k_all.repeat_interleave(rep, dim=1), v_all.repeat_interleave(rep, dim=1)
+    else:
+        k_rep, v_rep = k_all, v_all
+    scale = ad.attn_scale(L)
+    if ad.attn_upcast() or q.dtype != torch.float32:
+        # Scores and softmax in fp32 (as HF does for GPT-J, and as every HF
+        # eager path does for the softmax); probabilities cast back to v's dtype.
+        s = torch.matmul(q.float(), k_rep.float().transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed[:, None], torch.finfo(s.dtype).min)
+        o = torch.matmul(s.softmax(-1).to(v_rep.dtype), v_rep)
+    else:
+        o = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=allowed[:, None], scale=scale)
+    o = o.transpose(1, 2).reshape(B, n, H * Dh)
+    return ad.attn_proj(L, o), k, v
+
+
+def run(
+    ad: Adapter,
+    input_ids: torch.Tensor | None = None,
+    *,
+    hidden: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    start_layer: int = 0,
+    stop_layer: int | None = None,
+    past: KVCache | None = None,
+    past_rows: torch.Tensor | None = None,
+    patches: Iterable[Patch] = (),
+    capture: Iterable = (),
+    capture_positions: torch.Tensor | str | None = None,
+    capture_grad: bool = False,
+    return_kv: bool = False,
+    logits: str | torch.Tensor | None = "all",
+) -> RunOutput:
+    """Run blocks ``start_layer .. stop_layer-1`` on the given tokens.
+
+    Either ``input_ids`` [B, n] (embedded first; requires start_layer == 0)
+    or ``hidden`` [B, n, d] (the input of block ``start_layer``).
+    ``attention_mask`` [B, n]: 1 for real tokens (right padding).
+    ``past`` holds keys/values of earlier positions for every layer that is
+    run; ``past_rows`` [B] maps each row to a cache row (default: row i to
+    row i, or every row to row 0 when the cache has one row).
+    ``capture_positions``: None (every computed position), ``"last"`` (each
+    row's last real token) or absolute positions [B] / [B, k].
+    ``logits``: ``"all"``, ``"last"``, None (no head), or absolute positions [B].
+    """
+    N = ad.n_layers
+    stop = N if stop_layer is None else stop_layer
+    if not (0 <= start_layer <= stop <= N):
+        raise ValueError(f"layers must satisfy 0 <= start ({start_layer}) <= stop ({stop}) <= {N}")
+    if (input_ids is None) == (hidden is None):
+        raise ValueError("give exactly one of input_ids= or hidden=")
+    if input_ids is not None and start_layer != 0:
+        raise ValueError("input_ids start at layer 0; give hidden= to start at a later layer")
+    ref = input_ids if input_ids is not None else hidden
+    B, n = ref.shape[0], ref.shape[1]
+    if n == 0:
+        raise ValueError("nothing to compute: zero positions")
+    dev = ref.device
+    if attention_mask is None:
+        attention_mask = torch.ones(B, n, dtype=torch.bool, device=dev)
+    attention_mask = attention_mask.to(device=dev, dtype=torch.bool)
+    if attention_mask.shape != (B, n):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != {(B, n)}")
+
+    if past is not None:
+        if past_rows is None:
+            Bp = next(t for t in past.k if t is not None).shape[0]
+            past_rows = torch.zeros(B, dtype=torch.long, device=dev) if Bp == 1 and B != 1 else torch.arange(B, device=dev)
+        past_valid = (torch.ones(len(past_rows), past.length, dtype=torch.bool, device=dev)
+                      if past.mask is None else past.mask[past_rows].to(dev))
+        key_valid = torch.cat([past_valid, attention_mask], dim=1)
+        start_pos = past_valid.sum(-1)
+    else:
+        key_valid = attention_mask
+        start_pos = torch.zeros(B, dtype=torch.long, device=dev)
+    if position_ids is None:
+        position_ids = start_pos[:, None] + torch.arange(n, device=dev)[None]
+    position_ids = position_ids.to(dev)
+
+    table = _norm_patches(patches)
+    wanted = {parse_site(c) for c in capture}
+    last_col = attention_mask.long().cumsum(1).argmax(1)  # each row's last real token
+    if capture_positions is None:
+        cap_idx = None
+    elif isinstance(capture_positions, str):
+        if capture_positions != "last":
+            raise ValueError("capture_positions must be None, 'last' or a tensor of positions")
+        cap_idx = last_col[:, None]
+    else:
+        cp = torch.as_tensor(capture_positions, device=dev).long()
+        cp = cp[:, None] if cp.dim() == 1 else cp
+        cap_idx = cp - position_ids[:, :1]  # absolute -> column
+        if (cap_idx < 0).any() or (cap_idx >= n).any():
+            raise ValueError("capture_positions outside the computed positions")
+    captured: dict = {}
+    kv_k = [None] * N
+    kv_v = [None] * N
+
+    def site(name, L, x):
+        ps = table.get((name, L))
+        if ps:
+            x = _apply_patches(x, ps, position_ids)
+        if (name, L) in wanted:
+            _capture(captured, (name, L), x, cap_idx, capture_grad)
+        return x
+
+    h = ad.embed(input_ids, position_ids) if input_ids is not None else hidden
+    for L in range(start_layer, stop):
+        h = site("resid_pre", L, h)
+        pk = past.k[L][past_rows] if past is not None else None
+        pv = past.v[L][past_rows] if past is not None else None
+        x = ad.ln1(L, h)
+        a, k, v = attention(ad, L, x, position_ids, key_valid, pk, pv, None)
+        if return_kv:
+            kv_k[L], kv_v[L] = k, v
+        a = site("attn_out", L, a)
+        if ad.block_style == BLOCK_SEQUENTIAL:
+            h = h + a
+            mlp_in = ad.ln2(L, h)
+        elif ad.block_style == BLOCK_PARALLEL:
+            mlp_in = x
+        else:  # post-LN
+            h = ad.post_attn_norm(L, h + a)
+            mlp_in = h
+        m = _mlp(ad, L, mlp_in, site, table)
+        if ad.block_style == BLOCK_SEQUENTIAL:
+            h = h + m
+        elif ad.block_style == BLOCK_PARALLEL:
+            h = h + a + m
+        else:
+            h = ad.post_mlp_norm(L, h + m)
+        h = site("resid_post", L, h)
+
+    out_logits = None
+    if logits is not None and stop == N:
+        if isinstance(logits, str):
+            if logits == "all":
+                out_logits = ad.final(h)
+            elif logits == "last":
+                out_logits = ad.final(h[torch.arange(B, device=dev), last_col])
+            else:
+                raise ValueError("logits must be 'all', 'last', None or a tensor of positions")
+        else:
+            col = torch.as_tensor(logits, device=dev).long() - position_ids[:, 0]
+            out_logits = ad.final(h[torch.arange(B, device=dev), col])
+    kv = None
+    if return_kv:
+        kv = KVCache(kv_k, kv_v, attention_mask)
+    return RunOutput(out_logits, h, captured, kv, position_ids)
+
+
+def _mlp(ad: Adapter, L: int, x, site, table):
+    # A full replacement of mlp_out (every row, every position, a value) makes
+    # the MLP itself dead work: IG's step rows use this.
+    full = table.get(("mlp_out", L))
+    if full and len(full) == 1 and full[0].value is not None and full[0].rows is None \
+            and full[0].positions is None and full[0].neurons is None:
+        return site("mlp_out", L, x[..., :0].new_empty(x.shape))
+    pre, aux = ad.mlp_pre(L, x)
+    pre = site("pre_act", L, pre)
+    act = ad.mlp_act(L, pre, aux)
+    act = site("act", L, act)
+    return site("mlp_out", L, ad.mlp_down(L, act))
