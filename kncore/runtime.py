@@ -269,6 +269,7 @@ def run(
     ``capture_positions``: None (every computed position), ``"last"`` (each
     row's last real token) or absolute positions [B] / [B, k].
     ``logits``: ``"all"``, ``"last"``, None (no head), or absolute positions [B].
+    ``ad.persistent_patches`` (if the adapter has that list) are applied too.
     """
     N = ad.n_layers
     stop = N if stop_layer is None else stop_layer
@@ -304,7 +305,13 @@ def run(
         position_ids = start_pos[:, None] + torch.arange(n, device=dev)[None]
     position_ids = position_ids.to(dev)
 
-    table = _norm_patches(patches)
+    # Patches held on the adapter (kncore.patch_neurons) apply to every run,
+    # after the call's own: a Patch, or a callable that builds Patches for
+    # this call's (input_ids, attention_mask, position_ids).
+    held = []
+    for hp in getattr(ad, "persistent_patches", ()):
+        held.extend([hp] if isinstance(hp, Patch) else hp(input_ids, attention_mask, position_ids))
+    table = _norm_patches([*patches, *held])
     wanted = {parse_site(c) for c in capture}
     last_col = attention_mask.long().cumsum(1).argmax(1)  # each row's last real token
     if capture_positions is None:
@@ -383,8 +390,21 @@ def _mlp(ad: Adapter, L: int, x, site, table):
     if full and len(full) == 1 and full[0].value is not None and full[0].rows is None \
             and full[0].positions is None and full[0].neurons is None:
         return site("mlp_out", L, x[..., :0].new_empty(x.shape))
-    pre, aux = ad.mlp_pre(L, x)
-    pre = site("pre_act", L, pre)
-    act = ad.mlp_act(L, pre, aux)
+    # On CUDA one Triton pass computes the up-projection(s), the activation and
+    # the pre-activation (kncore.ops.mlp_capture); it returns None, after logging
+    # why, where it does not apply. The CPU keeps the plain path below
+    # (KNCORE_KERNELS=force sends CPU tensors through the Triton interpreter: tests).
+    import os
+    fused = None
+    if x.is_cuda or os.environ.get("KNCORE_KERNELS") == "force":
+        from .ops.mlp_capture import fused_pre_act
+        fused = fused_pre_act(ad, L, x, table)
+    if fused is not None:
+        pre, act = fused
+        site("pre_act", L, pre)  # capture only: a pre_act patch sends the layer to the plain path
+    else:
+        pre, aux = ad.mlp_pre(L, x)
+        pre = site("pre_act", L, pre)
+        act = ad.mlp_act(L, pre, aux)
     act = site("act", L, act)
     return site("mlp_out", L, ad.mlp_down(L, act))

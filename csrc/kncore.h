@@ -1,0 +1,49 @@
+// Declarations of the kncore C++ ops, shared by csrc/*.cpp and the C++ unit
+// tests in csrc/tests/. Each op lives in its own file (csrc/<op>.cpp) and
+// registers itself with TORCH_LIBRARY_FRAGMENT(kncore, m); Python reaches
+// them as torch.ops.kncore.<op> once kncore._C is imported.
+//
+// Only stable ATen APIs are used, so the same code builds against torch 2.11+
+// and runs on CUDA tensors through ATen (cuBLAS) when torch has CUDA.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace kncore {
+
+// C += X^T X over the rows of X that `mask` keeps (all rows when undefined),
+// s += column sums of those rows, n += their number.
+//   C: [d, d] float32/float64, contiguous. Only the LOWER triangle (i >= j)
+//      is meaningful afterwards; entries above the diagonal are unspecified
+//      (some hold partial sums). Mirror before reading: tril(C) + tril(C,-1)^T.
+//   s: [d], C's dtype.   n: int64 scalar tensor (0-dim).
+//   X: [rows, d] float32/bfloat16/float16/float64, contiguous.
+//   mask: [rows] bool, or an undefined tensor.
+// Maths in C's dtype. `composite` forces the device-generic ATen path (the one
+// CUDA runs) on CPU, so tests can cover it on a machine without a GPU.
+void cov_accumulate_(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Tensor& X,
+                     const c10::optional<at::Tensor>& mask, bool composite = false);
+
+// W += alpha * U V^T in place (U [m,k], V [n,k]; W [m,n] contiguous), maths in
+// float32 for 16-bit and float32 W, float64 for float64 W. Returns the undo
+// record (exc_idx, exc_val, row_idx, row_val, checksum):
+//   every element is restored by recomputing fl(W_new - delta); exc_idx/exc_val
+//   hold flat indices and original values of the elements where that does not
+//   give back the same bits; row_idx/row_val hold whole original rows where
+//   that is cheaper than listing exceptions; checksum (0-dim int64) fingerprints
+//   W_new so rank1_undo_ can refuse a W modified in between.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_update_(
+    at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite = false);
+
+// Restores W bit-exactly from the record returned by rank1_update_ with the
+// same U, V, alpha. Throws if W's checksum no longer matches.
+void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha,
+                 const at::Tensor& exc_idx, const at::Tensor& exc_val, const at::Tensor& row_idx,
+                 const at::Tensor& row_val, const at::Tensor& checksum, bool composite = false);
+
+// Checksum of W as rank1_update_ records it (0-dim int64).
+at::Tensor rank1_checksum(const at::Tensor& W, bool composite = false);
+
+}  // namespace kncore

@@ -1,0 +1,455 @@
+// kncore::rank1_update_ / rank1_undo_ : W += alpha U V^T in place, with an undo
+// record that restores W bit-exactly.
+//
+// Count first (4096 x 11008, bench/bench_rank1.py): a bare W.addr_(u, v) reads
+// and writes W once (2 x 180 MB in fp32) and is bandwidth bound. Keeping a copy
+// of W as the record adds a third stream plus page faults on a fresh 180 MB
+// buffer: clone + addr_ measured ~12x a bare addr_. So the record stores only
+// what cannot be recomputed:
+//   undo recomputes fl(W_new - delta) for every element; for most elements
+//   that gives back W's original bits. The few where it does not (the addition
+//   lost low bits of W, e.g. |delta| >> |W|, or -0.0) are found during the
+//   update, which knows the original, and stored as (flat index, original
+//   bits); a row with many of them is stored whole when that is smaller.
+// The update reads each row twice (once to count exceptions, once to write),
+// the second time from L2, so memory traffic equals a bare addr_.
+//
+// Exactness needs the forward and undo to evaluate delta and the two roundings
+// identically: the same inline functions serve both, and the file is compiled
+// with -ffp-contract=off (a fused multiply-add would round differently).
+//
+// A checksum of W_new (per-row 32-bit sums of the bits, weighted by 2i+1) is
+// computed in the write pass; undo refuses a W whose checksum changed.
+#include "kncore.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+namespace kncore {
+namespace {
+
+// Element formats: raw bits <-> maths type. All conversions round to nearest even.
+struct F32 {
+  using bits_t = uint32_t;
+  using acc_t = float;
+  static float load(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
+  static uint32_t store(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+  static uint32_t fold(uint32_t b) { return b; }
+};
+struct F64 {
+  using bits_t = uint64_t;
+  using acc_t = double;
+  static double load(uint64_t b) { double f; std::memcpy(&f, &b, 8); return f; }
+  static uint64_t store(double f) { uint64_t b; std::memcpy(&b, &f, 8); return b; }
+  static uint32_t fold(uint64_t b) { return uint32_t(b) + uint32_t(b >> 32); }
+};
+struct BF16 {  // same rounding as c10::BFloat16(float), written branch-free so it vectorises
+  using bits_t = uint16_t;
+  using acc_t = float;
+  static float load(uint16_t b) { return F32::load(uint32_t(b) << 16); }
+  static uint16_t store(float f) {
+    const uint32_t u = F32::store(f);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return uint16_t(f != f ? 0x7FC0u : r);
+  }
+  static uint32_t fold(uint16_t b) { return b; }
+};
+struct F16 {
+  using bits_t = uint16_t;
+  using acc_t = float;
+  static float load(uint16_t b) { return static_cast<float>(c10::Half(b, c10::Half::from_bits())); }
+  static uint16_t store(float f) { return c10::Half(f).x; }
+  static uint32_t fold(uint16_t b) { return b; }
+};
+
+// The single definition of an element's new value and of its recovery.
+template <class T>
+inline typename T::bits_t add_delta(typename T::bits_t w, typename T::acc_t dl) {
+  return T::store(T::load(w) + dl);
+}
+template <class T>
+inline typename T::bits_t sub_delta(typename T::bits_t w, typename T::acc_t dl) {
+  return T::store(T::load(w) - dl);
+}
+
+// delta of row i: rank 1 -> au * v[j] (au = alpha*U[i]); rank k -> dbuf[j],
+// built as sum_t (alpha*U[i,t]) * V^T[t,j] in increasing t (same order in undo).
+template <typename acc_t>
+struct RowDelta {
+  const acc_t* aU;  // [m, k]
+  const acc_t* VT;  // [k, n]
+  int64_t k, n;
+  std::vector<acc_t> buf;
+  const acc_t* row(int64_t i) {
+    if (k == 1) return nullptr;
+    buf.resize(n);
+    const acc_t a0 = aU[i * k];
+    for (int64_t j = 0; j < n; ++j) buf[j] = a0 * VT[j];
+    for (int64_t t = 1; t < k; ++t) {
+      const acc_t at = aU[i * k + t];
+      const acc_t* vt = VT + t * n;
+      for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] + at * vt[j];
+    }
+    return buf.data();
+  }
+};
+
+template <class T>
+int64_t count_exceptions(const typename T::bits_t* w, int64_t n, typename T::acc_t au,
+                         const typename T::acc_t* v, const typename T::acc_t* db) {
+  int64_t bad = 0;
+  if (db == nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const auto dl = au * v[j];
+      bad += sub_delta<T>(add_delta<T>(w[j], dl), dl) != w[j];
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) bad += sub_delta<T>(add_delta<T>(w[j], db[j]), db[j]) != w[j];
+  }
+  return bad;
+}
+
+template <class T>
+uint32_t apply_row(typename T::bits_t* w, int64_t n, typename T::acc_t au,
+                   const typename T::acc_t* v, const typename T::acc_t* db) {
+  uint32_t sum = 0;
+  if (db == nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const auto nw = add_delta<T>(w[j], au * v[j]);
+      w[j] = nw;
+      sum += T::fold(nw);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const auto nw = add_delta<T>(w[j], db[j]);
+      w[j] = nw;
+      sum += T::fold(nw);
+    }
+  }
+  return sum;
+}
+
+template <class T>
+void restore_row(typename T::bits_t* w, int64_t n, typename T::acc_t au, const typename T::acc_t* v,
+                 const typename T::acc_t* db) {
+  if (db == nullptr) {
+    for (int64_t j = 0; j < n; ++j) w[j] = sub_delta<T>(w[j], au * v[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) w[j] = sub_delta<T>(w[j], db[j]);
+  }
+}
+
+template <class T>
+uint32_t row_sum(const typename T::bits_t* w, int64_t n) {
+  uint32_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += T::fold(w[j]);
+  return sum;
+}
+
+// Exception indices are int32 when W has fewer than 2^31 elements (6 bytes per
+// bf16 exception instead of 10).
+at::ScalarType exception_index_type(const at::Tensor& W) {
+  return W.numel() < (int64_t(1) << 31) ? at::kInt : at::kLong;
+}
+
+// Rows per parallel task: enough work to amortise a task (~64K elements).
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(n, 1)); }
+
+struct Piece {  // exceptions found by one parallel task, merged in row order
+  int64_t begin = 0;
+  std::vector<int64_t> exc_idx, row_idx;
+  std::vector<uint64_t> exc_bits, row_bits;
+  uint64_t checksum = 0;
+};
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_cpu(
+    at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
+  using bits_t = typename T::bits_t;
+  using acc_t = typename T::acc_t;
+  const int64_t m = W.size(0), n = W.size(1), k = aU.size(1);
+  const int64_t es = W.element_size();
+  const at::ScalarType idx_type = exception_index_type(W);
+  const int64_t idx_bytes = c10::elementSize(idx_type);
+  bits_t* wp = reinterpret_cast<bits_t*>(W.data_ptr());
+  const acc_t* up = aU.data_ptr<acc_t>();
+  const acc_t* vp = VT.data_ptr<acc_t>();
+
+  std::mutex mu;
+  std::vector<Piece> pieces;
+  at::parallel_for(0, m, grain_rows(n), [&](int64_t b, int64_t e) {
+    Piece p;
+    p.begin = b;
+    RowDelta<acc_t> rd{up, vp, k, n, {}};
+    for (int64_t i = b; i < e; ++i) {
+      bits_t* w = wp + i * n;
+      const acc_t* db = rd.row(i);
+      const acc_t au = k == 1 ? up[i] : acc_t(0);
+      const int64_t bad = count_exceptions<T>(w, n, au, vp, db);
+      if (bad > 0) {
+        if (bad * (idx_bytes + es) > n * es) {  // whole row is smaller than the list
+          p.row_idx.push_back(i);
+          p.row_bits.insert(p.row_bits.end(), w, w + n);
+        } else {
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t dl = db ? db[j] : au * vp[j];
+            if (sub_delta<T>(add_delta<T>(w[j], dl), dl) != w[j]) {
+              p.exc_idx.push_back(i * n + j);
+              p.exc_bits.push_back(w[j]);
+            }
+          }
+        }
+      }
+      p.checksum += uint64_t(apply_row<T>(w, n, au, vp, db)) * uint64_t(2 * i + 1);
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    pieces.push_back(std::move(p));
+  });
+  std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.begin < b.begin; });
+
+  int64_t n_exc = 0, n_rows = 0;
+  uint64_t checksum = 0;
+  for (const auto& p : pieces) {
+    n_exc += p.exc_idx.size();
+    n_rows += p.row_idx.size();
+    checksum += p.checksum;
+  }
+  auto exc_idx = at::empty({n_exc}, W.options().dtype(idx_type));
+  auto exc_val = at::empty({n_exc}, W.options());
+  auto row_idx = at::empty({n_rows}, W.options().dtype(at::kLong));
+  auto row_val = at::empty({n_rows, n}, W.options());
+  int64_t* ri = row_idx.data_ptr<int64_t>();
+  bits_t* ev = reinterpret_cast<bits_t*>(exc_val.data_ptr());
+  bits_t* rv = reinterpret_cast<bits_t*>(row_val.data_ptr());
+  int64_t at_exc = 0;
+  for (const auto& p : pieces) {
+    if (idx_type == at::kInt) {
+      std::copy(p.exc_idx.begin(), p.exc_idx.end(), exc_idx.data_ptr<int32_t>() + at_exc);
+    } else {
+      std::copy(p.exc_idx.begin(), p.exc_idx.end(), exc_idx.data_ptr<int64_t>() + at_exc);
+    }
+    at_exc += p.exc_idx.size();
+    ri = std::copy(p.row_idx.begin(), p.row_idx.end(), ri);
+    for (uint64_t b : p.exc_bits) *ev++ = bits_t(b);
+    for (uint64_t b : p.row_bits) *rv++ = bits_t(b);
+  }
+  auto cs = at::scalar_tensor(int64_t(checksum), W.options().dtype(at::kLong));
+  return {exc_idx, exc_val, row_idx, row_val, cs};
+}
+
+template <class T>
+void restore_cpu(at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
+  using bits_t = typename T::bits_t;
+  using acc_t = typename T::acc_t;
+  const int64_t m = W.size(0), n = W.size(1), k = aU.size(1);
+  bits_t* wp = reinterpret_cast<bits_t*>(W.data_ptr());
+  const acc_t* up = aU.data_ptr<acc_t>();
+  const acc_t* vp = VT.data_ptr<acc_t>();
+  at::parallel_for(0, m, grain_rows(n), [&](int64_t b, int64_t e) {
+    RowDelta<acc_t> rd{up, vp, k, n, {}};
+    for (int64_t i = b; i < e; ++i) {
+      const acc_t* db = rd.row(i);
+      restore_row<T>(wp + i * n, n, k == 1 ? up[i] : acc_t(0), vp, db);
+    }
+  });
+}
+
+template <class T>
+uint64_t checksum_cpu(const at::Tensor& W) {
+  using bits_t = typename T::bits_t;
+  const int64_t m = W.size(0), n = W.size(1);
+  const bits_t* wp = reinterpret_cast<const bits_t*>(W.data_ptr());
+  return at::parallel_reduce(
+      0, m, grain_rows(n), uint64_t(0),
+      [&](int64_t b, int64_t e, uint64_t acc) {
+        for (int64_t i = b; i < e; ++i) acc += uint64_t(row_sum<T>(wp + i * n, n)) * uint64_t(2 * i + 1);
+        return acc;
+      },
+      [](uint64_t a, uint64_t b) { return a + b; });
+}
+
+// ---- device-generic path (CUDA, or composite=true): the same arithmetic in ATen ops.
+
+at::ScalarType bits_type(at::ScalarType t) {
+  switch (c10::elementSize(t)) {
+    case 2: return at::kShort;
+    case 4: return at::kInt;
+    default: return at::kLong;
+  }
+}
+
+// Same formula as the CPU loops: sum_i (sum_j fold(bits_ij) mod 2^32) * (2i+1) mod 2^64.
+at::Tensor checksum_generic(const at::Tensor& W) {
+  const int64_t es = W.element_size();
+  at::Tensor b = W.view(bits_type(W.scalar_type())).to(at::kLong);
+  const int64_t lo32 = 0xFFFFFFFFLL;
+  if (es == 2) b = b.bitwise_and(0xFFFF);
+  else if (es == 4) b = b.bitwise_and(lo32);
+  else b = b.bitwise_and(lo32).add(b.bitwise_right_shift(32).bitwise_and(lo32));
+  const at::Tensor rows = b.sum(1).bitwise_and(lo32);
+  const at::Tensor weights = at::arange(W.size(0), W.options().dtype(at::kLong)).mul(2).add(1);
+  return rows.mul(weights).sum();
+}
+
+at::Tensor delta_generic(const at::Tensor& aU, const at::Tensor& VT) {
+  at::Tensor D = aU.slice(1, 0, 1) * VT.slice(0, 0, 1);
+  for (int64_t t = 1; t < aU.size(1); ++t) D.add_(aU.slice(1, t, t + 1) * VT.slice(0, t, t + 1));
+  return D;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_generic(
+    at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
+  const at::Tensor D = delta_generic(aU, VT);
+  const at::Tensor Wnew = W.to(D.scalar_type()).add(D).to(W.scalar_type());
+  const at::Tensor back = Wnew.to(D.scalar_type()).sub(D).to(W.scalar_type());
+  const auto bt = bits_type(W.scalar_type());
+  const at::Tensor exc_idx =
+      back.view(bt).ne(W.view(bt)).view({-1}).nonzero().view({-1}).to(exception_index_type(W));
+  const at::Tensor exc_val = W.view({-1}).index_select(0, exc_idx);
+  W.copy_(Wnew);
+  auto row_idx = at::empty({0}, W.options().dtype(at::kLong));
+  auto row_val = at::empty({0, W.size(1)}, W.options());
+  return {exc_idx, exc_val, row_idx, row_val, checksum_generic(W)};
+}
+
+// ---- argument handling shared by update and undo
+
+void check_w(const at::Tensor& W, const char* op) {
+  const auto t = W.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
+                   ": W must be float32, float64, bfloat16 or float16, got ", t);
+  TORCH_CHECK_VALUE(W.dim() == 2, op, ": W must be 2-D, got shape ", W.sizes());
+  TORCH_CHECK_VALUE(W.is_contiguous(), op,
+                    ": W must be contiguous (kncore.ops.rank1_update_ also takes W.t() of a "
+                    "contiguous weight)");
+}
+
+// (alpha * U) as [m, k] and V^T as [k, n], contiguous, in the maths dtype.
+std::pair<at::Tensor, at::Tensor> factors(const at::Tensor& W, const at::Tensor& U, const at::Tensor& V,
+                                          double alpha, const char* op) {
+  TORCH_CHECK_TYPE(at::isFloatingType(U.scalar_type()) && at::isFloatingType(V.scalar_type()), op,
+                   ": u/U and v/V must be floating point, got ", U.scalar_type(), " and ",
+                   V.scalar_type());
+  TORCH_CHECK_VALUE(U.device() == W.device() && V.device() == W.device(), op,
+                    ": W, U and V must be on one device, got W on ", W.device(), ", U on ",
+                    U.device(), ", V on ", V.device());
+  const at::Tensor U2 = U.dim() == 1 ? U.unsqueeze(1) : U;
+  const at::Tensor V2 = V.dim() == 1 ? V.unsqueeze(1) : V;
+  TORCH_CHECK_VALUE(U2.dim() == 2 && V2.dim() == 2 && U2.size(0) == W.size(0) &&
+                        V2.size(0) == W.size(1) && U2.size(1) == V2.size(1) && U2.size(1) >= 1,
+                    op, ": for W of shape ", W.sizes(), " expected u [", W.size(0), "] or U [",
+                    W.size(0), ", k] and v [", W.size(1), "] or V [", W.size(1),
+                    ", k], got U ", U.sizes(), " and V ", V.sizes());
+  const auto acc = W.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor aU = U2.to(acc).mul(alpha).contiguous();
+  at::Tensor VT = V2.to(acc).t().contiguous();
+  return {aU, VT};
+}
+
+template <typename F>
+auto dispatch_format(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(F32{});
+    case at::kDouble: return f(F64{});
+    case at::kBFloat16: return f(BF16{});
+    default: return f(F16{});
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_update_(
+    at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite) {
+  check_w(W, "rank1_update_");
+  auto [aU, VT] = factors(W, U, V, alpha, "rank1_update_");
+  if (!W.is_cpu() || composite) return update_generic(W, aU, VT);
+  return dispatch_format(W.scalar_type(), [&](auto fmt) { return update_cpu<decltype(fmt)>(W, aU, VT); });
+}
+
+at::Tensor rank1_checksum(const at::Tensor& W, bool composite) {
+  check_w(W, "rank1_checksum");
+  if (!W.is_cpu() || composite) return checksum_generic(W);
+  const uint64_t cs = dispatch_format(W.scalar_type(), [&](auto fmt) { return checksum_cpu<decltype(fmt)>(W); });
+  return at::scalar_tensor(int64_t(cs), W.options().dtype(at::kLong));
+}
+
+void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha,
+                 const at::Tensor& exc_idx, const at::Tensor& exc_val, const at::Tensor& row_idx,
+                 const at::Tensor& row_val, const at::Tensor& checksum, bool composite) {
+  check_w(W, "rank1_undo_");
+  auto [aU, VT] = factors(W, U, V, alpha, "rank1_undo_");
+  TORCH_CHECK_VALUE(exc_val.scalar_type() == W.scalar_type() && row_val.scalar_type() == W.scalar_type(),
+                    "rank1_undo_: the record's dtype ", exc_val.scalar_type(), " does not match W's ",
+                    W.scalar_type());
+  TORCH_CHECK_VALUE(row_val.dim() == 2 && row_val.size(1) == W.size(1) && row_val.size(0) == row_idx.numel(),
+                    "rank1_undo_: the record's rows [", row_val.sizes(), "] do not fit W ", W.sizes());
+  const at::Tensor now = rank1_checksum(W, composite);
+  TORCH_CHECK(now.item<int64_t>() == checksum.item<int64_t>(),
+              "rank1_undo_: W was modified after rank1_update_ (checksum mismatch); refusing to "
+              "undo, since the record only restores the exact tensor it was made from");
+  if (!W.is_cpu() || composite) {
+    const at::Tensor D = delta_generic(aU, VT);
+    W.copy_(W.to(D.scalar_type()).sub(D).to(W.scalar_type()));
+  } else {
+    dispatch_format(W.scalar_type(), [&](auto fmt) { restore_cpu<decltype(fmt)>(W, aU, VT); return 0; });
+  }
+  if (exc_idx.numel() > 0) W.view({-1}).index_copy_(0, exc_idx.to(at::kLong), exc_val);
+  if (row_idx.numel() > 0) W.index_copy_(0, row_idx, row_val);
+}
+
+namespace {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_op(
+    at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite) {
+  auto record = rank1_update_(W, U, V, alpha, composite);
+  // Like ATen's in-place ops (torch's ADInplaceOrView fallback only bumps
+  // returned tensors); the Python undo record checks W._version.
+  W.unsafeGetTensorImpl()->bump_version();
+  return record;
+}
+void undo_op(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha,
+             const at::Tensor& exc_idx, const at::Tensor& exc_val, const at::Tensor& row_idx,
+             const at::Tensor& row_val, const at::Tensor& checksum, bool composite) {
+  rank1_undo_(W, U, V, alpha, exc_idx, exc_val, row_idx, row_val, checksum, composite);
+  W.unsafeGetTensorImpl()->bump_version();
+}
+at::Tensor checksum_op(const at::Tensor& W, bool composite) { return rank1_checksum(W, composite); }
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kncore, m) {
+  m.def(
+      "rank1_update_(Tensor(a!) W, Tensor U, Tensor V, float alpha=1.0, bool composite=False) -> "
+      "(Tensor exc_idx, Tensor exc_val, Tensor row_idx, Tensor row_val, Tensor checksum)");
+  m.def(
+      "rank1_undo_(Tensor(a!) W, Tensor U, Tensor V, float alpha, Tensor exc_idx, Tensor exc_val, "
+      "Tensor row_idx, Tensor row_val, Tensor checksum, bool composite=False) -> ()");
+  m.def("rank1_checksum(Tensor W, bool composite=False) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kncore, CPU, m) {
+  m.impl("rank1_update_", &update_op);
+  m.impl("rank1_undo_", &undo_op);
+  m.impl("rank1_checksum", &checksum_op);
+}
+// The CUDA kernels are the device-generic ATen path above.
+TORCH_LIBRARY_IMPL(kncore, CUDA, m) {
+  m.impl("rank1_update_", &update_op);
+  m.impl("rank1_undo_", &undo_op);
+  m.impl("rank1_checksum", &checksum_op);
+}
+
+// No gradients: a clear error if W requires grad.
+TORCH_LIBRARY_IMPL(kncore, Autograd, m) {
+  m.impl("rank1_update_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rank1_undo_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rank1_checksum", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace kncore

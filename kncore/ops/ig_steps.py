@@ -1,0 +1,150 @@
+"""Integrated-gradient steps, expanded and reduced in batches (linearity trick).
+
+For the neurons a [d_ff] of one group (a prompt at a layer), IG's steps
+alpha_k * a only enter the model through the MLP output, which is linear in a:
+``mlp_out(alpha_k a) = alpha_k (a @ W_down) + b``. So
+
+1. ``y = a @ W_down`` once per group, then :func:`expand_steps` writes every
+   step row ``alphas[r] * y[index[r]] + b`` [R, d_model] in one pass (no scaled
+   copies of a, no per-step down-projection);
+2. those rows replace the layer's ``mlp_out`` in the pass over the layers above
+   (e.g. ``Patch("mlp_out", L, positions=last, value=rows)``) and autograd gives
+   ``grads`` = d(score)/d(rows) [R, d_model];
+3. :func:`reduce_steps` returns ``IG[g] = a[g] * (W_down @ sum_{r in g} w_r grads[r])``
+   [G, d_ff] in fp32: one deterministic pass over the gradients and one over
+   W_down instead of one per step.
+
+:func:`expand_steps` and :func:`reduce_steps` have the signatures of
+:func:`kncore.attribution.expand_steps` / ``reduce_steps`` (plus optional row
+weights), so the IG engine can swap them in. :func:`ig_expand` /
+:func:`ig_reduce` take dense [B, m, ...] layouts.
+
+Each entry runs the Triton kernel (``kernels/ig_steps.py``) on CUDA when
+:func:`not_supported_reasons` is empty, else the plain PyTorch reference; a
+fallback on a GPU is logged on the ``kncore.ops`` logger. ``KNCORE_KERNELS``
+works as for :mod:`kncore.ops.mlp_capture`.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .mlp_capture import SUPPORTED_DEVICES, SUPPORTED_DTYPES, _log_fallback, kernel_mode
+
+_module = None
+
+
+def kernels():
+    """The kernel module (``kncore.kernels.ig_steps``, else top-level ``kernels.ig_steps``)."""
+    global _module
+    if _module is None:
+        try:
+            _module = importlib.import_module("kncore.kernels.ig_steps")
+        except ModuleNotFoundError:  # source tree without the kncore.kernels package mapping
+            _module = importlib.import_module("kernels.ig_steps")
+    return _module
+
+
+def not_supported_reasons(*tensors) -> list[str]:
+    """Why the Triton kernels cannot take these tensors (empty list: they can).
+
+    Pass the call's tensor arguments (None entries are skipped); the first one
+    sets the device; floating tensors must be in :data:`SUPPORTED_DTYPES`.
+    """
+    ts = [t for t in tensors if torch.is_tensor(t)]
+    reasons = []
+    mode = kernel_mode()
+    if mode == "off":
+        reasons.append("kernels turned off (KNCORE_KERNELS=off)")
+    dev = ts[0].device
+    if dev.type not in SUPPORTED_DEVICES and not (mode == "force" and dev.type == "cpu"):
+        reasons.append(f"device {dev.type}: the kernels run on {SUPPORTED_DEVICES}")
+    K = kernels()
+    if not K.AVAILABLE:
+        reasons.append("triton is not installed")
+    elif K.INTERPRETED and mode != "force":
+        reasons.append("triton runs in interpreter mode (TRITON_INTERPRET=1): far slower than the reference")
+    elif dev.type == "cpu" and not K.INTERPRETED:
+        reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    for t in ts:
+        if t.device != dev:
+            reasons.append(f"tensors on {t.device} and {dev}")
+        if t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {t.dtype} is not one of {SUPPORTED_DTYPES}")
+    return list(dict.fromkeys(reasons))
+
+
+def _pick(name, *tensors):
+    """The kernel module's ``name`` where the kernels apply, else ``name_ref`` (logged)."""
+    K = kernels()
+    reasons = not_supported_reasons(*tensors)
+    if reasons:
+        _log_fallback(f"ig_steps.{name}", reasons, tensors[0].device)
+        return getattr(K, name + "_ref")
+    return getattr(K, name)
+
+
+def expand_steps(base, index, alphas, bias=None):
+    """Step rows ``alphas[r] * base[index[r]] + bias``: [R, width] in base's dtype.
+
+    base [G, width]: ``a @ W_down`` per group (act site) or the pre-activation
+    (pre_act site); index [R] each row's group; alphas [R]; bias [width], per
+    group [G, width] (with a baseline a0: ``a0 @ W_down + b``), or None.
+    Differentiable in base, alphas and bias.
+    """
+    return _pick("expand_steps", base, index, alphas, bias)(base, index, alphas, bias)
+
+
+def segment_sum(rows, index, n_groups, weights=None):
+    """``out[g] = sum_{r: index[r] = g} weights[r] * rows[r]``: [n_groups, width] fp32."""
+    return _pick("segment_sum", rows, index, weights)(rows, index, n_groups, weights)
+
+
+def reduce_steps(grads, index, n_groups, act, w_down=None, weights=None):
+    """IG per group, fp32 [G, d_ff]: ``act[g] * (W_down @ sum_{r in g} w_r grads[r])``.
+
+    grads [R, width] d(score)/d(step rows); index [R]; act [G, d_ff] the
+    neurons; w_down [d_ff, width] (``adapter.down_weight(L)``, a view) for the
+    act site, None for pre_act (then ``act * sum``); weights [R] quadrature
+    weights, or None when the gradients already carry them.
+    """
+    fn = _pick("reduce_steps", grads, index, act, w_down, weights)
+    return fn(grads, index, n_groups, act, w_down, weights)
+
+
+def ig_expand(y, bias, alphas):
+    """Every step's MLP output ``alphas[(b,) k] * y[b] + bias[(b)]``: [B, m, D] in y's dtype.
+
+    y [B, D] = a @ W_down; bias [D], [B, D] or None; alphas [m] or [B, m].
+    """
+    return _pick("ig_expand", y, bias, alphas)(y, bias, alphas)
+
+
+def ig_expand_from_acts(a, w_down, bias, alphas):
+    """:func:`ig_expand` from the neurons a [B, d_ff] and W_down [d_ff, D]: one projection, then the steps."""
+    return ig_expand(a @ w_down, bias, alphas)
+
+
+def ig_reduce(a, w_down, g, weights=None):
+    """IG of the neurons a [B, d_ff]: ``a * ((sum_k w_k g[:, k]) @ w_down.T)``, fp32 [B, d_ff].
+
+    g [B, m, D] d(score)/d(step outputs); weights [m] or [B, m] (None: 1/m, the
+    Riemann sum).
+    """
+    return _pick("ig_reduce", a, w_down, g, weights)(a, w_down, g, weights)
+
+
+def expand_steps_ref(base, index, alphas, bias=None):
+    """Plain PyTorch :func:`expand_steps`."""
+    return kernels().expand_steps_ref(base, index, alphas, bias)
+
+
+def reduce_steps_ref(grads, index, n_groups, act, w_down=None, weights=None):
+    """Plain PyTorch :func:`reduce_steps` (fp32, as kncore.attribution computes it)."""
+    return kernels().reduce_steps_ref(grads, index, n_groups, act, w_down, weights)
+
+
+def ig_steps_ref(a, w_down, bias, alphas, g=None, weights=None):
+    """The literal IG steps, materialising the m scaled copies: ``(outputs, IG)``."""
+    return kernels().ig_steps_ref(a, w_down, bias, alphas, g, weights)

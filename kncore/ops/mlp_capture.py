@@ -1,0 +1,224 @@
+"""Fused MLP up-projection + activation with neuron scaling and capture.
+
+Dispatch between the Triton kernel (``kernels/mlp_capture.py``, imported as
+``kncore.kernels.mlp_capture``) and its plain PyTorch reference:
+
+* CUDA tensors use the kernel when :func:`not_supported_reasons` is empty; a
+  fallback to the reference on a GPU is logged (warning once per reason, on the
+  ``kncore.ops`` logger), because a fallback nobody sees is a performance bug.
+* CPU tensors use the reference. ``KNCORE_KERNELS=force`` (tests only) sends
+  them through the kernel too, which needs ``TRITON_INTERPRET=1`` set before
+  triton is first imported; ``KNCORE_KERNELS=off`` turns the kernels off.
+
+The runtime (:func:`kncore.runtime.run`) calls :func:`fused_pre_act` for every
+MLP on CUDA, so every method gets the fused pass without asking for it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("kncore.ops")
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DEVICES = ("cuda",)
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+MODES = ("auto", "off", "force")
+
+_logged: set = set()
+_module = None
+
+
+def kernel_mode() -> str:
+    """``KNCORE_KERNELS``: ``auto`` (default: kernels on CUDA), ``off`` or ``force``."""
+    mode = os.environ.get("KNCORE_KERNELS") or "auto"
+    if mode not in MODES:
+        raise ValueError(f"KNCORE_KERNELS={mode!r}; expected one of {MODES}")
+    return mode
+
+
+def kernels():
+    """The kernel module (``kncore.kernels.mlp_capture``, else top-level ``kernels.mlp_capture``)."""
+    global _module
+    if _module is None:
+        try:
+            _module = importlib.import_module("kncore.kernels.mlp_capture")
+        except ModuleNotFoundError:  # source tree without the kncore.kernels package mapping
+            _module = importlib.import_module("kernels.mlp_capture")
+    return _module
+
+
+def mlp_capture_ref(*args, **kwargs):
+    """The plain PyTorch definition (see ``kernels/mlp_capture.py``)."""
+    return kernels().mlp_capture_ref(*args, **kwargs)
+
+
+def not_supported_reasons(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neuron_scale=None,
+                          neuron_rows=None, capture_rows=None) -> list[str]:
+    """Why the Triton kernel cannot run this call (empty list: it can).
+
+    Same arguments as :func:`mlp_capture`. Shape errors are not reasons: they
+    raise in either path.
+    """
+    reasons = []
+    mode = kernel_mode()
+    if mode == "off":
+        reasons.append("kernels turned off (KNCORE_KERNELS=off)")
+    dev = x.device.type
+    if dev not in SUPPORTED_DEVICES and not (mode == "force" and dev == "cpu"):
+        reasons.append(f"device {dev}: the kernel runs on {SUPPORTED_DEVICES}")
+    K = kernels()
+    if not K.AVAILABLE:
+        reasons.append("triton is not installed")
+    elif K.INTERPRETED and mode != "force":
+        reasons.append("triton runs in interpreter mode (TRITON_INTERPRET=1): far slower than the reference")
+    elif dev == "cpu" and not K.INTERPRETED:
+        reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    if act not in ACTIVATIONS:
+        reasons.append(f"activation {act!r} is not one of {ACTIVATIONS}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
+    for name, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up)):
+        if t is not None and t.dtype != x.dtype:
+            reasons.append(f"{name} has dtype {t.dtype}, x has {x.dtype}")
+    grad = torch.is_grad_enabled()
+    for name, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up), ("row_scale", row_scale),
+                    ("neuron_scale", neuron_scale)):
+        if t is not None and grad and t.requires_grad:
+            reasons.append(f"{name} requires grad (the kernel differentiates x only)")
+    for name, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up), ("row_scale", row_scale),
+                    ("neuron_scale", neuron_scale), ("neuron_rows", neuron_rows), ("capture_rows", capture_rows)):
+        if t is not None and t.device != x.device:
+            reasons.append(f"{name} is on {t.device}, x on {x.device}")
+    return reasons
+
+
+def _log_fallback(op: str, reasons: list[str], device: torch.device):
+    # On a GPU a fallback is a performance bug worth a warning (once per reason);
+    # on the CPU the reference is the plan, so only debug.
+    key = (op, tuple(reasons))
+    loud = device.type != "cpu" or kernel_mode() == "force"
+    level = logging.WARNING if loud and key not in _logged else logging.DEBUG
+    _logged.add(key)
+    log.log(level, "%s: using the PyTorch reference on %s: %s", op, device, "; ".join(reasons))
+
+
+def mlp_capture(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neuron_scale=None,
+                neuron_rows=None, capture_rows=None, return_pre=False):
+    """``act(x @ w + b) [* (x @ w_up + b_up)]``, scaled per row and per neuron, with captured rows.
+
+    x [M, d]; w, w_up [d, d_ff] (any strides: ``linear.weight.t()``); b, b_up
+    [d_ff]; ``act`` one of :data:`ACTIVATIONS` (``w_up`` given: gated, e.g.
+    SwiGLU = ``silu``); row_scale [M] (IG alphas); neuron_scale [d_ff] applied
+    on the rows where neuron_rows [M] (bool; None: all) is True (0 suppresses,
+    2 enhances); capture_rows [R] rows whose activations come back as a second
+    output. Returns ``MLPCaptureOut(act [M, d_ff], pre [M, d_ff] | None,
+    captured [R, d_ff] | None)``. The Triton kernel where supported (CUDA),
+    else the reference; differentiable with respect to x either way.
+    """
+    reasons = not_supported_reasons(x, w, b, act=act, w_up=w_up, b_up=b_up, row_scale=row_scale,
+                                    neuron_scale=neuron_scale, neuron_rows=neuron_rows, capture_rows=capture_rows)
+    K = kernels()
+    fn = K.mlp_capture
+    if reasons:
+        _log_fallback("mlp_capture", reasons, x.device)
+        fn = K.mlp_capture_ref
+    return fn(x, w, b, act=act, w_up=w_up, b_up=b_up, row_scale=row_scale, neuron_scale=neuron_scale,
+              neuron_rows=neuron_rows, capture_rows=capture_rows, return_pre=return_pre)
+
+
+# --------------------------------------------------------------------------- model glue
+
+def activation_name(fn) -> str | None:
+    """The kernel's name for a Hugging Face / torch activation module or function, or None."""
+    import torch.nn.functional as F
+
+    if fn in (F.gelu,):
+        return "gelu"
+    if fn in (F.silu,):
+        return "silu"
+    if fn in (F.relu,):
+        return "relu"
+    cls = type(fn).__name__
+    if cls in ("NewGELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+        return "gelu_tanh"  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written three ways
+    if cls == "GELUActivation":
+        return "gelu"  # F.gelu or its Python erf form
+    if cls in ("SiLUActivation", "SiLU"):
+        return "silu"
+    if cls == "ReLU":
+        return "relu"
+    if cls == "GELU" and isinstance(fn, torch.nn.GELU):
+        return "gelu_tanh" if fn.approximate == "tanh" else "gelu"
+    return None
+
+
+def _in_out_weight(mod):
+    """(W [d_in, d_out] view, bias) of a Linear or a GPT-2 Conv1D, or None."""
+    if isinstance(mod, torch.nn.Linear):
+        return mod.weight.t(), mod.bias
+    if type(mod).__name__ == "Conv1D" and mod.weight.dim() == 2:  # transformers' GPT-2 Conv1D: [in, out]
+        return mod.weight, mod.bias
+    return None
+
+
+def mlp_params(ad, L: int):
+    """``(params, reason)``: the up-projection of block L as kernel arguments
+    ``dict(act, w, b, w_up, b_up)``, or None and why the fused path cannot take it."""
+    from ..models import bert, gpt2, gptj, llama
+
+    known = {"gpt2": gpt2.GPT2Adapter, "gptj": gptj.GPTJAdapter, "bert": bert.BertAdapter,
+             "llama": llama.LlamaAdapter}
+    cls = known.get(ad.arch)
+    if cls is None:
+        return None, f"architecture {ad.arch!r} has no fused-MLP mapping"
+    if type(ad).mlp_pre is not cls.mlp_pre or type(ad).mlp_act is not cls.mlp_act:
+        return None, f"{type(ad).__name__} overrides mlp_pre/mlp_act"
+    blk = ad.blocks[L]
+    if ad.arch == "llama":
+        up, fn, gate_up = blk.mlp.gate_proj, blk.mlp.act_fn, blk.mlp.up_proj
+    elif ad.arch == "bert":
+        up, fn, gate_up = blk.intermediate.dense, blk.intermediate.intermediate_act_fn, None
+    else:  # gpt2: c_fc (Conv1D); gptj: fc_in (Linear)
+        up, fn, gate_up = (blk.mlp.c_fc if ad.arch == "gpt2" else blk.mlp.fc_in), blk.mlp.act, None
+    act = activation_name(fn)
+    if act is None:
+        return None, f"activation {type(fn).__name__} has no kernel"
+    wb = _in_out_weight(up)
+    if wb is None:
+        return None, f"up-projection {type(up).__name__} is not a Linear or Conv1D"
+    params = dict(act=act, w=wb[0], b=wb[1], w_up=None, b_up=None)
+    if gate_up is not None:
+        wb = _in_out_weight(gate_up)
+        if wb is None:
+            return None, f"up-projection {type(gate_up).__name__} is not a Linear"
+        params.update(w_up=wb[0], b_up=wb[1])
+    return params, None
+
+
+def fused_pre_act(ad, L: int, x: torch.Tensor, table: dict | None = None):
+    """``(pre, act)`` [..., d_ff] of block L's MLP from one fused kernel pass, or
+    None (after logging why) where the kernel does not apply. ``table`` holds the
+    run's patches by (site, layer): a patch at ``pre_act`` must see the
+    pre-activation before the activation, so it sends the layer to the plain path.
+    """
+    reasons = []
+    if table and table.get(("pre_act", L)):
+        reasons.append("patches at pre_act act between the projection and the activation")
+    params, why = mlp_params(ad, L)
+    if why:
+        reasons.append(why)
+    x2 = x.reshape(-1, x.shape[-1])
+    if params is not None:
+        reasons += not_supported_reasons(x2, params["w"], params["b"], act=params["act"], w_up=params["w_up"],
+                                         b_up=params["b_up"])
+    if reasons:
+        _log_fallback("mlp_capture in the runtime", reasons, x.device)
+        return None
+    out = kernels().mlp_capture(x2, params["w"], params["b"], act=params["act"], w_up=params["w_up"],
+                                b_up=params["b_up"], return_pre=True)
+    shape = tuple(x.shape[:-1]) + (out.act.shape[-1],)
+    return out.pre.view(shape), out.act.view(shape)

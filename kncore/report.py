@@ -1,0 +1,483 @@
+"""Reports of a run directory: one self-contained HTML page (figures embedded as
+base64 PNG) and a Markdown version (figures as files beside it).
+
+The report is generic over what the run directory holds. Every table gets a
+summary (row count, means of numeric columns, grouped by ``method`` /
+``intervention`` / ``relation`` when present) and a preview of its rows.
+Tables of a known kind also get figures from the plot functions registered for
+them (:func:`register_plot`):
+
+``kn``        columns ``layer`` (and ``neuron``): the layer distribution of the KNs;
+``effect``    ``intervention``, ``p_before``, ``p_after``: probability-change bars, with
+              the Wilcoxon signed-rank significance marked;
+``trace``     ``tokens``, ``scores`` [tokens x layers], ``kind``: causal-trace heatmaps;
+``edit_eval`` ``method`` and metric columns: the edit-evaluation table.
+
+PNG files in ``RUN/plots/`` are added as they are.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .lm import InputError
+from .rundir import RunDir, atomic_write, atomic_write_text
+
+# table name -> functions (table: pyarrow.Table, rd: RunDir) -> list[(title, matplotlib Figure or PNG bytes)]
+PLOTS: dict[str, list[Callable]] = {}
+# table name -> one-line description shown above it
+DESCRIPTIONS: dict[str, str] = {
+    "kn": "Knowledge neurons: one row per (item, layer, neuron).",
+    "effect": "Target probability before and after an intervention on the item's neurons.",
+    "trace": "Causal tracing: the target probability restored by each (token, layer) state.",
+    "edit_eval": "Edit evaluation: one row per (record, method).",
+    "attribution": "Per-prompt attribution results.",
+    "metrics": "Per-prompt metrics.",
+}
+_GROUP_COLS = ("method", "intervention", "kind", "relation")
+# Integer columns that index things: their mean means nothing.
+_INDEX_COLS = {"key", "layer", "neuron", "subject_start", "subject_end", "target_position", "window", "samples",
+               "case_id", "known_id", "seed"}
+# Known tables first, in this order; the rest alphabetically.
+_ORDER = ("kn", "effect", "trace", "edit_eval", "metrics", "attribution", "prompts", "refine", "records", "stats")
+_MAX_TRACES = 6
+
+
+def register_plot(table: str):
+    """Decorator: ``fn(table, rd) -> [(title, matplotlib Figure or PNG bytes)]`` draws figures for ``table``."""
+    def deco(fn):
+        PLOTS.setdefault(table, []).append(fn)
+        return fn
+    return deco
+
+
+@dataclass
+class Figure:
+    title: str
+    png: bytes
+    name: str
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    tables: list = field(default_factory=list)   # (caption, header list, rows list of lists)
+    figures: list = field(default_factory=list)  # Figure
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+# -- plots ------------------------------------------------------------------------------
+@register_plot("kn")
+def plot_kn_layers(tab, rd):
+    """Share of KNs in each layer (Dai et al. Fig. 3; Niu et al. Fig. 2)."""
+    import numpy as np
+
+    if "layer" not in tab.column_names or tab.num_rows == 0:
+        return []
+    layers = np.asarray(tab.column("layer").to_pylist(), dtype=int)
+    n_layers = int((rd.manifest.get("model") or {}).get("n_layers") or layers.max() + 1)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    groups = {"all": layers}
+    if "relation" in tab.column_names:
+        rel = np.asarray(tab.column("relation").to_pylist(), dtype=object)
+        names = sorted(set(rel.tolist()), key=str)
+        if 1 < len(names) <= 6:
+            groups = {str(n): layers[rel == n] for n in names}
+    width = 0.8 / len(groups)
+    x = np.arange(n_layers)
+    for i, (name, ls) in enumerate(groups.items()):
+        counts = np.bincount(ls, minlength=n_layers)[:n_layers]
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, 100.0 * counts / max(1, counts.sum()), width, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("% of knowledge neurons")
+    ax.set_title(f"Layer distribution of {len(layers)} knowledge neurons")
+    ax.set_xticks(x[:: max(1, n_layers // 15)])
+    if len(groups) > 1:
+        ax.legend(fontsize=8)
+    return [("Layer distribution of knowledge neurons", fig)]
+
+
+def _stars(p: float) -> str:
+    if not (p == p):  # nan
+        return "n/a"
+    return "***" if p < 1e-3 else "**" if p < 1e-2 else "*" if p < 0.05 else "n.s."
+
+
+def effect_summary(tab) -> list[dict]:
+    """Per (relation, intervention): mean relative probability change and its significance.
+
+    The change of one row is ``(p_after - p_before) / p_before``; the test is
+    a two-sided Wilcoxon signed-rank test of ``p_after`` against ``p_before``
+    (paired, no normality assumed; Niu et al. compare the same prompts).
+    """
+    import numpy as np
+    from scipy import stats
+
+    cols = tab.column_names
+    if not {"p_before", "p_after"} <= set(cols) or tab.num_rows == 0:
+        return []
+    pb = np.asarray(tab.column("p_before").to_pylist(), dtype=float)
+    pa_ = np.asarray(tab.column("p_after").to_pylist(), dtype=float)
+    inter = np.asarray(tab.column("intervention").to_pylist() if "intervention" in cols else ["change"] * len(pb),
+                       dtype=object)
+    rel = np.asarray(tab.column("relation").to_pylist() if "relation" in cols else ["all"] * len(pb), dtype=object)
+    out = []
+    for r in sorted(set(rel.tolist()), key=str):
+        for it in sorted(set(inter.tolist()), key=str):
+            m = (rel == r) & (inter == it)
+            if not m.any():
+                continue
+            b, a = pb[m], pa_[m]
+            change = (a - b) / np.maximum(b, 1e-12)
+            diff = a - b
+            if np.count_nonzero(diff) >= 1 and len(diff) >= 2:
+                p = float(stats.wilcoxon(a, b, zero_method="zsplit").pvalue)
+            else:
+                p = float("nan")
+            sem = float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else 0.0
+            out.append({"relation": r, "intervention": it, "n": int(m.sum()), "p_before": float(b.mean()),
+                        "p_after": float(a.mean()), "mean_change_pct": float(100 * change.mean()),
+                        "sem_pct": 100 * sem, "wilcoxon_p": p, "significance": _stars(p)})
+    return out
+
+
+@register_plot("effect")
+def plot_effect(tab, rd):
+    """Bars of the mean relative probability change per intervention, stars for significance."""
+    import numpy as np
+
+    summ = effect_summary(tab)
+    if not summ:
+        return []
+    plt = _plt()
+    rels = list(dict.fromkeys(s["relation"] for s in summ))
+    inters = list(dict.fromkeys(s["intervention"] for s in summ))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rels) * len(inters)), 3.6))
+    width = 0.8 / len(inters)
+    x = np.arange(len(rels))
+    for j, it in enumerate(inters):
+        vals, errs, stars = [], [], []
+        for r in rels:
+            s = next((s for s in summ if s["relation"] == r and s["intervention"] == it), None)
+            vals.append(s["mean_change_pct"] if s else 0.0)
+            errs.append(s["sem_pct"] if s else 0.0)
+            stars.append(s["significance"] if s else "")
+        xs = x + (j - (len(inters) - 1) / 2) * width
+        bars = ax.bar(xs, vals, width, yerr=errs, capsize=3, label=str(it))
+        for b, v, e, st in zip(bars, vals, errs, stars):
+            ax.annotate(st, (b.get_x() + b.get_width() / 2, v + (e if v >= 0 else -e)),
+                        xytext=(0, 3 if v >= 0 else -11), textcoords="offset points", ha="center", fontsize=8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(r) for r in rels], rotation=30 if len(rels) > 4 else 0, ha="right" if len(rels) > 4 else "center")
+    ax.set_ylabel("mean probability change (%)")
+    ax.set_title("Probability change of the target (* p<.05, ** p<.01, *** p<.001, Wilcoxon)")
+    ax.legend(fontsize=8)
+    return [("Probability change under intervention", fig)]
+
+
+def _trace_results(tab) -> list:
+    """The table's rows as :class:`kncore.tracing.TraceResult`, one per key (first seen order)."""
+    import torch
+    from .tracing import TraceResult
+
+    by_key: dict = {}
+    for r in tab.to_pylist():
+        by_key.setdefault(r.get("key"), []).append(r)
+    out = []
+    for rows in by_key.values():
+        r0 = rows[0]
+        out.append(TraceResult(
+            scores={r.get("kind", "hidden"): torch.tensor(r["scores"], dtype=torch.float32) for r in rows},
+            low=float(r0["low_score"]), high=float(r0["high_score"]), tokens=list(r0["tokens"]),
+            input_ids=list(r0.get("input_ids") or []), subject_range=(r0["subject_start"], r0["subject_end"]),
+            target=int(r0.get("target_id") if r0.get("target_id") is not None else -1),
+            answer=str(r0.get("target") or ""), target_position=int(r0["target_position"]),
+            prompt=str(r0.get("prompt") or ""), subject=str(r0.get("subject") or ""),
+            kinds=tuple(r.get("kind", "hidden") for r in rows), window=int(r0.get("window") or 0),
+            samples=int(r0.get("samples") or 0), noise=float(r0.get("noise") or 0.0), seed=int(r0.get("seed") or 0)))
+    return out
+
+
+def _file_png(draw) -> bytes:
+    """Bytes of a PNG that ``draw(path)`` writes (plot functions that take a path)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fig.png"
+        draw(p)
+        return p.read_bytes()
+
+
+@register_plot("trace")
+def plot_traces(tab, rd):
+    """ROME's causal-trace heatmaps for the first few prompts, and the average
+    indirect effect by token group over every traced prompt (kncore.tracing's plots)."""
+    need = {"scores", "tokens", "subject_start", "subject_end", "target_position", "low_score", "high_score"}
+    if not need <= set(tab.column_names) or tab.num_rows == 0:
+        return []
+    from .tracing import average_indirect_effect
+
+    model = (rd.manifest.get("model") or {}).get("name")
+    results = _trace_results(tab)
+    out = [(f"Causal trace: {r.prompt} -> {r.answer.strip()}", _file_png(lambda p, r=r: r.plot(p, model_name=model)))
+           for r in results[:_MAX_TRACES]]
+    if len(results) > 1 and len({r.n_layers for r in results}) == 1:
+        aie = average_indirect_effect(results)
+        out.append((f"Average indirect effect over {aie.count} traced prompts",
+                    _file_png(lambda p: aie.plot(p, model_name=model))))
+    return out
+
+
+# -- tables ---------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        inner = ", ".join(_fmt(x) for x in v[:6])
+        return f"[{inner}{', ...' if len(v) > 6 else ''}] ({len(v)})" if len(v) > 6 else f"[{inner}]"
+    if isinstance(v, dict):
+        return json.dumps(v, default=str)[:80]
+    s = str(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _numeric_summary(tab) -> tuple[list, list] | None:
+    """Means of numeric columns, grouped by the first grouping column present."""
+    import numpy as np
+    import pyarrow as pa
+
+    num = [c for c in tab.column_names if c not in _INDEX_COLS and
+           (pa.types.is_integer(tab.schema.field(c).type) or pa.types.is_floating(tab.schema.field(c).type)
+            or pa.types.is_boolean(tab.schema.field(c).type))]
+    if not num or tab.num_rows == 0:
+        return None
+    gcol = next((c for c in _GROUP_COLS if c in tab.column_names), None)
+    gvals = tab.column(gcol).to_pylist() if gcol else ["all"] * tab.num_rows
+    groups = list(dict.fromkeys(gvals))
+    header = [gcol or "", "rows"] + [f"mean {c}" for c in num]
+    arrs = {c: np.asarray([np.nan if v is None else float(v) for v in tab.column(c).to_pylist()]) for c in num}
+    gv = np.asarray(gvals, dtype=object)
+    rows = []
+    for g in groups[:50]:
+        m = gv == g
+        rows.append([_fmt(g), str(int(m.sum()))] + [_fmt(float(np.nanmean(arrs[c][m])) if np.isfinite(arrs[c][m]).any()
+                                                         else None) for c in num])
+    return header, rows
+
+
+_EDIT_METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "locality_agree")
+
+
+def edit_summary(tab):
+    """The edit-evaluation table: one column per method, one row per metric
+    (ROME's S, ES, PS, NS and margins, then each probe kind's probability and
+    success before and after the edit), means over the cases."""
+    import numpy as np
+
+    rows = tab.to_pylist()
+    if not rows:
+        return None
+    methods = list(dict.fromkeys(str(r.get("method", "edit")) for r in rows))
+
+    def mean(m, col):
+        v = [r.get(col) for r in rows if str(r.get("method", "edit")) == m]
+        v = [float(x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x]
+        return float(np.mean(v)) if v else None
+
+    kinds = [c[: -len("_prob_pre")] for c in tab.column_names if c.endswith("_prob_pre")]
+    metrics = [m for m in _EDIT_METRICS if m in tab.column_names]
+    for k in kinds:
+        metrics += [c for c in (f"{k}_prob_pre", f"{k}_prob_post", f"{k}_success_pre", f"{k}_success_post")
+                    if c in tab.column_names]
+    if "S" not in tab.column_names and all(m in tab.column_names for m in ("ES", "PS", "NS")):
+        metrics.insert(0, "S")
+    body = []
+    for met in metrics:
+        vals = []
+        for m in methods:
+            if met == "S" and "S" not in tab.column_names:
+                es, ps, ns = (mean(m, c) for c in ("ES", "PS", "NS"))
+                ok = None not in (es, ps, ns)
+                v = (0.0 if min(es, ps, ns) == 0 else 3 / (1 / es + 1 / ps + 1 / ns)) if ok else None
+            else:
+                v = mean(m, met)
+            vals.append(_fmt(v))
+        body.append([met] + vals)
+    n = [str(sum(1 for r in rows if str(r.get("method", "edit")) == m)) for m in methods]
+    return ("Edit evaluation (means over cases; S = harmonic mean of ES, PS, NS)", ["metric"] + methods,
+            [["cases"] + n] + body)
+
+
+def _table_section(name: str, tab, rd: RunDir, max_rows: int) -> Section:
+    n = tab.num_rows
+    sec = Section(f"Table `{name}`", f"{DESCRIPTIONS.get(name, '')} {n} rows; columns: "
+                  f"{', '.join(tab.column_names)}.".strip())
+    if name == "edit_eval":
+        es = edit_summary(tab)
+        if es:
+            sec.tables.append(es)
+    elif name == "effect":
+        summ = effect_summary(tab)
+        if summ:
+            hdr = list(summ[0])
+            sec.tables.append(("Probability change (mean over items; significance by Wilcoxon signed-rank)",
+                               hdr, [[_fmt(s[h]) for h in hdr] for s in summ]))
+    else:
+        ns = _numeric_summary(tab)
+        if ns:
+            sec.tables.append(("Summary", *ns))
+    prev = tab.slice(0, max_rows).to_pylist()
+    if prev:
+        hdr = tab.column_names
+        cap = f"First {len(prev)} of {n} rows" if n > len(prev) else f"All {n} rows"
+        sec.tables.append((cap, hdr, [[_fmt(r[h]) for h in hdr] for r in prev]))
+    for fn in PLOTS.get(name, []):
+        for i, (title, fig) in enumerate(fn(tab, rd)):
+            png = fig if isinstance(fig, bytes) else _png(fig)
+            sec.figures.append(Figure(title, png, f"{name}-{fn.__name__}-{i}"))
+    return sec
+
+
+def build(run, *, max_rows: int = 30) -> list[Section]:
+    """The report's sections for a run directory (a path or :class:`RunDir`)."""
+    rd = run if isinstance(run, RunDir) else RunDir.load(run)
+    man = rd.manifest
+    model = man.get("model") or {}
+    git = man.get("git") or {}
+    info = [["command", _fmt(man.get("command"))], ["created", _fmt(man.get("created"))],
+            ["model", f"{model.get('name', '')} ({model.get('arch', '')}, {model.get('n_layers', '?')} layers, "
+                      f"d_ff {model.get('d_ff', '?')}, fingerprint {model.get('fingerprint', '?')})"],
+            ["git", f"{git.get('commit', 'n/a')}{' (dirty)' if git.get('dirty') else ''}"],
+            ["versions", ", ".join(f"{k} {v}" for k, v in (man.get("versions") or {}).items())],
+            ["sessions", str(len(man.get("sessions") or []))]]
+    cfg = [[k, _fmt(v)] for k, v in sorted((man.get("config") or {}).items())]
+    head = Section("Run", f"Run directory `{rd.path}`.", tables=[("Manifest", ["field", "value"], info),
+                                                                  ("Config", ["key", "value"], cfg)])
+    if man.get("summary"):
+        head.tables.append(("Summary", ["statistic", "value"],
+                            [[k, _fmt(v)] for k, v in sorted(man["summary"].items())]))
+    sections = [head]
+    names = rd.tables()
+    names = [n for n in _ORDER if n in names] + [n for n in names if n not in _ORDER]
+    for name in names:
+        sections.append(_table_section(name, rd.read(name), rd, max_rows))
+    tdir = rd.path / "tensors"
+    if tdir.is_dir():
+        files = sorted(p for p in tdir.glob("*.safetensors"))
+        if files:
+            sections.append(Section("Tensors", "Dense tensors stored in the run directory.",
+                                    tables=[("Files", ["file", "MiB"],
+                                             [[p.name, f"{p.stat().st_size / 2**20:.2f}"] for p in files])]))
+    if rd.plots_dir.is_dir():
+        pngs = sorted(rd.plots_dir.glob("*.png"))
+        if pngs:
+            sections.append(Section("Plots", "Figures saved in the run's plots/ folder.",
+                                    figures=[Figure(p.stem, p.read_bytes(), f"plots-{p.stem}") for p in pngs]))
+    return sections
+
+
+# -- writers ----------------------------------------------------------------------------
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;
+text-align:left;vertical-align:top}th{background:#f2f2f2}caption{text-align:left;font-weight:600;padding:4px 0}
+figure{margin:1em 0}figcaption{font-size:13px;color:#555}img{max-width:100%}code{background:#f4f4f4}"""
+
+
+def _md_inline(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _html_text(s: str) -> str:
+    """Escape, then render `code` spans."""
+    parts = html.escape(s).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def to_html(sections: list[Section], title: str) -> str:
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        out.append(f"<h2>{_html_text(s.title)}</h2>")
+        if s.text:
+            out.append(f"<p>{_html_text(s.text)}</p>")
+        for f in s.figures:
+            b64 = base64.b64encode(f.png).decode()
+            out.append(f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,{b64}'>"
+                       f"<figcaption>{html.escape(f.title)}</figcaption></figure>")
+        for cap, hdr, rows in s.tables:
+            out.append(f"<table><caption>{html.escape(cap)}</caption><tr>"
+                       + "".join(f"<th>{html.escape(str(h))}</th>" for h in hdr) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows]
+            out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def to_markdown(sections: list[Section], title: str, figdir: str) -> str:
+    out = [f"# {title}", ""]
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        if s.text:
+            out += [s.text, ""]
+        for f in s.figures:
+            out += [f"![{_md_inline(f.title)}]({figdir}/{f.name}.png)", ""]
+        for cap, hdr, rows in s.tables:
+            out += [f"**{_md_inline(cap)}**", "", "| " + " | ".join(_md_inline(str(h)) for h in hdr) + " |",
+                    "|" + "---|" * len(hdr)]
+            out += ["| " + " | ".join(_md_inline(str(v)) for v in r) + " |" for r in rows]
+            out.append("")
+    return "\n".join(out)
+
+
+def write(run, out: str | Path | None = None, *, max_rows: int = 30) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` (+ ``report_files/``).
+
+    ``out``: the folder to write to (default: the run directory itself).
+    Returns the paths of the HTML and Markdown files.
+    """
+    rd = run if isinstance(run, RunDir) else RunDir.load(run)
+    out = Path(out) if out is not None else rd.path
+    out.mkdir(parents=True, exist_ok=True)
+    sections = build(rd, max_rows=max_rows)
+    title = f"kncore report: {rd.manifest.get('command') or 'run'} ({rd.path.name})"
+    figdir = "report_files"
+    for s in sections:
+        for f in s.figures:
+            atomic_write(out / figdir / f"{f.name}.png", lambda tmp, b=f.png: Path(tmp).write_bytes(b))
+    html_path, md_path = out / "report.html", out / "report.md"
+    atomic_write_text(html_path, to_html(sections, title))
+    atomic_write_text(md_path, to_markdown(sections, title, figdir))
+    return html_path, md_path
+
+
+def check_run(path) -> RunDir:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"run directory {p} does not exist")
+    return RunDir.load(p)

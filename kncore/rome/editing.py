@@ -1,0 +1,511 @@
+"""ROME edits (Meng et al. 2022): a rank-one update of the MLP down-projection
+at one layer, with an exact undo.
+
+For a request ``{"prompt": "The capital of {} is", "subject": "Canada",
+"target_new": "Rome"}`` at layer L (ROME's ``compute_u``/``compute_v``/
+``rome_main``, followed line by line where it matters):
+
+1. k* = the down-projection input (site ``act``) at the subject's last token,
+   averaged over the context templates (:mod:`kncore.rome.templates`).
+2. u = C^-1 k* (``mom2_adjustment``; C = E[k k^T] from :func:`layer_stats`,
+   solved by Cholesky in float64) or u = k*; ``left = u / ||u||``.
+3. v* = v + delta: Adam on delta, added to the MLP output at the subject's
+   last token of every rewriting prompt (template + prompt + target,
+   teacher-forced) and of the KL prompts. The loss is the mean target NLL
+   + ``kl_factor`` * KL(new || old) of the next-token distribution at the
+   subject in ``"{} is a"`` + ``v_weight_decay * ||delta|| / ||v||^2``; delta
+   is clamped to ``clamp_norm_factor * ||v||``; the loop stops below
+   ``early_stop_loss`` and takes at most ``v_num_grad_steps - 1`` Adam steps
+   (ROME evaluates the loss ``v_num_grad_steps`` times).
+4. ``right = (v* - v) / (k . left)`` with k and v the key and MLP output at the
+   subject of the bare prompt, and W += left right^T (in the orientation of the
+   weight: GPT-2's Conv1D stores [d_ff, d_model], Linear [d_model, d_ff]),
+   through the rank-one op (``kncore.ops.rank1_update``), whose undo record
+   restores W bit for bit.
+
+Speed: a change at (layer L, token p) cannot reach layers <= L or tokens < p,
+so step 3 computes the prompts once, keeps their keys/values, and each Adam
+step only runs layers L+1.. on the tokens from the subject's last one on,
+starting from the cached residual plus delta, with logits only at the scored
+positions. :mod:`kncore.rome.reference` is the plain version (ROME's full
+forward per step through Hugging Face hooks) that the tests compare with.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..lm import InputError
+from ..models.base import BLOCK_PARALLEL, BLOCK_SEQUENTIAL
+from ..runtime import KVCache
+from .hparams import ROMEHparams, hparams_for, load_hparams
+from .stats import LayerStats, StatsCacheMismatch, layer_stats, load_stats
+from .templates import context_templates
+
+log = logging.getLogger("kncore")
+
+_CHOL: dict = {}  # (fingerprint, layer, stats key, reg, device) -> Cholesky factor of C (float64)
+
+
+class SingularStatistics(InputError):
+    """The second moment C cannot be inverted."""
+
+
+# -- requests ---------------------------------------------------------------------
+
+@dataclass
+class Request:
+    """One edit: ``prompt`` holds ``{}`` where the subject goes."""
+
+    prompt: str
+    subject: str
+    target: str
+
+    def text(self) -> str:
+        return self.prompt.replace("{}", self.subject, 1)
+
+
+def parse_request(req) -> Request:
+    """Accept ROME/CounterFact (``target_new: {"str": ...}``) and plain dicts.
+
+    The prompt may hold ``{}`` for the subject or the subject itself (its first
+    occurrence is taken, as EasyEdit does).
+    """
+    if isinstance(req, Request):
+        return req
+    if not isinstance(req, dict):
+        raise InputError(f"a ROME request is a dict with prompt, subject and target_new, got {type(req).__name__}")
+    if "requested_rewrite" in req:  # a whole CounterFact record
+        req = req["requested_rewrite"]
+    missing = [k for k in ("prompt", "subject", "target_new") if k not in req]
+    if missing:
+        raise InputError(f"ROME request lacks {missing}: {req!r}")
+    prompt, subject, target = req["prompt"], req["subject"], req["target_new"]
+    if isinstance(target, dict):
+        target = target.get("str")
+    if not isinstance(subject, str) or not subject.strip():
+        raise InputError(f"empty subject in request {req!r}")
+    if not isinstance(target, str) or not target.strip():
+        raise InputError(f"empty target in request {req!r}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"empty prompt in request {req!r}")
+    n = prompt.count("{}")
+    if n > 1:
+        raise InputError(f"prompt {prompt!r} holds {n} '{{}}'; ROME needs exactly one subject slot")
+    if n == 0:
+        if subject not in prompt:
+            raise InputError(f"subject {subject!r} is not in the prompt {prompt!r} (and the prompt has no '{{}}')")
+        prompt = prompt.replace(subject, "{}", 1)
+    if prompt.replace("{}", "").strip() == "":
+        raise InputError(f"prompt {prompt!r} holds nothing but the subject")
+    return Request(prompt, subject, target)
+
+
+# -- token positions ----------------------------------------------------------------
+
+def _char_tokens(lm, text: str, ids: list, ci: int, ce: int) -> tuple[int, int]:
+    """First and last token (indices into ``ids``) overlapping text[ci:ce]."""
+    enc = None
+    try:
+        enc = lm.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        pass
+    if enc is not None and "offset_mapping" in enc:
+        offs = list(enc["offset_mapping"])
+        shift = len(ids) - len(offs)  # a BOS added or removed by the LM's policy
+        toks = [i + shift for i, (a, b) in enumerate(offs) if b > a and a < ce and b > ci and 0 <= i + shift]
+        if toks:
+            return toks[0], toks[-1]
+    # Slow tokenizers: decode growing prefixes (ROME's approach).
+    s = e = None
+    pos = 0
+    for i, t in enumerate(ids):
+        pos = len(lm.tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
+        if s is None and pos > ci:
+            s = i
+        if s is not None and pos >= ce:
+            e = i
+            break
+    if s is None or e is None:
+        raise InputError(f"could not find the subject's tokens in {text!r}")
+    return s, e
+
+
+def locate(lm, template: str, subject: str, fact_token: str = "subject_last") -> tuple[list, int]:
+    """Token ids of ``template`` with the subject filled in, and the index of
+    the token ROME reads the fact at (``fact_token``)."""
+    ci = template.index("{}")
+    text = template[:ci] + subject + template[ci + 2:]
+    ids = lm.tokenize(text)
+    if fact_token == "last":
+        return ids, len(ids) - 1
+    first, last = _char_tokens(lm, text, ids, ci, ci + len(subject))
+    return ids, (last if fact_token == "subject_last" else first)
+
+
+# -- the pieces of an edit ---------------------------------------------------------
+
+def _vec_dtype(lm):
+    return torch.float64 if lm.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def compute_keys(lm, layer: int, rows: list[tuple[list, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Down-projection inputs and MLP outputs at one position per row:
+    ``(act [R, d_ff], mlp_out [R, d_model])`` in one batched forward that stops at ``layer``."""
+    b = lm.batch_ids([ids for ids, _ in rows])
+    pos = torch.tensor([p for _, p in rows], device=lm.device)
+    out = lm.run(b.input_ids, attention_mask=b.attention_mask, stop_layer=layer + 1, logits=None,
+                 capture=[("act", layer), ("mlp_out", layer)], capture_positions=pos)
+    return out[("act", layer)][:, 0], out[("mlp_out", layer)][:, 0]
+
+
+def _cholesky(lm, layer: int, stats: LayerStats, reg: float) -> torch.Tensor:
+    key = None
+    if stats.meta.get("source") != "tensor":
+        key = (lm.fingerprint(), layer, stats.key, float(reg), str(lm.device))
+        if key in _CHOL:
+            return _CHOL[key]
+    C = stats.second_moment
+    if C.shape != (lm.d_ff, lm.d_ff):
+        raise InputError(f"statistics for layer {layer} are {tuple(C.shape)}, but the model's keys have "
+                         f"d_ff = {lm.d_ff}")
+    if 0 <= stats.n_tokens < lm.d_ff and reg == 0:
+        raise SingularStatistics(
+            f"the second moment of layer {layer} comes from {stats.n_tokens} tokens, fewer than the "
+            f"{lm.d_ff} key dimensions, so it is singular: compute statistics over more text, or set "
+            "hparams mom2_reg (e.g. 1e-3) to regularise it")
+    C = C.to(device=lm.device, dtype=torch.float64)
+    if not torch.isfinite(C).all():
+        raise SingularStatistics(f"the second moment of layer {layer} holds NaN or inf")
+    C = (C + C.T) / 2
+    if reg > 0:
+        C = C + reg * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    Lf, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0:
+        raise SingularStatistics(
+            f"the second moment of layer {layer} is not positive definite (Cholesky failed at column "
+            f"{int(info)}; {stats.n_tokens} tokens, d_ff {lm.d_ff}): compute statistics over more text, "
+            "or set hparams mom2_reg (e.g. 1e-3) to add that fraction of its mean diagonal")
+    dg = Lf.diagonal()
+    cond = float((dg.max() / dg.min()) ** 2)  # a lower bound on cond(C)
+    if cond > 1e12:
+        log.warning("the second moment of layer %d is ill-conditioned (cond >= %.1e); u = C^-1 k may be "
+                    "dominated by noise: consider mom2_reg", layer, cond)
+    if key is not None:
+        _CHOL[key] = Lf
+    return Lf
+
+
+def clear_cache() -> None:
+    """Forget the cached Cholesky factors of C (and the context templates)."""
+    from . import templates
+    _CHOL.clear()
+    templates._CACHE.clear()
+
+
+def left_vector(lm, layer: int, k_star: torch.Tensor, hparams: ROMEHparams,
+                stats: LayerStats | None) -> torch.Tensor:
+    """ROME's u / ||u|| with u = C^-1 k* (``mom2_adjustment``) or u = k*."""
+    if hparams.mom2_adjustment:
+        Lf = _cholesky(lm, layer, stats, hparams.mom2_reg)
+        u = torch.cholesky_solve(k_star.to(torch.float64)[:, None], Lf)[:, 0]
+    else:
+        u = k_star.to(torch.float64)
+    return (u / u.norm()).to(_vec_dtype(lm))
+
+
+@dataclass
+class _Rows:
+    ids: list          # token ids per row
+    lookup: list       # the position delta is added at
+    n_rewrite: int     # rows [0, n_rewrite) are rewriting prompts, then KL prompts
+    prompt_len: list   # per rewriting row: tokens before the target
+    target: list       # target token ids
+
+
+def build_rows(lm, req: Request, templates: list[str], fact_token: str, kl_prompts: list[str]) -> _Rows:
+    """ROME's rewriting prompts (template + prompt + target[:-1]) and KL prompts."""
+    target = lm.target_ids(req.text(), req.target)
+    ids, look, plen = [], [], []
+    for t in templates:
+        p_ids, p = locate(lm, t.replace("{}", req.prompt, 1), req.subject, fact_token)
+        ids.append(p_ids + target[:-1])
+        look.append(p)
+        plen.append(len(p_ids))
+    for k in kl_prompts:
+        k_ids, p = locate(lm, k, req.subject, fact_token)
+        ids.append(k_ids)
+        look.append(p)
+    n = max(len(x) for x in ids)
+    if n > lm.adapter.n_ctx:
+        raise InputError(f"a rewriting prompt is {n} tokens, longer than the model's context {lm.adapter.n_ctx}")
+    return _Rows(ids, look, len(templates), plen, target)
+
+
+def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
+    """ROME's ``compute_v`` loop on the cached prefix: returns
+    ``(delta, v_init, losses, p_target)``."""
+    ad = lm.adapter
+    dev = lm.device
+    N = ad.n_layers
+    b = lm.batch_ids(rows.ids)
+    B, T = b.input_ids.shape
+    look = torch.tensor(rows.lookup, device=dev)
+    with torch.no_grad():
+        pre = lm.run(b.input_ids, attention_mask=b.attention_mask, return_kv=layer + 1 < N, logits=None,
+                     capture=[("resid_post", layer), ("mlp_out", layer)])
+    v_init = pre[("mlp_out", layer)][0, rows.lookup[0]].detach()
+    resid = pre[("resid_post", layer)]
+    # Keys/values of the tokens before each row's lookup position, layers > L.
+    P = int(look.max())
+    cache = None
+    if P > 0 and layer + 1 < N:
+        keep = lambda ts: [None if (l <= layer or t is None) else t[:, :, :P] for l, t in enumerate(ts)]
+        cache = KVCache(keep(pre.kv.k), keep(pre.kv.v),
+                        torch.arange(P, device=dev)[None] < look[:, None])
+    if cache is None:  # nothing to reuse: recompute from the first token
+        look_eff = torch.zeros_like(look)
+    else:
+        look_eff = look
+    S = int((b.lengths - look_eff).max())
+    col = look_eff[:, None] + torch.arange(S, device=dev)[None]
+    suf_mask = col < b.lengths[:, None]
+    h_suf = resid.gather(1, col.clamp(max=T - 1)[..., None].expand(-1, -1, resid.shape[-1]))
+    onehot = torch.zeros(B, S, 1, dtype=resid.dtype, device=dev)
+    onehot[torch.arange(B, device=dev), look - look_eff] = 1
+    del pre, resid
+
+    # Scored positions: each target token of each rewriting row, then the KL rows' lookup.
+    nt = len(rows.target)
+    sel_r, sel_c, labels = [], [], []
+    for i in range(rows.n_rewrite):
+        for j in range(nt):
+            sel_r.append(i)
+            sel_c.append(rows.prompt_len[i] - 1 + j - int(look_eff[i]))
+            labels.append(rows.target[j])
+    n_scored = len(sel_r)
+    for i in range(rows.n_rewrite, B):
+        sel_r.append(i)
+        sel_c.append(int(look[i] - look_eff[i]))
+    sel_r = torch.tensor(sel_r, device=dev)
+    sel_c = torch.tensor(sel_c, device=dev)
+    labels = torch.tensor(labels, device=dev)
+    row_of = sel_r[:n_scored]
+
+    vd = _vec_dtype(lm)
+    delta = torch.zeros(ad.d_model, dtype=vd, device=dev, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    kl_init = None
+    losses = []
+    p_target = float("nan")
+    max_norm = hparams.clamp_norm_factor * v_init.norm()
+    start = layer + 1
+    for it in range(hparams.v_num_grad_steps):
+        h_in = h_suf + onehot * delta.to(h_suf.dtype)
+        if cache is None:
+            o = lm.run(hidden=h_in, start_layer=start, attention_mask=suf_mask, logits=None) if start < N else None
+        else:
+            o = lm.run(hidden=h_in, start_layer=start, past=cache, attention_mask=suf_mask, logits=None)
+        h = h_in if o is None else o.hidden
+        logp = ad.final(h[sel_r, sel_c]).to(vd).log_softmax(-1)
+        tok_lp = logp[:n_scored].gather(1, labels[:, None])[:, 0]
+        nll_each = -torch.zeros(rows.n_rewrite, dtype=vd, device=dev).index_add(0, row_of, tok_lp) / nt
+        nll = nll_each.mean()
+        kl_lp = logp[n_scored:]
+        if kl_init is None:
+            kl_init = kl_lp.detach().clone()
+        kl = hparams.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+        wd = hparams.v_weight_decay * (delta.norm() / v_init.norm().to(vd) ** 2)
+        loss = nll + kl + wd
+        loss_val = float(loss.detach())
+        losses.append(loss_val)
+        p_target = float(torch.exp(-nll_each.detach()).mean())
+        log.debug("ROME step %d: loss %.4f = %.4f + %.4f + %.4f, p(target) %.4f", it, loss_val,
+                  float(nll.detach()), float(kl.detach()), float(wd.detach()), p_target)
+        if loss_val < hparams.early_stop_loss or it == hparams.v_num_grad_steps - 1:
+            break
+        (grad,) = torch.autograd.grad(loss, [delta])
+        delta.grad = grad
+        opt.step()
+        with torch.no_grad():
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return delta.detach(), v_init.to(vd), losses, p_target
+
+
+# -- applying and undoing ----------------------------------------------------------------
+
+def _rank1(W, a, b):
+    """W += a b^T through the rank-one op; returns its undo record."""
+    from ..ops.rank1_update import rank1_update_
+    return rank1_update_(W, a, b)
+
+
+def _rank1_undo(W, rec):
+    from ..ops.rank1_update import rank1_undo_
+    rank1_undo_(W, rec)
+
+
+def _orient(lm, layer: int, left: torch.Tensor, right: torch.Tensor):
+    """(W, a, b) such that W += a b^T is ROME's update left right^T in W's layout."""
+    W = lm.adapter.down_module(layer).weight
+    view = lm.adapter.down_weight(layer)  # [d_ff, d_model], a view of W
+    same = view.data_ptr() == W.data_ptr() and view.shape == W.shape and view.stride() == W.stride()
+    return (W, left, right) if same else (W, right, left)
+
+
+@dataclass
+class EditStep:
+    """One rank-one update: what ROME computed, and how to take it back."""
+
+    request: Request
+    layer: int
+    left: torch.Tensor        # u / ||u||  [d_ff]
+    right: torch.Tensor       # (v* - v) / (k . left)  [d_model]
+    k_star: torch.Tensor      # key averaged over the context templates [d_ff]
+    key: torch.Tensor         # key of the bare prompt (ROME's cur_input) [d_ff]
+    value: torch.Tensor       # MLP output of the bare prompt (ROME's cur_output) [d_model]
+    v_star: torch.Tensor      # the optimised target value [d_model]
+    losses: list = field(default_factory=list)
+    p_target: float = float("nan")
+    weight: torch.Tensor | None = field(default=None, repr=False)
+    record: object = field(default=None, repr=False)
+
+
+class Edit:
+    """Applied ROME edits. ``undo()`` restores every weight bit for bit (in
+    reverse order); used as a context manager, the edits are undone on exit."""
+
+    def __init__(self, lm, hparams: ROMEHparams):
+        self.lm = lm
+        self.hparams = hparams
+        self.steps: list[EditStep] = []
+        self.active = True
+
+    def __repr__(self):
+        reqs = ", ".join(f"{s.request.text()!r} -> {s.request.target!r} @L{s.layer}" for s in self.steps)
+        return f"Edit([{reqs}], active={self.active})"
+
+    def undo(self) -> None:
+        """Take every update back, last first. Raises if already undone, or if a
+        weight was changed in between (the op's checksum)."""
+        if not self.active:
+            raise InputError("this edit was already undone")
+        with torch.no_grad():
+            for s in reversed(self.steps):
+                _rank1_undo(s.weight, s.record)
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.undo()
+        return False
+
+
+def _resolve_stats(lm, hparams: ROMEHparams, stats, cache_dir) -> dict:
+    if not hparams.mom2_adjustment:
+        return {}
+    layers = hparams.layers
+    if stats is None:
+        return layer_stats(lm, layers, hparams.mom2_dataset, n_samples=hparams.mom2_n_samples,
+                           dtype=hparams.mom2_dtype, cache_dir=cache_dir)
+    if isinstance(stats, (LayerStats, torch.Tensor, str)) or hasattr(stats, "__fspath__"):
+        if len(layers) != 1:
+            raise InputError(f"one statistics object given for layers {layers}; pass a dict {{layer: stats}}")
+        stats = {layers[0]: stats}
+    if not isinstance(stats, dict):
+        raise InputError(f"stats must be LayerStats, a tensor, a path or a dict of them, not {type(stats).__name__}")
+    out = {}
+    for L in layers:
+        if L not in stats:
+            raise InputError(f"no statistics given for layer {L} (have {sorted(stats)})")
+        s = stats[L]
+        if isinstance(s, torch.Tensor):
+            s = LayerStats.from_tensor(L, s)
+        elif not isinstance(s, LayerStats):
+            s = load_stats(s, lm, L)
+        fp = s.meta.get("fingerprint")
+        if fp is not None and fp != lm.fingerprint():
+            raise StatsCacheMismatch(f"the statistics for layer {L} were computed on model {s.meta.get('model')!r} "
+                                     f"(fingerprint {fp}), not on {lm.name!r} ({lm.fingerprint()})")
+        if s.meta.get("layer", L) != L:
+            raise StatsCacheMismatch(f"statistics for layer {s.meta.get('layer')} given for layer {L}")
+        out[L] = s
+    return out
+
+
+def edit(lm, request, hparams=None, *, stats=None, cache_dir=None) -> Edit:
+    """Apply ROME edit(s) to ``lm`` in place and return the :class:`Edit`.
+
+    ``request``: ``{"prompt", "subject", "target_new"}`` (``target_new`` a
+    string or CounterFact's ``{"str": ...}``), or a list of them, applied one
+    after the other (each computed on the model the previous ones left).
+    ``hparams``: :class:`ROMEHparams`, a shipped name, a YAML/JSON path, a dict,
+    or None for the model's shipped file. ``stats``: the second moments C for
+    ``mom2_adjustment`` (LayerStats, a tensor, a statistics file, or a dict by
+    layer); None computes or loads them with :func:`layer_stats` from
+    ``hparams.mom2_dataset`` (cached under ``cache_dir``).
+    """
+    if lm.is_mlm:
+        raise InputError("ROME edits causal LMs; this is a masked LM")
+    if lm.adapter.block_style not in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL):
+        raise InputError(f"ROME needs a residual MLP output; block style {lm.adapter.block_style!r} is not supported")
+    hp = hparams_for(lm) if hparams is None else load_hparams(hparams)
+    hp.validate()
+    hp.check_model(lm)
+    reqs = [parse_request(r) for r in (request if isinstance(request, (list, tuple)) else [request])]
+    if not reqs:
+        raise InputError("no edit requests given")
+    for r in reqs:  # fail before changing anything
+        lm.target_ids(r.text(), r.target)
+        locate(lm, r.prompt, r.subject, hp.fact_token)
+    all_stats = _resolve_stats(lm, hp, stats, cache_dir)
+    templates = context_templates(lm, hp)
+    result = Edit(lm, hp)
+    try:
+        for r in reqs:
+            for L in sorted(hp.layers):
+                result.steps.append(_edit_one(lm, r, L, hp, templates, all_stats.get(L)))
+    except BaseException:
+        if result.steps:
+            result.undo()
+        raise
+    return result
+
+
+def _edit_one(lm, req: Request, layer: int, hp: ROMEHparams, templates: list[str], stats) -> EditStep:
+    rows = build_rows(lm, req, templates, hp.fact_token, hp.kl_prompts)
+    vd = _vec_dtype(lm)
+    if hp.fact_token == "last":  # ROME: the key of the prompt itself
+        key_rows = [(rows.ids[0][: rows.prompt_len[0]], rows.lookup[0])]
+    else:
+        key_rows = [(rows.ids[i][: rows.prompt_len[i]], rows.lookup[i]) for i in range(rows.n_rewrite)]
+    acts, outs = compute_keys(lm, layer, key_rows)
+    acts, outs = acts.to(vd), outs.to(vd)
+    k_star = acts.mean(0)
+    left = left_vector(lm, layer, k_star, hp, stats)
+    delta, v_init, losses, p_target = optimise_delta(lm, layer, rows, hp)
+    v_star = v_init + delta
+    if hp.enable_random_prefix_keys:  # EasyEdit's r-ROME: key and old value averaged over templates
+        key, value = k_star, outs.mean(0)
+    else:
+        key, value = acts[0], outs[0]
+    right = (v_star - value) / torch.dot(key, left)
+    W, a, b = _orient(lm, layer, left, right)
+    # The update goes through a `.data` alias with its own version counter: the
+    # op's undo refuses a tensor whose version moved since its update, which a
+    # later edit of the same weight (undone first, LIFO) would otherwise cause.
+    # The op's checksum of W's bits still catches any change in between.
+    W = W.data
+    with torch.no_grad():
+        rec = _rank1(W, a, b)
+    log.info("ROME: %r -> %r at layer %d, p(target) %.3f after %d evaluations", req.text(), req.target,
+             layer, p_target, len(losses))
+    return EditStep(req, layer, left, right, k_star, key, value, v_star, losses, p_target, W, rec)

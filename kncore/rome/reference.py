@@ -1,0 +1,124 @@
+"""Plain ROME, the way ``kmeng01/rome`` computes it, for tests and the benchmark.
+
+Everything here goes through the Hugging Face model and forward hooks, one
+unbatched forward per key (ROME's ``compute_u``: "TODO batch this"), a full
+forward of every prompt at every Adam step with logits at every position
+(``compute_v``), and ``torch.inverse`` of C (``get_inv_cov``), in float64.
+It shares only the tokenised rows with :mod:`kncore.rome.edit`, so a test
+that compares the two checks the runtime, the cached-prefix optimisation and
+the update formula, not the tokenisation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.base import get_module
+from .editing import Request, _Rows, _vec_dtype
+
+
+def _mlp_module(lm, layer):
+    return get_module(lm.model, lm.adapter.layer_module_name(layer, "mlp"))
+
+
+@torch.no_grad()
+def keys_ref(lm, layer: int, rows: list[tuple[list, int]]):
+    """(down-projection input, MLP output) at one position per row, one HF forward each."""
+    acts, outs = [], []
+    store = {}
+    down, mlp = lm.adapter.down_module(layer), _mlp_module(lm, layer)
+    hs = [down.register_forward_pre_hook(lambda m, i: store.__setitem__("in", i[0])),
+          mlp.register_forward_hook(lambda m, i, o: store.__setitem__("out", o))]
+    try:
+        for ids, p in rows:
+            lm.model(torch.tensor([ids], device=lm.device))
+            acts.append(store["in"][0, p])
+            outs.append(store["out"][0, p])
+    finally:
+        for h in hs:
+            h.remove()
+    return torch.stack(acts), torch.stack(outs)
+
+
+def left_ref(k_star: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
+    """ROME's ``compute_u`` tail: ``u = inverse(C) @ k*`` (or k*), normalised, in float64."""
+    u = k_star.double()
+    if C is not None:
+        u = torch.inverse(C.double()) @ u
+    return u / u.norm()
+
+
+def delta_ref(lm, layer: int, rows: _Rows, hparams):
+    """ROME's ``compute_v`` optimisation: ``(delta, v_init, losses)``."""
+    dev = lm.device
+    b = lm.batch_ids(rows.ids)
+    B, T = b.input_ids.shape
+    nt = len(rows.target)
+    targets = torch.full((rows.n_rewrite, T), -100, dtype=torch.long, device=dev)
+    for i in range(rows.n_rewrite):
+        p = rows.prompt_len[i]
+        targets[i, p - 1: p - 1 + nt] = torch.tensor(rows.target, device=dev)
+    vd = _vec_dtype(lm)
+    delta = torch.zeros(lm.d_model, dtype=vd, device=dev, requires_grad=True)
+    state = {"v_init": None}
+    look = rows.lookup
+
+    def hook(m, i, out):
+        if state["v_init"] is None:
+            state["v_init"] = out[0, look[0]].detach().clone()
+        add = torch.zeros_like(out)
+        add[torch.arange(B, device=dev), torch.tensor(look, device=dev)] = 1
+        return out + add * delta.to(out.dtype)
+
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    kl_init = None
+    losses = []
+    h = _mlp_module(lm, layer).register_forward_hook(hook)
+    try:
+        for it in range(hparams.v_num_grad_steps):
+            opt.zero_grad()
+            logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask.long()).logits
+            kl_logits = torch.stack([logits[i, look[i]] for i in range(rows.n_rewrite, B)])
+            kl_lp = kl_logits.to(vd).log_softmax(-1)
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            lp = logits[: rows.n_rewrite].to(vd).log_softmax(-1)
+            tok = lp.gather(2, torch.where(targets != -100, targets, 0)[..., None])[..., 0]
+            nll_each = -(tok * (targets != -100)).sum(1) / nt
+            nll = nll_each.mean()
+            kl = hparams.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+            v_init = state["v_init"]
+            wd = hparams.v_weight_decay * (delta.norm() / v_init.norm().to(vd) ** 2)
+            loss = nll + kl + wd
+            losses.append(float(loss.detach()))
+            if losses[-1] < hparams.early_stop_loss or it == hparams.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            max_norm = hparams.clamp_norm_factor * v_init.norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta[...] = delta * max_norm / delta.norm()
+    finally:
+        h.remove()
+    return delta.detach(), state["v_init"].to(vd), losses
+
+
+def update_ref(lm, layer: int, req: Request, rows: _Rows, hparams, C=None):
+    """ROME's (left, right) for one request at one layer, without applying it.
+    ``rows`` come from :func:`kncore.rome.edit.build_rows` on the same templates."""
+    if hparams.fact_token == "last":
+        key_rows = [(rows.ids[0][: rows.prompt_len[0]], rows.lookup[0])]
+    else:
+        key_rows = [(rows.ids[i][: rows.prompt_len[i]], rows.lookup[i]) for i in range(rows.n_rewrite)]
+    acts, outs = keys_ref(lm, layer, key_rows)
+    k_star = acts.double().mean(0)
+    left = left_ref(k_star, C if hparams.mom2_adjustment else None)
+    delta, v_init, losses = delta_ref(lm, layer, rows, hparams)
+    target = v_init.double() + delta.double()
+    if hparams.enable_random_prefix_keys:
+        key, value = k_star, outs.double().mean(0)
+    else:
+        key, value = acts[0].double(), outs[0].double()
+    right = (target - value) / torch.dot(key, left)
+    return {"left": left, "right": right, "k_star": k_star, "delta": delta, "v_init": v_init, "losses": losses}

@@ -1,0 +1,405 @@
+"""ROME's layer statistics: the second moment C = E[k k^T] of the keys k (the
+input of the MLP down-projection, runtime site ``act``) over a text corpus.
+
+One pass over the corpus serves every requested layer: the forward stops after
+the last of them and the keys of each go straight into a covariance
+accumulator (``kncore.ops.cov_accumulate``), so memory stays bounded by one
+batch of activations plus one d_ff x d_ff matrix per layer. Padding is masked
+out, and texts are sorted by length inside chunks of ``chunk_texts`` texts
+before being cut into batches of at most ``batch_tokens`` (padded) tokens.
+
+``n_samples`` counts texts, as ROME's ``mom2_n_samples`` does (ROME: 100,000
+Wikipedia texts); each text is truncated to ``max_length`` tokens (ROME: the
+model's context, 1024 for GPT-2 XL and 2048 for GPT-J; here
+``min(context, 2048)`` by default). Empty texts are skipped and not counted.
+
+Results are cached (one safetensors file per layer, JSON metadata in its
+header: model fingerprint, layer, corpus identity, n_samples, max_length,
+dtype, tokenizer). A cached file whose metadata does not match the request is
+refused with :class:`StatsCacheMismatch` (naming the fields that differ)
+unless ``recompute=True``, which overwrites it. Every write is atomic.
+
+A long run checkpoints its partial sums every ``checkpoint_every`` batches
+(one atomic file per rank); calling :func:`layer_stats` again with the same
+arguments resumes from the checkpoint and gives the same sums as an
+uninterrupted run (the batches are the same and are added in the same order).
+
+Under ``torchrun`` (``torch.distributed`` initialised) rank r takes texts
+r, r + W, r + 2W, ... and the partial sums are all-reduced; rank 0 writes
+the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .. import distributed as dist
+from ..lm import InputError
+from .corpus import Corpus, open_corpus, take
+
+log = logging.getLogger("kncore")
+
+FORMAT = 1
+_META_KEY = "kncore_rome_stats"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_BATCH_TOKENS = 4096
+DEFAULT_CHUNK_TEXTS = 1024
+DEFAULT_CHECKPOINT_EVERY = 64
+
+
+class StatsCacheMismatch(InputError):
+    """A statistics file was computed for another model, corpus or setting."""
+
+
+@dataclass
+class LayerStats:
+    """Second moment of the keys at one layer.
+
+    ``second_moment`` is E[k k^T] over every real token ([d_ff, d_ff], full,
+    symmetric), ``mean`` is E[k]; ``meta`` says what they were computed from.
+    """
+
+    layer: int
+    second_moment: torch.Tensor
+    mean: torch.Tensor
+    n_tokens: int
+    n_texts: int
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def key(self) -> str:
+        """A hash of what the statistics were computed from (for in-memory caches)."""
+        ident = {k: v for k, v in self.meta.items() if k not in ("n_tokens", "n_texts", "seconds")}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_tensor(cls, layer: int, C: torch.Tensor, n_tokens: int | None = None) -> "LayerStats":
+        """Wrap a second-moment matrix the caller computed (no cache identity)."""
+        if C.dim() != 2 or C.shape[0] != C.shape[1]:
+            raise InputError(f"a second moment must be a square matrix, got shape {tuple(C.shape)}")
+        return cls(layer, C, C.new_zeros(C.shape[0]), -1 if n_tokens is None else n_tokens, -1,
+                   {"layer": layer, "source": "tensor", "id": id(C)})
+
+
+def cache_dir_default() -> Path:
+    from ..loading import cache_root
+    return cache_root() / "rome_stats"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_.")[:60] or "model"
+
+
+def _tokenizer_id(lm) -> dict:
+    tok = lm.tokenizer
+    return {"name": getattr(tok, "name_or_path", "") or type(tok).__name__, "vocab": len(tok), "bos": lm.bos}
+
+
+def _atomic_save(tensors: dict, meta: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_meta(path) -> dict:
+    """The JSON metadata of a statistics (or checkpoint) file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+    except Exception as e:  # noqa: BLE001 - a broken file gets one clear message
+        raise InputError(f"{path} is not a readable kncore statistics file: {e}") from None
+    if raw is None:
+        raise InputError(f"{path} is not a kncore ROME statistics file (no {_META_KEY} metadata)")
+    return json.loads(raw)
+
+
+def _diff(found: dict, want: dict) -> list[str]:
+    keys = sorted(set(found) | set(want))
+    return [f"{k}: file has {found.get(k)!r}, wanted {want.get(k)!r}" for k in keys
+            if k not in ("n_tokens", "n_texts", "seconds") and found.get(k) != want.get(k)]
+
+
+def load_stats(path, lm=None, layer: int | None = None) -> LayerStats:
+    """Load a statistics file; with ``lm`` (and ``layer``) check that it was
+    computed on this model (same fingerprint) and layer."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"statistics file {path} does not exist")
+    meta = read_meta(path)
+    if meta.get("kind") != "stats":
+        raise InputError(f"{path} is a {meta.get('kind')!r} file, not layer statistics")
+    if lm is not None:
+        want = {"fingerprint": lm.fingerprint(), "tokenizer": _tokenizer_id(lm)}
+        bad = [d for d in _diff({k: meta.get(k) for k in want}, want)]
+        if bad:
+            raise StatsCacheMismatch(f"statistics file {path} was computed for model {meta.get('model')!r}, "
+                                     f"not this one ({lm.name!r}): " + "; ".join(bad))
+    if layer is not None and meta.get("layer") != layer:
+        raise StatsCacheMismatch(f"statistics file {path} is for layer {meta.get('layer')}, not layer {layer}")
+    t = load_file(str(path))
+    return LayerStats(meta["layer"], t["second_moment"], t["mean"], meta["n_tokens"], meta["n_texts"], meta, path)
+
+
+def _encode(lm, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Token ids of each text with the model's special tokens (the same BOS
+    policy as :meth:`LM.tokenize`), truncated to ``max_len``."""
+    tok = lm.tokenizer
+    enc = tok(list(texts), add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
+    bos = tok.bos_token_id
+    out = []
+    for ids in enc:
+        ids = list(ids)
+        if lm.bos is True and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids[: max_len - 1]
+        elif lm.bos is False and bos is not None and ids and ids[0] == bos:
+            ids = ids[1:]
+        if ids:
+            out.append(ids)
+    return out
+
+
+def _batches(seqs: list[list[int]], batch_tokens: int) -> list[list[int]]:
+    """Indices of seqs, longest first, cut into batches of <= batch_tokens padded tokens."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # stable: ties keep corpus order
+    out, cur, width = [], [], 0
+    for i in order:
+        n = len(seqs[i])
+        if cur and (len(cur) + 1) * width > batch_tokens:
+            out.append(cur)
+            cur = []
+        if not cur:
+            width = n
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _chunks(texts, size: int):
+    buf = []
+    for t in texts:
+        buf.append(t)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _progress_fn(progress, total: int | None):
+    """progress: True (a tqdm bar), False/None (silent) or a callable(info)."""
+    if callable(progress):
+        return progress, lambda: None
+    if not progress:
+        return (lambda info: None), (lambda: None)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        last = [0.0]
+
+        def log_fn(info):
+            if time.time() - last[0] > 10:
+                last[0] = time.time()
+                log.info("layer stats: %d texts, %d tokens", info["texts"], info["tokens"])
+        return log_fn, lambda: None
+    bar = tqdm(total=total, unit="text", desc="layer stats")
+    seen = [0]
+
+    def bar_fn(info):
+        bar.update(info["texts"] - seen[0])
+        seen[0] = info["texts"]
+    return bar_fn, bar.close
+
+
+def _new_acc(d: int, dtype, device):
+    from ..ops.cov_accumulate import CovAccumulator
+    return CovAccumulator(d, dtype=dtype, device=device)
+
+
+def _acc_from_state(acc, state: dict):
+    return acc.load_state_dict({k: v.to(acc.C.device) for k, v in state.items()})
+
+
+def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtype="float32",
+                cache_dir=None, batch_tokens: int = DEFAULT_BATCH_TOKENS, max_length: int | None = None,
+                progress=True, recompute: bool = False, use_cache: bool = True,
+                checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+                chunk_texts: int = DEFAULT_CHUNK_TEXTS) -> dict[int, LayerStats]:
+    """Second moments E[k k^T] of the down-projection inputs at ``layers``.
+
+    ``corpus``: see :mod:`kncore.rome.corpus` (None: the built-in ``"pydoc"``).
+    ``n_samples``: number of texts (None: all). ``dtype``: accumulation dtype,
+    ``"float32"`` (ROME's default) or ``"float64"``. ``cache_dir``: where the
+    results and checkpoints live (default ``$KNCORE_CACHE/rome_stats``);
+    ``use_cache=False`` neither reads nor writes anything. ``recompute``:
+    overwrite a cached file that does not match instead of refusing it.
+    ``progress``: True (a bar), False, or a callable given after every batch a
+    dict with ``batches``, ``texts``, ``tokens``. Returns ``{layer: LayerStats}``.
+    """
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    if not layers:
+        raise InputError("no layers given")
+    for L in layers:
+        if not isinstance(L, int) or not 0 <= L < lm.n_layers:
+            raise InputError(f"layer {L!r} is outside the model's {lm.n_layers} layers")
+    layers = sorted(set(layers))
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
+    if dtype not in _DTYPES:
+        raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
+        raise InputError(f"n_samples must be a positive number of texts (or None for all), got {n_samples!r}")
+    if batch_tokens < 1 or chunk_texts < 1 or checkpoint_every < 1:
+        raise InputError("batch_tokens, chunk_texts and checkpoint_every must be >= 1")
+    max_len = min(lm.adapter.n_ctx, 2048) if max_length is None else int(max_length)
+    if not 1 <= max_len <= lm.adapter.n_ctx:
+        raise InputError(f"max_length {max_length} outside 1..{lm.adapter.n_ctx} (the model's context)")
+
+    corp = open_corpus(corpus, n_samples)
+    base = {"format": FORMAT, "kind": "stats", "model": lm.name, "fingerprint": lm.fingerprint(),
+            "tokenizer": _tokenizer_id(lm), "site": "act", "corpus": corp.identity, "n_samples": n_samples,
+            "max_length": max_len, "dtype": dtype}
+    root = None
+    if use_cache:
+        root = Path(cache_dir if cache_dir is not None else cache_dir_default()) / _slug(lm.name) / corp.slug
+    result: dict[int, LayerStats] = {}
+    todo = []
+    for L in layers:
+        path = None if root is None else root / f"layer{L}-{dtype}-n{n_samples or 'all'}-t{max_len}.safetensors"
+        if path is not None and path.exists():
+            want = dict(base, layer=L)
+            found = read_meta(path)
+            bad = _diff(found, want)
+            if not bad:
+                result[L] = load_stats(path)
+                continue
+            if not recompute:
+                raise StatsCacheMismatch(f"cached statistics {path} do not match this request "
+                                         f"({'; '.join(bad)}); pass recompute=True to overwrite them, "
+                                         "or another cache_dir")
+            log.warning("recomputing %s (%s)", path, "; ".join(bad))
+        todo.append((L, path))
+    if todo:
+        computed = _compute(lm, [L for L, _ in todo], corp, n_samples, dtype, max_len, batch_tokens,
+                            chunk_texts, checkpoint_every, root, base, progress)
+        for L, path in todo:
+            st = computed[L]
+            if path is not None and dist.rank() == 0:
+                _atomic_save({"second_moment": st.second_moment, "mean": st.mean}, st.meta, path)
+                st.path = path
+            result[L] = st
+        dist.barrier()
+    return result
+
+
+def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, chunk_texts,
+             checkpoint_every, root, base, progress) -> dict[int, LayerStats]:
+    r, w = dist.rank(), dist.world()
+    dev = lm.device
+    acc_dtype = _DTYPES[dtype]
+    d_ff = lm.d_ff
+    ckpt_meta = dict(base, kind="checkpoint", layers=layers, batch_tokens=batch_tokens,
+                     chunk_texts=chunk_texts, rank=r, world=w)
+    ckpt = None
+    if root is not None:
+        tag = "-".join(map(str, layers))
+        ckpt = root / f"partial-L{tag}-{dtype}-n{n_samples or 'all'}-t{max_len}-r{r}of{w}.safetensors"
+    accs = {L: _new_acc(d_ff, acc_dtype, dev) for L in layers}
+    start = (0, 0)  # (chunk, batch) to resume from
+    done = {"batches": 0, "texts": 0, "tokens": 0}
+    if ckpt is not None and ckpt.exists():
+        from safetensors.torch import load_file
+        found = read_meta(ckpt)
+        bad = _diff({k: v for k, v in found.items() if k not in ("position", "done")}, ckpt_meta)
+        if bad:
+            log.warning("ignoring checkpoint %s made for another run (%s)", ckpt, "; ".join(bad))
+        else:
+            t = load_file(str(ckpt))
+            for L in layers:
+                pre = f"L{L}."
+                _acc_from_state(accs[L], {k[len(pre):]: v for k, v in t.items() if k.startswith(pre)})
+            start = tuple(found["position"])
+            done = dict(found["done"])
+            log.info("resuming layer statistics from %s at chunk %d batch %d", ckpt, *start)
+
+    total = None if n_samples is None else -(-n_samples // w) if w > 1 else n_samples
+    report, close = _progress_fn(progress, total)
+    stop = max(layers) + 1
+    caps = [("act", L) for L in layers]
+    t0 = time.time()
+    texts = take(corp, n_samples)
+    if w > 1:
+        texts = (t for i, t in enumerate(texts) if i % w == r)
+    try:
+        with torch.inference_mode():
+            for ci, chunk in enumerate(_chunks(texts, chunk_texts)):
+                if ci < start[0]:
+                    continue
+                seqs = _encode(lm, chunk, max_len)
+                batches = _batches(seqs, batch_tokens)
+                for bi, idx in enumerate(batches):
+                    if (ci, bi) < start:
+                        continue
+                    b = lm.batch_ids([seqs[i] for i in idx])
+                    out = lm.run(b.input_ids, attention_mask=b.attention_mask, stop_layer=stop,
+                                 logits=None, capture=caps)
+                    mask = b.attention_mask.reshape(-1)
+                    for L in layers:
+                        accs[L].update(out.captured[("act", L)].reshape(-1, d_ff), mask)
+                    del out
+                    done["batches"] += 1
+                    done["tokens"] += int(b.lengths.sum())
+                    if bi == len(batches) - 1:
+                        done["texts"] += len(chunk)
+                    if ckpt is not None and done["batches"] % checkpoint_every == 0:
+                        nxt = (ci, bi + 1) if bi + 1 < len(batches) else (ci + 1, 0)
+                        _save_ckpt(ckpt, accs, dict(ckpt_meta, position=list(nxt), done=done))
+                    report(dict(done))
+    finally:
+        close()
+    for acc in accs.values():
+        acc.all_reduce()
+    n_texts = torch.tensor([done["texts"]], dtype=torch.long)
+    dist.all_reduce_(n_texts)
+    seconds = time.time() - t0
+    out = {}
+    for L in layers:
+        acc = accs[L]
+        n_tok = int(acc.n)
+        if n_tok == 0:
+            raise InputError("the corpus gave no tokens")
+        meta = dict(base, layer=L, n_tokens=n_tok, n_texts=int(n_texts), seconds=round(seconds, 3))
+        out[L] = LayerStats(L, acc.second_moment(), acc.mean(), n_tok, int(n_texts), meta)
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()
+    return out
+
+
+def _save_ckpt(path: Path, accs: dict, meta: dict) -> None:
+    tensors = {}
+    for L, acc in accs.items():
+        for k, v in acc.state_dict().items():
+            tensors[f"L{L}.{k}"] = v
+    _atomic_save(tensors, meta, path)

@@ -1,0 +1,533 @@
+"""Resumable run directories.
+
+A run directory holds everything one command produced::
+
+    RUN/
+      manifest.json            config, versions, model fingerprint, git commit
+      tables/<table>/part-r000-000012.parquet
+      commits/r000-000012.json the done-keys index: which keys and parts are in
+      tensors/<name>.safetensors
+      plots/*.png              extra figures a report picks up
+
+Work is split into items, each named by a key (a string). A chunk of finished
+items is *committed* at once: its Parquet parts (and tensors) are written under
+temporary names and ``os.replace``'d into place, then the commit record naming
+those parts and keys is written the same way. Readers only see parts that a
+commit names, so a process killed at any instant (Ctrl-C, ``kill -9``) leaves
+either the whole chunk or nothing: re-running the same command skips the
+committed keys and redoes the rest, with no lost and no duplicated rows.
+
+A directory made with one config refuses a different one (the error names the
+differing keys) rather than mixing results.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from .lm import InputError
+
+log = logging.getLogger("kncore")
+
+FORMAT = 1
+# Dense tensors above this many bytes are refused unless the caller raises the
+# limit (``--max-tensor-gb`` on the CLI): a full IG attribution of every prompt
+# of PARAREL over SmolLM2's 30 x 1536 neurons is 27k x 46k fp32 = 5 GB.
+DEFAULT_TENSOR_LIMIT = 2 << 30
+_COMMIT_RE = re.compile(r"^r(\d{3,})-(\d{6,})\.json$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+class RunDirMismatch(InputError):
+    """The run directory was made by a different config or model."""
+
+
+def _jsonable(x):
+    """The config as JSON would give it back (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InputError(f"bad {kind} name {name!r}: use letters, digits, '_', '-' and '.'")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the finished file onto ``path``.
+
+    A reader (or a resumed run) sees the old file or the whole new one, never
+    a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, w)
+
+
+def versions() -> dict:
+    """Versions of Python and the libraries whose behaviour the numbers depend on."""
+    out = {"python": platform.python_version()}
+    for mod in ("kncore", "torch", "transformers", "pyarrow", "numpy", "safetensors"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "unknown")
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def git_commit(where: Path | None = None) -> dict | None:
+    """The git commit of the kncore checkout (None outside a git checkout)."""
+    where = Path(where) if where is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def config_diff(old: Mapping, new: Mapping) -> list[str]:
+    """Human-readable differences between two configs, one entry per key."""
+    old, new = _jsonable(dict(old)), _jsonable(dict(new))
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k not in old:
+            out.append(f"{k}: (absent) -> {new[k]!r}")
+        elif k not in new:
+            out.append(f"{k}: {old[k]!r} -> (absent)")
+        elif old[k] != new[k]:
+            out.append(f"{k}: {old[k]!r} -> {new[k]!r}")
+    return out
+
+
+def model_info(lm) -> dict:
+    return {"name": lm.name, "fingerprint": lm.fingerprint(), "arch": lm.arch, "n_layers": lm.n_layers,
+            "d_model": lm.d_model, "d_ff": lm.d_ff}
+
+
+class RunDir:
+    """A run directory. Build one with :meth:`RunDir.open`."""
+
+    def __init__(self, path: Path, manifest: dict, *, rank: int = 0, writable: bool = True,
+                 tensor_limit: int = DEFAULT_TENSOR_LIMIT):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.rank = int(rank)
+        self.writable = writable
+        self.tensor_limit = int(tensor_limit)
+        self._lock_fd = None
+        self._seq = None
+
+    # -- opening ---------------------------------------------------------------
+    @classmethod
+    def open(cls, path, config: Mapping, lm=None, *, command: str | None = None, rank: int = 0,
+             extra: Mapping | None = None, tensor_limit: int = DEFAULT_TENSOR_LIMIT) -> "RunDir":
+        """Create the run directory, or reopen it to resume.
+
+        ``config`` is everything that determines the results (JSON-able); a
+        directory made with a different config, command or model is refused
+        with :class:`RunDirMismatch` naming the differences. ``lm`` records
+        the model fingerprint. ``rank`` names this process's part files (each
+        writing process needs its own rank). ``extra`` is recorded in the
+        manifest but never compared (device, world size...).
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError("config must be a mapping")
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InputError(f"run directory {path} exists and is not a directory")
+        config = _jsonable(dict(config))
+        model = model_info(lm) if lm is not None else None
+        man_path = path / "manifest.json"
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        session = {"started": now, "host": platform.node(), "pid": os.getpid(), **_jsonable(dict(extra or {}))}
+        if man_path.exists():
+            man = cls._read_manifest(path)
+            problems = []
+            if command is not None and man.get("command") not in (None, command):
+                problems.append(f"command: {man.get('command')!r} -> {command!r}")
+            problems += config_diff(man.get("config", {}), config)
+            old_fp = (man.get("model") or {}).get("fingerprint")
+            if model is not None and old_fp is not None and old_fp != model["fingerprint"]:
+                problems.append(f"model fingerprint: {old_fp} ({(man.get('model') or {}).get('name')}) -> "
+                                f"{model['fingerprint']} ({model['name']})")
+            if problems:
+                raise RunDirMismatch(f"run directory {path} was made with a different config; refusing to "
+                                     f"mix results (use another --out, or delete it): " + "; ".join(problems))
+            now_v = versions()
+            if man.get("versions") != now_v:
+                changed = [k for k in now_v if (man.get("versions") or {}).get(k) != now_v[k]]
+                log.warning("resuming %s with different library versions (%s)", path, ", ".join(changed))
+            if model is not None and man.get("model") is None:
+                man["model"] = model
+            rd = cls(path, man, rank=rank, tensor_limit=tensor_limit)
+            rd._lock()
+            man.setdefault("sessions", []).append(session)
+            rd._write_manifest()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            man = {"kncore_rundir": FORMAT, "command": command, "config": config, "model": model,
+                   "versions": versions(), "git": git_commit(), "created": now, "sessions": [session]}
+            rd = cls(path, man, rank=rank, tensor_limit=tensor_limit)
+            rd._lock()
+            rd._write_manifest()
+        rd._clean_tmp()
+        return rd
+
+    @classmethod
+    def load(cls, path) -> "RunDir":
+        """Open an existing run directory read-only (for reports and analysis)."""
+        path = Path(path)
+        if not (path / "manifest.json").exists():
+            raise InputError(f"{path} is not a kncore run directory (no manifest.json)")
+        return cls(path, cls._read_manifest(path), writable=False)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict:
+        try:
+            man = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {path / 'manifest.json'}: {e}") from None
+        if not isinstance(man, dict) or man.get("kncore_rundir") != FORMAT:
+            raise InputError(f"{path / 'manifest.json'} is not a kncore run manifest (format {FORMAT})")
+        return man
+
+    def _write_manifest(self) -> None:
+        atomic_write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
+
+    def _lock(self) -> None:
+        """One writer per rank: a second process on the same directory and rank is refused."""
+        lock = self.path / f".lock-r{self.rank:03d}"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(f"run directory {self.path} is in use by another process (rank {self.rank}); "
+                             f"wait for it or use another --out") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the writer lock (also released when the process exits)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _clean_tmp(self) -> None:
+        """Remove temporary files a killed writer of this rank left behind."""
+        for sub in ("commits", "tables", "tensors"):
+            d = self.path / sub
+            if d.is_dir():
+                for p in d.rglob(".tmp-*"):
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config", {})
+
+    def update_manifest(self, **fields) -> None:
+        """Record extra JSON-able fields (e.g. a summary) in the manifest."""
+        self._need_writable()
+        self.manifest.update(_jsonable(fields))
+        self._write_manifest()
+
+    def _need_writable(self):
+        if not self.writable:
+            raise InputError(f"run directory {self.path} was opened read-only")
+
+    # -- commits -----------------------------------------------------------------
+    def _commits(self) -> list[tuple[int, int, dict]]:
+        d = self.path / "commits"
+        out = []
+        if not d.is_dir():
+            return out
+        for p in d.iterdir():
+            m = _COMMIT_RE.match(p.name)
+            if not m:
+                continue
+            try:
+                rec = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                raise InputError(f"corrupt commit record {p}: {e}") from None
+            out.append((int(m.group(1)), int(m.group(2)), rec))
+        out.sort(key=lambda t: (t[0], t[1]))
+        return out
+
+    def _next_seq(self) -> int:
+        if self._seq is None:
+            self._seq = 1 + max((s for r, s, _ in self._commits() if r == self.rank), default=-1)
+        return self._seq
+
+    def done_keys(self, table: str | None = None) -> set[str]:
+        """Keys already committed (to ``table``, or to any table when None)."""
+        keys: set[str] = set()
+        for _, _, rec in self._commits():
+            for t, ks in rec.get("keys", {}).items():
+                if table is None or t == table:
+                    keys.update(ks)
+        return keys
+
+    def append(self, table: str, rows, *, keys: Iterable[str] | None = None) -> None:
+        """Atomically add rows to a table and mark their keys done.
+
+        ``rows``: a list of dicts (or a ``pyarrow.Table``). ``keys`` defaults
+        to the distinct values of the rows' ``key`` column; pass it explicitly
+        when an item may produce no rows.
+        """
+        self.commit({table: rows}, keys=keys)
+
+    def commit(self, tables: Mapping[str, object], *, keys: Iterable[str] | Mapping[str, Iterable[str]] | None = None,
+               tensors: Mapping[str, Mapping] | None = None) -> None:
+        """Atomically add rows to several tables (and tensors), one commit.
+
+        ``keys``: the work items this commit completes; a list applies to
+        every table, a mapping gives them per table; None takes each table's
+        ``key`` column.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._need_writable()
+        seq = self._next_seq()
+        stem = f"r{self.rank:03d}-{seq:06d}"
+        rec = {"tables": {}, "keys": {}, "tensors": {}}
+        for t, rows in tables.items():
+            _check_name("table", t)
+            tab = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+            if keys is None:
+                if tab.num_rows and "key" not in tab.column_names:
+                    raise ValueError(f"rows for table {t!r} have no 'key' column; pass keys=")
+                ks = sorted(set(map(str, tab.column("key").to_pylist()))) if tab.num_rows else []
+            elif isinstance(keys, Mapping):
+                ks = sorted(set(map(str, keys.get(t, ()))))
+            else:
+                ks = sorted(set(map(str, keys)))
+            if tab.num_rows:
+                part = f"part-{stem}.parquet"
+                atomic_write(self.path / "tables" / t / part, lambda tmp, tab=tab: pq.write_table(tab, tmp))
+                rec["tables"][t] = {"part": part, "rows": tab.num_rows}
+            rec["keys"][t] = ks
+        for name, tens in (tensors or {}).items():
+            fname = f"{_check_name('tensor', name)}.{stem}.safetensors"
+            self._write_tensors(self.path / "tensors" / fname, tens)
+            rec["tensors"][name] = fname
+        atomic_write_text(self.path / "commits" / f"{stem}.json", json.dumps(rec))
+        self._seq = seq + 1
+
+    def tables(self) -> list[str]:
+        """Names of the tables that hold committed rows."""
+        names = set()
+        for _, _, rec in self._commits():
+            names.update(rec.get("tables", {}))
+        return sorted(names)
+
+    def read(self, table: str, *, sort: bool = True):
+        """All committed rows of a table as a ``pyarrow.Table``.
+
+        With ``sort`` (default) rows are ordered by their ``key`` column (a
+        stable sort), so the result does not depend on chunking, ranks or
+        interruptions; without it, in commit order.
+        """
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        _check_name("table", table)
+        parts = [self.path / "tables" / table / rec["tables"][table]["part"]
+                 for _, _, rec in self._commits() if table in rec.get("tables", {})]
+        if not parts:
+            return pa.table({})
+        tab = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive")
+        if sort and "key" in tab.column_names and tab.num_rows:
+            order = np.argsort(np.asarray(tab.column("key").to_pylist(), dtype=object).astype(str), kind="stable")
+            tab = tab.take(pa.array(order))
+        return tab
+
+    # -- tensors -------------------------------------------------------------------
+    @staticmethod
+    def tensor_bytes(tensors: Mapping) -> int:
+        """Bytes a safetensors file of these tensors takes (data plus header estimate)."""
+        data = sum(t.numel() * t.element_size() for t in tensors.values())
+        return data + 128 * len(tensors) + 64
+
+    def _write_tensors(self, path: Path, tensors: Mapping) -> None:
+        from safetensors.torch import save_file
+
+        if not tensors:
+            raise ValueError("no tensors to save")
+        size = self.tensor_bytes(tensors)
+        if size > self.tensor_limit:
+            raise InputError(f"dense tensors {path.name} would take {size / 2**30:.2f} GiB, above the limit of "
+                             f"{self.tensor_limit / 2**30:.2f} GiB; raise it (--max-tensor-gb) or do not save "
+                             f"dense tensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if size > free:
+            raise InputError(f"dense tensors {path.name} need {size / 2**30:.2f} GiB but only "
+                             f"{free / 2**30:.2f} GiB is free at {path.parent}")
+        if size > self.tensor_limit // 2:
+            warnings.warn(f"writing {size / 2**30:.2f} GiB of dense tensors to {path}", stacklevel=3)
+        clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(path, lambda tmp: save_file(clean, tmp))
+
+    def save_tensors(self, name: str, tensors: Mapping) -> Path:
+        """Write a dict of tensors as ``tensors/<name>.safetensors`` (atomic).
+
+        The size is estimated first: above the run's ``tensor_limit`` (or the
+        free disk space) it raises :class:`InputError` and writes nothing.
+        """
+        self._need_writable()
+        path = self.path / "tensors" / f"{_check_name('tensor', name)}.safetensors"
+        self._write_tensors(path, tensors)
+        return path
+
+    def load_tensors(self, name: str) -> dict:
+        """Tensors saved under ``name``: by :meth:`save_tensors`, or merged from
+        every commit that carried tensors of that name."""
+        from safetensors.torch import load_file
+
+        path = self.path / "tensors" / f"{_check_name('tensor', name)}.safetensors"
+        if path.exists():
+            return load_file(path)
+        out = {}
+        for _, _, rec in self._commits():
+            if name in rec.get("tensors", {}):
+                out.update(load_file(self.path / "tensors" / rec["tensors"][name]))
+        if not out:
+            raise InputError(f"no tensors named {name!r} in {self.path}")
+        return out
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    def summary(self) -> dict:
+        """Rows and keys per table, for progress messages and reports."""
+        out = {}
+        for _, _, rec in self._commits():
+            for t, ks in rec.get("keys", {}).items():
+                d = out.setdefault(t, {"rows": 0, "keys": 0})
+                d["keys"] += len(ks)
+                d["rows"] += rec.get("tables", {}).get(t, {}).get("rows", 0)
+        return out
+
+
+def chunks(items: Sequence, size: int):
+    """Consecutive slices of ``items`` of at most ``size``."""
+    if size < 1:
+        raise InputError(f"chunk size must be >= 1, got {size}")
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def run_items(rd: RunDir, items: Sequence, work, *, table: str, chunk: int = 16, progress=None,
+              dist=None) -> int:
+    """Drive ``work`` over the items of a run directory that are not done yet.
+
+    ``items``: a sequence of ``(key, payload)``. ``work(payloads_chunk)``
+    returns ``{table: rows}`` (rows carry a ``key``) or ``({table: rows},
+    tensors)``. Each chunk is committed at once; ``table`` is the table whose
+    done keys decide what is left. ``progress(keys)`` is called after each
+    chunk with the keys it finished. Under ``torch.distributed`` every
+    rank computes its strided shard of each chunk and rank 0 commits the
+    gathered rows. Returns the number of items this call completed.
+    """
+    from . import distributed as D
+
+    dist = D if dist is None else dist
+    keys = [k for k, _ in items]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise InputError(f"work items must have distinct keys; {dup!r} repeats")
+    todo = None
+    if dist.rank() == 0:
+        done = rd.done_keys(table)
+        todo = [i for i, k in enumerate(keys) if k not in done]
+    todo = dist.broadcast_object(todo)
+    W = dist.world()
+    n_done = 0
+    # Each chunk of `chunk * W` items: rank r takes every W-th item, so ranks
+    # finish a chunk together and rank 0 commits it whole.
+    for block in chunks(todo, chunk * W):
+        mine = D.shard(block, rank=dist.rank(), world=W)
+        result = work([items[i][1] for i in mine]) if mine else {}
+        tensors = None
+        if isinstance(result, tuple):
+            result, tensors = result
+        block_keys = [keys[i] for i in block]
+        if W > 1:
+            gathered = dist.gather_rows([(result, tensors)])
+            result, tensors = {}, {}
+            for res, ten in gathered:
+                for t, rows in res.items():
+                    result.setdefault(t, []).extend(rows)
+                for name, tens in (ten or {}).items():
+                    tensors.setdefault(name, {}).update(tens)
+            tensors = tensors or None
+        if dist.rank() == 0:
+            result = dict(result)
+            result.setdefault(table, [])
+            rd.commit(result, keys=block_keys, tensors=tensors)
+        n_done += len(block)
+        if progress is not None:
+            progress(block_keys)
+    return n_done

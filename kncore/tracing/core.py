@@ -1,0 +1,377 @@
+"""The restoration grid of causal tracing, computed fast and exactly.
+
+ROME's recipe (``experiments/causal_trace.py``): run the prompt once clean and
+``samples`` times with Gaussian noise added to the subject's token embeddings;
+then, for every cell (token t, layer l), rerun the corrupted prompt with the
+clean state restored at that cell and report the target's probability,
+averaged over the corrupted rows. ROME does one full forward per cell.
+
+Here the clean run and the corrupted run are done once each. With causal
+attention a restoration at token t changes nothing at positions < t, so a cell
+only recomputes positions >= t, from its first restored layer up, reading the
+corrupted run's cached keys and values for the positions before t. Cells of
+one token t share that prefix, so they are batched together: their rows are
+ordered by the layer at which they start and walk the layers one at a time,
+new rows joining the batch when their start layer comes (a row that restores
+the block output of layer l joins at layer l+1 with the clean state already in
+place; a window of MLP or attention outputs joins at its lowest layer). Every
+layer of the walk is one :func:`kncore.runtime.run` call per slice of at most
+``max_tokens`` row-positions.
+
+BERT (bidirectional) has no such prefix: its rows recompute every position
+from their start layer, still batched across cells.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..lm import LM, InputError
+from ..runtime import Patch
+
+KINDS = ("hidden", "mlp", "attn")
+SITE_OF = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+_CODE = {"hidden": 0, "mlp": 1, "attn": 2}  # 0: the restored state is the row's input, no patch
+_SD = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*sd\s*$")
+# Row-positions per runtime call. GPT-2-medium shape on the 2-core CPU:
+# see bench/bench_trace.py --sweep for the measurement behind this default.
+DEFAULT_MAX_TOKENS = 2048
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """ROME's run of ``window`` layers centred on ``layer``, clipped to the model:
+    ``range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))``."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+# -- noise ---------------------------------------------------------------------------
+@torch.no_grad()
+def embedding_std(lm: LM, subjects: Sequence[str] | None = None) -> float:
+    """Standard deviation of token embeddings (the output of the embedding module).
+
+    With ``subjects`` it is ROME's ``collect_embedding_std``: the std of every
+    element of the embeddings of the subjects' tokens (tokenised alone, without
+    special tokens). Without, the std of the whole embedding matrix.
+    """
+    emb = lm.adapter.embedding_module()
+    if subjects is None:
+        return float(emb.weight.detach().float().std())
+    if isinstance(subjects, str):
+        raise InputError("noise_subjects must be a list of subject strings, not one string")
+    ids = []
+    for s in subjects:
+        if not isinstance(s, str):
+            raise InputError(f"noise_subjects must hold strings, got {type(s).__name__}")
+        ids += list(lm.tokenizer(s, add_special_tokens=False)["input_ids"])
+    if len(ids) < 2:
+        raise InputError("noise_subjects give fewer than 2 tokens: cannot measure a standard deviation")
+    return float(emb(torch.tensor(ids, device=lm.device)).float().std())
+
+
+def resolve_noise(lm: LM, noise, subjects: Sequence[str] | None = None) -> float:
+    """The noise scale: a float as is, or ``"<k>sd"`` for k times :func:`embedding_std`."""
+    if isinstance(noise, bool):
+        raise InputError(f"noise must be a number or a string like '3sd', got {noise!r}")
+    if isinstance(noise, (int, float)):
+        v = float(noise)
+    elif isinstance(noise, str):
+        m = _SD.match(noise)
+        if not m:
+            raise InputError(f"noise {noise!r} not understood: give a number or a multiple of the "
+                             "embedding std such as '3sd'")
+        v = float(m.group(1)) * embedding_std(lm, subjects)
+    else:
+        raise InputError(f"noise must be a number or a string like '3sd', got {type(noise).__name__}")
+    if not math.isfinite(v) or v < 0:
+        raise InputError(f"noise scale must be finite and >= 0, got {v}")
+    return v
+
+
+def noise_array(seed: int, samples: int, n_tokens: int, d_model: int) -> np.ndarray:
+    """ROME's draw: ``RandomState(seed).randn(samples, n_tokens, d_model)`` (float64),
+    made once and shared by every cell."""
+    return np.random.RandomState(seed).randn(samples, n_tokens, d_model)
+
+
+def noise_hook(b: int, e: int, noise: torch.Tensor, first_row: int = 0):
+    """Forward hook for the embedding module that adds ``noise`` [rows, e-b, d]
+    (float64, like ROME) to rows ``first_row:`` at tokens ``b:e``."""
+    def hook(module, inputs, out):
+        out = out.clone()
+        out[first_row:, b:e] += noise.to(out.device)
+        return out
+    return hook
+
+
+# -- checks shared with the reference --------------------------------------------------
+def check_args(kinds, samples, window, seed) -> tuple:
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(kinds)
+    if not kinds:
+        raise InputError(f"no kinds given; choose from {KINDS}")
+    for k in kinds:
+        if k not in KINDS:
+            raise InputError(f"unknown kind {k!r}; choose from {KINDS}")
+    if len(set(kinds)) != len(kinds):
+        raise InputError(f"kinds repeat: {kinds}")
+    for name, v, lo in (("samples", samples, 1), ("window", window, 1), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return kinds
+
+
+def prepare(lm: LM, prompt: str, subject: str, samples: int, noise, noise_subjects, seed: int):
+    """Tokens, subject range, target position, noise scale and ROME's noise draw."""
+    ids = lm.tokenize(prompt)
+    b, e = lm.subject_span(prompt, subject)
+    scale = resolve_noise(lm, noise, noise_subjects)
+    arr = noise_array(seed, samples, e - b, lm.d_model)
+    return ids, (b, e), lm.target_position(ids), scale, scale * torch.from_numpy(arr)
+
+
+def resolve_target(lm: LM, prompt: str, target, probs: torch.Tensor) -> int:
+    """The target token id: the clean top-1 when None, a one-token string, or an id."""
+    if target is None:
+        return int(probs.argmax())
+    if isinstance(target, str):
+        return lm.single_token(prompt, target)
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        if not 0 <= int(target) < probs.shape[-1]:
+            raise InputError(f"target id {target} outside the vocabulary of {probs.shape[-1]}")
+        return int(target)
+    raise InputError(f"target must be None, a string or a token id, got {type(target).__name__}")
+
+
+# -- result ---------------------------------------------------------------------------
+@dataclass
+class TraceResult:
+    """The restoration grid of one prompt.
+
+    ``scores[kind]`` is ``[n_tokens, n_layers]``: the target's probability with
+    the clean state restored at (token, layer) (for "mlp"/"attn": the window
+    of layers centred there), averaged over the corrupted runs. ``low`` is the
+    corrupted probability, ``high`` the clean one.
+    """
+
+    scores: dict
+    low: float
+    high: float
+    tokens: list
+    input_ids: list
+    subject_range: tuple
+    target: int
+    answer: str
+    target_position: int
+    prompt: str
+    subject: str
+    kinds: tuple
+    window: int
+    samples: int
+    noise: float
+    seed: int
+    model: str = ""
+
+    @property
+    def n_layers(self) -> int:
+        return next(iter(self.scores.values())).shape[1]
+
+    def indirect_effect(self, kind: str) -> torch.Tensor:
+        """``scores[kind] - low``: what restoring each cell gives back."""
+        return self.scores[kind] - self.low
+
+    def __repr__(self):
+        b, e = self.subject_range
+        return (f"TraceResult({self.prompt!r}, subject tokens {b}:{e}, target {self.answer!r}, "
+                f"high={self.high:.4g}, low={self.low:.4g}, kinds={self.kinds}, "
+                f"grid={len(self.tokens)}x{self.n_layers})")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (floats kept exactly)."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "scores"}
+        d["subject_range"] = list(self.subject_range)
+        d["kinds"] = list(self.kinds)
+        d["scores"] = {k: v.tolist() for k, v in self.scores.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TraceResult":
+        d = dict(d)
+        d["scores"] = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["scores"].items()}
+        d["subject_range"] = tuple(d["subject_range"])
+        d["kinds"] = tuple(d["kinds"])
+        return cls(**d)
+
+    def plot(self, path, kinds: Sequence[str] | None = None, model_name: str | None = None):
+        """ROME-style heatmaps, one panel per kind (subject tokens marked '*').
+        The format follows the suffix: .png, .pdf or .svg."""
+        from .plots import plot_trace
+        return plot_trace(self, path, kinds=kinds, model_name=model_name)
+
+
+# -- the fast grid ----------------------------------------------------------------------
+@dataclass
+class _Job:
+    t: int      # restored token
+    code: int   # 0 hidden (input replaced), 1 mlp_out, 2 attn_out (patched on [lo, hi))
+    lo: int
+    hi: int
+    entry: int  # the layer at which the row joins the walk
+
+
+@torch.no_grad()
+def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str] = KINDS,
+          samples: int = 10, noise="3sd", noise_subjects: Sequence[str] | None = None,
+          window: int = 10, seed: int = 1, max_tokens: int | None = None) -> TraceResult:
+    """Causal tracing of one prompt, ROME's numbers from two full forwards and
+    a batched walk over cached suffixes.
+
+    ``target``: None (the clean top-1 token), a one-token string, or an id.
+    ``kinds``: any of "hidden" (block output, ``resid_post``), "mlp"
+    (``mlp_out``), "attn" (``attn_out``); the last two restore ``window`` layers.
+    ``noise``: a float, or ``"<k>sd"``: k times the std of the embeddings of
+    ``noise_subjects`` (ROME's ``collect_embedding_std``), or of the whole
+    embedding matrix when none are given. ``seed``: ROME's ``RandomState`` seed
+    for the noise, drawn once for all cells. ``max_tokens``: row-positions per
+    runtime call (memory and speed knob).
+    """
+    kinds = check_args(kinds, samples, window, seed)
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    ids, (b, e), tpos, scale, noise_t = prepare(lm, prompt, subject, samples, noise, noise_subjects, seed)
+    ad = lm.adapter
+    N, T, dev = ad.n_layers, len(ids), lm.device
+    x = torch.tensor([ids], device=dev)
+
+    sites = sorted({SITE_OF[k] for k in kinds})
+    clean = lm.run(x, capture=[(s, L) for s in sites for L in range(N)], logits=torch.tensor([tpos], device=dev))
+    p_clean = clean.logits.float().softmax(-1)[0]
+    tgt = resolve_target(lm, prompt, target, p_clean)
+
+    hook = ad.embedding_module().register_forward_hook(noise_hook(b, e, noise_t))
+    try:
+        cor = lm.run(x.expand(samples, -1), capture=[("resid_pre", L) for L in range(N)],
+                     return_kv=ad.causal, logits=torch.full((samples,), tpos, device=dev))
+    finally:
+        hook.remove()
+    low = float(cor.logits.float().softmax(-1)[:, tgt].mean())
+    inputs = [cor[("resid_pre", L)] for L in range(N)] + [cor.hidden]
+
+    # One job per distinct restoration; identical clipped windows are one job.
+    jobs: dict = {}
+    cell_job = {k: torch.full((T, N), -1, dtype=torch.long) for k in kinds}
+    for k in kinds:
+        for t in range(T):
+            if ad.causal and t < b:
+                continue  # the noise cannot reach a position before the subject: score == low
+            for l in range(N):
+                if k == "hidden":
+                    key = (t, 0, l, l + 1, l + 1)
+                else:
+                    r = window_layers(l, window, N)
+                    key = (t, _CODE[k], r.start, r.stop, r.start)
+                cell_job[k][t, l] = jobs.setdefault(key, len(jobs))
+    job_list = [_Job(*key) for key in jobs]
+    probs = torch.full((len(job_list),), float("nan"))
+    groups: dict = {}
+    for i, j in enumerate(job_list):
+        groups.setdefault(j.t if ad.causal else 0, []).append(i)
+    for p0, idx in groups.items():
+        probs[idx] = _walk(lm, [job_list[i] for i in idx], p0, inputs, clean, cor.kv, samples, tgt, tpos,
+                           max_tokens)
+
+    scores = {}
+    for k in kinds:
+        cj = cell_job[k]
+        s = torch.full((T, N), low, dtype=torch.float32)
+        s[cj >= 0] = probs[cj[cj >= 0]].float()
+        scores[k] = s
+    tok = lm.tokenizer
+    return TraceResult(scores=scores, low=low, high=float(p_clean[tgt]), tokens=[tok.decode([i]) for i in ids],
+                       input_ids=list(ids), subject_range=(b, e), target=tgt, answer=tok.decode([tgt]),
+                       target_position=tpos, prompt=prompt, subject=subject, kinds=kinds, window=int(window),
+                       samples=int(samples), noise=scale, seed=int(seed), model=str(lm.name))
+
+
+def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, target: int, tpos: int,
+          max_tokens: int) -> torch.Tensor:
+    """Mean target probability of each job; all jobs compute positions p0.. .
+
+    Row r belongs to job r // samples and reads corrupted sample r % samples.
+    Jobs are sorted by entry layer, so the rows alive at layer L are a prefix.
+    """
+    ad = lm.adapter
+    N, causal = ad.n_layers, ad.causal
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].entry)
+    jobs = [jobs[i] for i in order]
+    J, S = len(jobs), samples
+    R = J * S
+    n = inputs[0].shape[1] - p0
+    dev = inputs[0].device
+    entry = torch.tensor([j.entry for j in jobs])
+    field_of = lambda name: torch.tensor([getattr(j, name) for j in jobs]).repeat_interleave(S)
+    code, lo, hi, tt = field_of("code"), field_of("lo"), field_of("hi"), field_of("t")
+    row_sample = torch.arange(S, device=dev).repeat(J)
+    past = kv.truncate(p0) if (causal and p0 > 0) else None
+    step = max(1, max_tokens // n)
+
+    h = inputs[0].new_empty(R, n, inputs[0].shape[-1])
+    joined = 0
+    for L in range(int(entry[0]), N + 1):
+        upto = int(torch.searchsorted(entry, L, right=True))  # jobs with entry <= L
+        if upto > joined:
+            h[joined * S: upto * S] = inputs[L][:, p0:].repeat(upto - joined, 1, 1)
+            for j in range(joined, upto):
+                if jobs[j].code == 0:  # restored block output of layer L-1
+                    h[j * S:(j + 1) * S, jobs[j].t - p0] = clean[("resid_post", L - 1)][0, jobs[j].t]
+            joined = upto
+        if L == N:
+            break
+        active = joined * S
+        for s in range(0, active, step):
+            e = min(active, s + step)
+            out = lm.run(hidden=h[s:e], start_layer=L, stop_layer=L + 1, past=past,
+                         past_rows=None if past is None else row_sample[s:e],
+                         patches=_patches(L, code[s:e], lo[s:e], hi[s:e], tt[s:e], clean), logits=None)
+            h[s:e] = out.hidden
+    probs = torch.empty(R, dtype=torch.float32)
+    for s in range(0, R, step):
+        e = min(R, s + step)
+        pos = "last" if causal else torch.full((e - s,), tpos, device=dev)
+        logits = lm.run(hidden=h[s:e], start_layer=N, logits=pos).logits
+        probs[s:e] = logits.float().softmax(-1)[:, target].cpu()
+    means = probs.view(J, S).mean(1)
+    out = torch.empty(J)
+    out[torch.tensor(order)] = means
+    return out
+
+
+def _patches(L, code, lo, hi, tt, clean) -> list:
+    """Restorations at layer L for one slice of rows (row indices local to it)."""
+    ps = []
+    for c, site in ((1, "mlp_out"), (2, "attn_out")):
+        m = (code == c) & (lo <= L) & (L < hi)
+        if not bool(m.any()):
+            continue
+        for t in tt[m].unique().tolist():
+            rows = (m & (tt == t)).nonzero().flatten()
+            ps.append(Patch(site, L, positions=t, rows=rows, value=clean[(site, L)][0, t]))
+    return ps
+
+
+def atomic_path(path) -> tuple[Path, Path]:
+    """(final path, a temp path beside it with the same suffix)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
+    os.close(fd)
+    return path, Path(tmp)
