@@ -145,6 +145,8 @@ def _first(t):
 
 
 def mlp_cases(dev, dtype, quick):
+    from transformers.activations import ACT2FN  # (imports triton: after TRITON_INTERPRET is settled)
+
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = SHAPES
     if SMOKE:
@@ -160,6 +162,7 @@ def mlp_cases(dev, dtype, quick):
         if s["gated"]:
             kw["w_up"] = (r(N, d) / math.sqrt(d)).t()
         kw32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
+        hf_act = ACT2FN["silu" if s["act"] == "silu" else "gelu_new"]
         for P in ((8,) if quick or SMOKE else PROMPTS):
             M = P * STEPS
             x = r(M, d)
@@ -174,12 +177,24 @@ def mlp_cases(dev, dtype, quick):
                 R = extra["capture_rows"].numel() if "capture_rows" in extra else 0
                 outs = 2 if extra.get("return_pre") else 1
                 mats = 2 if s["gated"] else 1
+                plain = lambda: MC.mlp_capture_ref(x, w, **kw, **extra)
+                # The runtime's peer is its own plain path: the HF modules (GPT-J's
+                # gelu_new is eight elementwise kernels in eager PyTorch).
+                eager = (lambda: _hf_mlp(x, w, kw, hf_act)) if var == "runtime" else plain
                 # (each case's closures run before the generator moves on)
                 yield Case(f"mlp_capture {name}", M, var, 2 * M * d * N * mats,
                            esz * (M * d + mats * d * N + outs * M * N + R * N) + (4 * M if R else 0),
-                           fast=lambda: MC.mlp_capture(x, w, **kw, **extra),
-                           eager=lambda: MC.mlp_capture_ref(x, w, **kw, **extra),
-                           ref=lambda: MC.mlp_capture_ref(x.float(), w.float(), **kw32, **extra))
+                           fast=lambda: MC.mlp_capture(x, w, **kw, **extra), eager=eager,
+                           ref=lambda: MC.mlp_capture_ref(x.float(), w.float(), **kw32, **extra), plain=plain)
+
+
+def _hf_mlp(x, w, kw, hf_act):
+    """What kncore.runtime's plain path computes: Linear(s) and the HF activation module."""
+    pre = x @ w if kw["b"] is None else torch.addmm(kw["b"], x, w)
+    h = hf_act(pre)
+    if kw.get("w_up") is not None:
+        h = h * (x @ kw["w_up"])
+    return h, pre
 
 
 def ig_cases(dev, dtype, quick):

@@ -11,8 +11,9 @@
 //   lost low bits of W, e.g. |delta| >> |W|, or -0.0) are found during the
 //   update, which knows the original, and stored as (flat index, original
 //   bits); a row with many of them is stored whole when that is smaller.
-// The update reads each row twice (once to count exceptions, once to write),
-// the second time from L2, so memory traffic equals a bare addr_.
+// The update computes each row once into a buffer in L2 (new bits, a flag per
+// element, the checksum), records the flagged originals, then copies the row
+// back: memory traffic equals a bare addr_.
 //
 // Exactness needs the forward and undo to evaluate delta and the two roundings
 // identically: the same inline functions serve both, and the file is compiled
@@ -32,6 +33,22 @@
 #include <cstring>
 #include <mutex>
 #include <vector>
+
+// The row loops are memory-bound only with wide vectors: at SSE2 width the
+// update took 3.2x the CPU time of W.addr_ (4096 x 11008 fp32, one thread,
+// bench/bench_rank1.py), whose ATen kernel uses AVX-512. GCC builds them for
+// several x86-64 levels and picks one at load time (ifunc). All levels give the
+// same bits: IEEE add/sub/mul at any width, and no FMA (-ffp-contract=off).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define KN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KN_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define KN_INLINE inline __attribute__((always_inline))
+#else
+#define KN_INLINE inline
+#endif
 
 namespace kncore {
 namespace {
@@ -72,11 +89,11 @@ struct F16 {
 
 // The single definition of an element's new value and of its recovery.
 template <class T>
-inline typename T::bits_t add_delta(typename T::bits_t w, typename T::acc_t dl) {
+KN_INLINE typename T::bits_t add_delta(typename T::bits_t w, typename T::acc_t dl) {
   return T::store(T::load(w) + dl);
 }
 template <class T>
-inline typename T::bits_t sub_delta(typename T::bits_t w, typename T::acc_t dl) {
+KN_INLINE typename T::bits_t sub_delta(typename T::bits_t w, typename T::acc_t dl) {
   return T::store(T::load(w) - dl);
 }
 
@@ -102,43 +119,48 @@ struct RowDelta {
   }
 };
 
-template <class T>
-int64_t count_exceptions(const typename T::bits_t* w, int64_t n, typename T::acc_t au,
-                         const typename T::acc_t* v, const typename T::acc_t* db) {
-  int64_t bad = 0;
-  if (db == nullptr) {
-    for (int64_t j = 0; j < n; ++j) {
-      const auto dl = au * v[j];
-      bad += sub_delta<T>(add_delta<T>(w[j], dl), dl) != w[j];
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) bad += sub_delta<T>(add_delta<T>(w[j], db[j]), db[j]) != w[j];
-  }
-  return bad;
-}
-
-template <class T>
-uint32_t apply_row(typename T::bits_t* w, int64_t n, typename T::acc_t au,
-                   const typename T::acc_t* v, const typename T::acc_t* db) {
+// Updates one row in a single streaming pass, in blocks of 64 elements: the
+// new bits are computed into a block in registers/L1 together with whether
+// undo's recomputation would miss any original; only then is the block
+// written, after recording the (rare) misses, whose originals are still in W.
+// Returns the row's checksum term. (A version that wrote the row to a buffer
+// and copied it back measured 1.85x a bare addr_'s CPU time; this one streams
+// like addr_.)
+template <class T, bool kRank1>
+KN_INLINE uint32_t update_row(typename T::bits_t* w, int64_t n, typename T::acc_t au,
+                              const typename T::acc_t* v, const typename T::acc_t* db, int64_t flat0,
+                              std::vector<int64_t>& exc_idx, std::vector<uint64_t>& exc_bits) {
+  using bits_t = typename T::bits_t;
+  constexpr int64_t B = 64;
   uint32_t sum = 0;
-  if (db == nullptr) {
-    for (int64_t j = 0; j < n; ++j) {
-      const auto nw = add_delta<T>(w[j], au * v[j]);
-      w[j] = nw;
-      sum += T::fold(nw);
+  for (int64_t j0 = 0; j0 < n; j0 += B) {
+    const int64_t len = std::min(B, n - j0);
+    bits_t* wb = w + j0;
+    bits_t nw[B];
+    uint32_t miss = 0;
+    for (int64_t q = 0; q < len; ++q) {
+      const auto dl = kRank1 ? au * v[j0 + q] : db[j0 + q];
+      const bits_t x = add_delta<T>(wb[q], dl);
+      nw[q] = x;
+      miss |= uint32_t(sub_delta<T>(x, dl) != wb[q]);
+      sum += T::fold(x);
     }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const auto nw = add_delta<T>(w[j], db[j]);
-      w[j] = nw;
-      sum += T::fold(nw);
+    if (miss) {
+      for (int64_t q = 0; q < len; ++q) {
+        const auto dl = kRank1 ? au * v[j0 + q] : db[j0 + q];
+        if (sub_delta<T>(nw[q], dl) != wb[q]) {
+          exc_idx.push_back(flat0 + j0 + q);
+          exc_bits.push_back(wb[q]);
+        }
+      }
     }
+    for (int64_t q = 0; q < len; ++q) wb[q] = nw[q];
   }
   return sum;
 }
 
 template <class T>
-void restore_row(typename T::bits_t* w, int64_t n, typename T::acc_t au, const typename T::acc_t* v,
+KN_INLINE void restore_row(typename T::bits_t* w, int64_t n, typename T::acc_t au, const typename T::acc_t* v,
                  const typename T::acc_t* db) {
   if (db == nullptr) {
     for (int64_t j = 0; j < n; ++j) w[j] = sub_delta<T>(w[j], au * v[j]);
@@ -148,11 +170,30 @@ void restore_row(typename T::bits_t* w, int64_t n, typename T::acc_t au, const t
 }
 
 template <class T>
-uint32_t row_sum(const typename T::bits_t* w, int64_t n) {
+KN_INLINE uint32_t row_sum(const typename T::bits_t* w, int64_t n) {
   uint32_t sum = 0;
   for (int64_t j = 0; j < n; ++j) sum += T::fold(w[j]);
   return sum;
 }
+
+// Entry points compiled per ISA (see KN_SIMD_CLONES); one overload per format.
+#define KN_ROW_KERNELS(T)                                                                            \
+  KN_SIMD_CLONES uint32_t update_row_simd(T, T::bits_t* w, int64_t n, T::acc_t au, const T::acc_t* v, \
+                                          const T::acc_t* db, int64_t flat0, std::vector<int64_t>& ei, \
+                                          std::vector<uint64_t>& eb) {                              \
+    return db ? update_row<T, false>(w, n, au, v, db, flat0, ei, eb)                                \
+              : update_row<T, true>(w, n, au, v, db, flat0, ei, eb);                                \
+  }                                                                                                \
+  KN_SIMD_CLONES void restore_row_simd(T, T::bits_t* w, int64_t n, T::acc_t au, const T::acc_t* v, \
+                                       const T::acc_t* db) {                                       \
+    restore_row<T>(w, n, au, v, db);                                                               \
+  }                                                                                                \
+  KN_SIMD_CLONES uint32_t row_sum_simd(T, const T::bits_t* w, int64_t n) { return row_sum<T>(w, n); }
+KN_ROW_KERNELS(F32)
+KN_ROW_KERNELS(F64)
+KN_ROW_KERNELS(BF16)
+KN_ROW_KERNELS(F16)
+#undef KN_ROW_KERNELS
 
 // Exception indices are int32 when W has fewer than 2^31 elements (6 bytes per
 // bf16 exception instead of 10).
@@ -193,22 +234,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_cp
       bits_t* w = wp + i * n;
       const acc_t* db = rd.row(i);
       const acc_t au = k == 1 ? up[i] : acc_t(0);
-      const int64_t bad = count_exceptions<T>(w, n, au, vp, db);
-      if (bad > 0) {
-        if (bad * (idx_bytes + es) > n * es) {  // whole row is smaller than the list
-          p.row_idx.push_back(i);
-          p.row_bits.insert(p.row_bits.end(), w, w + n);
-        } else {
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t dl = db ? db[j] : au * vp[j];
-            if (sub_delta<T>(add_delta<T>(w[j], dl), dl) != w[j]) {
-              p.exc_idx.push_back(i * n + j);
-              p.exc_bits.push_back(w[j]);
-            }
-          }
-        }
+      const size_t before = p.exc_idx.size();
+      p.checksum += uint64_t(update_row_simd(T{}, w, n, au, vp, db, i * n, p.exc_idx, p.exc_bits)) *
+                    uint64_t(2 * i + 1);
+      const int64_t bad = p.exc_idx.size() - before;
+      if (bad * (idx_bytes + es) > n * es) {
+        // The whole original row is smaller than its exception list. Rebuild it:
+        // recomputation gives every element but the listed ones.
+        p.row_idx.push_back(i);
+        const size_t at_row = p.row_bits.size();
+        for (int64_t j = 0; j < n; ++j) p.row_bits.push_back(sub_delta<T>(w[j], db ? db[j] : au * vp[j]));
+        for (size_t q = before; q < p.exc_idx.size(); ++q) p.row_bits[at_row + (p.exc_idx[q] - i * n)] = p.exc_bits[q];
+        p.exc_idx.resize(before);
+        p.exc_bits.resize(before);
       }
-      p.checksum += uint64_t(apply_row<T>(w, n, au, vp, db)) * uint64_t(2 * i + 1);
     }
     std::lock_guard<std::mutex> lock(mu);
     pieces.push_back(std::move(p));
@@ -257,7 +296,7 @@ void restore_cpu(at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
     RowDelta<acc_t> rd{up, vp, k, n, {}};
     for (int64_t i = b; i < e; ++i) {
       const acc_t* db = rd.row(i);
-      restore_row<T>(wp + i * n, n, k == 1 ? up[i] : acc_t(0), vp, db);
+      restore_row_simd(T{}, wp + i * n, n, k == 1 ? up[i] : acc_t(0), vp, db);
     }
   });
 }
@@ -270,7 +309,7 @@ uint64_t checksum_cpu(const at::Tensor& W) {
   return at::parallel_reduce(
       0, m, grain_rows(n), uint64_t(0),
       [&](int64_t b, int64_t e, uint64_t acc) {
-        for (int64_t i = b; i < e; ++i) acc += uint64_t(row_sum<T>(wp + i * n, n)) * uint64_t(2 * i + 1);
+        for (int64_t i = b; i < e; ++i) acc += uint64_t(row_sum_simd(T{}, wp + i * n, n)) * uint64_t(2 * i + 1);
         return acc;
       },
       [](uint64_t a, uint64_t b) { return a + b; });

@@ -294,11 +294,12 @@ def reduce_steps(grads: torch.Tensor, index: torch.Tensor, n_groups: int, act: t
     they are with respect to the activation and IG = act * sum_k g_k.
     Returns float32 [G, d_ff].
     """
-    g = torch.zeros(n_groups, grads.shape[1], dtype=torch.float32, device=grads.device)
-    g.index_add_(0, index, grads.float())
+    acc = torch.promote_types(grads.dtype, torch.float32)  # fp32, or fp64 for fp64 models
+    g = torch.zeros(n_groups, grads.shape[1], dtype=acc, device=grads.device)
+    g.index_add_(0, index, grads.to(acc))
     if w_down is not None:
-        g = g @ w_down.float().t()
-    return act.float() * g
+        g = g @ w_down.to(acc).t()
+    return (act.to(acc) * g).float()
 
 
 # ---------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _B
             entry[L] = out[("resid_pre", L)]  # [B, 1, d]
         else:
             entry[L] = out[("resid_pre", L)]  # [B, T, d]: bidirectional, the whole sequence
-    probs = out.logits.float().softmax(-1).gather(1, tgt[:, None])[:, 0]
+    probs = _probs(out.logits).gather(1, tgt[:, None])[:, 0]
     for i in range(len(items)):
         if not torch.isfinite(probs[i]):
             raise ValueError(f"{_name(items, prompts, i)}: the target probability is not finite (NaN/inf "
@@ -451,13 +452,13 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
     # sorted order of the rows (segments were appended by start layer).
     logits = runtime.run(ad, hidden=h, start_layer=N, attention_mask=mask,
                          logits="last" if causal else base.pos.index_select(0, past_rows)).logits
-    p = logits.float().softmax(-1).gather(1, base.tgt.index_select(0, past_rows)[:, None])[:, 0]
+    p = _probs(logits).gather(1, base.tgt.index_select(0, past_rows)[:, None])[:, 0]
     bad = (~torch.isfinite(p)).nonzero()
     if len(bad):
         r = int(bad[0])
         raise ValueError(f"{_name(base.items, prompts, int(past_rows[r]))}, layer {int(r_layer[r])}: the target "
                          f"probability is not finite at alpha={float(r_alpha[r]):.3g}")
-    coef = (r_weight * scale.double().index_select(0, r_item)).to(torch.float32)
+    coef = (r_weight * scale.index_select(0, r_item)).to(p.dtype)
     grads = torch.autograd.grad(p, leaves, grad_outputs=coef)
     ig = torch.empty(len(g_item), ad.d_ff, dtype=torch.float32, device=dev)
     start = 0
@@ -484,6 +485,11 @@ def _row_patch(pb, off, n_rows, n_pos):
         return x.index_put((torch.arange(n_rows, device=x.device), where), z.to(x.dtype)).reshape(sel.shape)
 
     return Patch(site, L, rows=rows, fn=put)
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax in fp32 (fp64 for fp64 models)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
 
 
 def _pow2_scale(probs: torch.Tensor) -> torch.Tensor:
@@ -639,9 +645,10 @@ def attribute(
     chunks = _chunks(lm, items, layers, per_group, batch_size)
     nI, nL = len(items), len(layers)
     dev = lm.device
+    acc = torch.promote_types(lm.dtype, torch.float32)
     ig = torch.empty(nI, nL, lm.d_ff, dtype=torch.float32, device=dev)
-    f1 = torch.empty(nI, dtype=torch.float32, device=dev)
-    f0 = torch.empty(nI, nL, dtype=torch.float32, device=dev)
+    f1 = torch.empty(nI, dtype=acc, device=dev)
+    f0 = torch.empty(nI, nL, dtype=acc, device=dev)
     gap = torch.empty(nI, nL, dtype=torch.float32, device=dev)
     used = torch.empty(nI, nL, dtype=torch.long, device=dev)
     bar = None
@@ -670,13 +677,13 @@ def _assemble(lm, items, prompts, targets, prompt_ids, target_ids, contexts, lay
     scores = torch.zeros(nP, *ig.shape[1:], dtype=torch.float32, device=ig.device).index_add_(0, owner, ig)
     scores /= count[:, None, None]
     delta = torch.zeros(nP, ig.shape[1], dtype=torch.float32, device=ig.device)
-    delta.index_add_(0, owner, f1[:, None] - f0)
+    delta.index_add_(0, owner, (f1[:, None] - f0).float())
     delta /= count[:, None]
     own2 = owner[:, None].expand_as(gap)
     worst = gap.new_zeros(nP, gap.shape[1]).scatter_reduce_(0, own2, gap, "amax", include_self=False)
     steps_used = used.new_zeros(nP, used.shape[1]).scatter_reduce_(0, own2, used, "amax", include_self=False)
     token_probs = [[] for _ in range(nP)]
-    for it, p in zip(items, f1.tolist()):
+    for it, p in zip(items, f1.double().tolist()):
         token_probs[it.prompt].append(p)
     base_probs = torch.tensor([math.prod(tp) for tp in token_probs], dtype=torch.float32)
     return Attribution(scores=scores.cpu(), layers=list(layers), site=site, scheme=scheme, steps=steps,
@@ -714,19 +721,20 @@ def attribute_ref(
     items, prompt_ids, target_ids, contexts = build_items(lm, prompts, targets, multi_token)
     alphas, weights = scheme_points(scheme, steps)
     dev, nL = lm.device, len(layers)
+    acc = torch.promote_types(lm.dtype, torch.float32)
     ig = torch.empty(len(items), nL, lm.d_ff, dtype=torch.float32, device=dev)
-    f1 = torch.empty(len(items), dtype=torch.float32, device=dev)
-    f0 = torch.empty(len(items), nL, dtype=torch.float32, device=dev)
+    f1 = torch.empty(len(items), dtype=acc, device=dev)
+    f0 = torch.empty(len(items), nL, dtype=acc, device=dev)
     with _frozen(lm.model):
         for i, it in enumerate(items):
             ids = torch.tensor([it.ids], device=dev)
             with torch.no_grad():
                 out = lm.run(ids, capture=[(site, L) for L in layers], capture_positions=torch.tensor([it.pos]),
                              logits=torch.tensor([it.pos]))
-            f1[i] = out.logits.float().softmax(-1)[0, it.target]
+            f1[i] = _probs(out.logits)[0, it.target]
             for j, L in enumerate(layers):
                 a = out[(site, L)][0, 0]
-                total = torch.zeros(lm.d_ff, dtype=torch.float32, device=dev)
+                total = torch.zeros(lm.d_ff, dtype=acc, device=dev)
                 al = torch.cat([alphas.new_zeros(1), alphas])  # alpha = 0 first, for F(0)
                 wt = torch.cat([weights.new_zeros(1), weights])
                 bs = batch_size or len(al)
@@ -736,12 +744,12 @@ def attribute_ref(
                     rows = ids.expand(len(a_s), -1)
                     o = lm.run(rows, patches=[Patch(site, L, positions=it.pos, value=x)],
                                logits=torch.full((len(a_s),), it.pos, device=dev))
-                    p = o.logits.float().softmax(-1)[:, it.target]
+                    p = _probs(o.logits)[:, it.target]
                     if s == 0:
                         f0[i, j] = p[0].detach()
                     (g,) = torch.autograd.grad(p, x, grad_outputs=w_s.to(p.dtype))
-                    total += g.float().sum(0)
-                ig[i, j] = a.float() * total
+                    total += g.to(acc).sum(0)
+                ig[i, j] = (a.to(acc) * total).float()
     used = torch.full((len(items), nL), steps, dtype=torch.long, device=dev)
     gap = torch.stack([_gap(ig[:, j], f1, f0[:, j]) for j in range(nL)], 1)
     return _assemble(lm, items, prompts, targets, prompt_ids, target_ids, contexts, layers, site, scheme, steps,

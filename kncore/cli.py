@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import random
 import re
 import subprocess
@@ -27,7 +26,6 @@ from pathlib import Path
 
 from .lm import InputError
 
-log = logging.getLogger("kncore")
 
 EXAMPLES = """\
 examples:
@@ -223,7 +221,8 @@ class Job:
         todo = [p for k, p in items if k not in done]
         total = sum(weight(p) for p in todo) if weight else len(todo)
         if self.rank == 0 and done:
-            log.info("resuming %s: %d of %d items already done", self.out, len(items) - len(todo), len(items))
+            print(f"kncore {self.command}: resuming {self.out} ({desc}): {len(items) - len(todo)} of {len(items)} "
+                  f"items already done", file=sys.stderr)
         bar = Progress(total, unit, desc, self.progress_on)
         wmap = {k: (weight(p) if weight else 1) for k, p in items}
         try:
@@ -379,7 +378,9 @@ def fact_bags(args, lm) -> list[dict]:
 
 
 def trace_records(args) -> list[dict]:
-    """known_1000-style records (prompt, subject, attribute) for ``trace``."""
+    """known_1000-style records (prompt, subject, attribute) for ``trace``
+    (all of them: ``--limit`` is applied after the noise scale is measured
+    over every subject, as ROME does)."""
     if args.prompt:
         if not args.subject or len(args.subject) != len(args.prompt):
             raise InputError("give one --subject per --prompt")
@@ -391,8 +392,8 @@ def trace_records(args) -> list[dict]:
     data = args.data or "known"
     if data == "known":
         D = _backend("kncore.data", "trace")
-        return _limit([{"key": f"{f.known_id:06d}", "prompt": f.prompt, "subject": f.subject, "attribute": f.attribute}
-                       for f in D.load_known(data_dir=args.data_dir)], args.limit)
+        return [{"key": f"{f.known_id:06d}", "prompt": f.prompt, "subject": f.subject, "attribute": f.attribute}
+                for f in D.load_known(data_dir=args.data_dir)]
     if data in _DATA_NAMES:
         raise InputError(f"'kncore trace' reads known_1000-style records; not --data {data}")
     path = Path(data)
@@ -404,7 +405,7 @@ def trace_records(args) -> list[dict]:
             raise InputError(f"{path} record {i}: subject {subject!r} is not in the prompt {prompt!r}")
         tgt = next((r[k] for k in ("attribute", "target") if isinstance(r.get(k), str)), None)
         out.append({"key": _rec_key(r, i), "prompt": prompt, "subject": subject, "attribute": tgt})
-    return _limit(out, args.limit)
+    return out
 
 
 def edit_cases(args, lm) -> list[tuple[str, object]]:
@@ -463,19 +464,7 @@ def edit_cases(args, lm) -> list[tuple[str, object]]:
 # -- commands -----------------------------------------------------------------------------------
 def cmd_info(args) -> int:
     info = _backend("kncore.info", "info")
-    fn = getattr(info, "main", None)
-    if fn is None:
-        raise BackendMissing("kncore.info has no main()")
-    rc = fn(args.rest) if _takes_args(fn) else fn()
-    return int(rc or 0)
-
-
-def _takes_args(fn) -> bool:
-    import inspect
-    try:
-        return len(inspect.signature(fn).parameters) > 0
-    except (TypeError, ValueError):
-        return False
+    return int(info.main(["--json"] if args.json else []) or 0)
 
 
 def _attr_kwargs(args, layers):
@@ -529,42 +518,53 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_localise(args) -> int:
+    """Niu et al.'s pipeline over fact bags: (1) IG and coarse neurons of every
+    prompt, R1^2 of each bag's attribution vectors; (2) refinement per relation
+    or paradigm (adaptive p); (3) probability change of each bag's prompts when
+    its knowledge neurons are suppressed or enhanced."""
     A = _backend("kncore.attribution", "localise")
     S = _backend("kncore.selection", "localise")
     I = _backend("kncore.interventions", "localise")
+    Loc = _backend("kncore.localisation", "localise")
     job = Job(args, "localise")
     lm = job.lm
     layers = parse_layers(args.layers, lm.n_layers)
     p = _sharing_p(args.p)
     bags = fact_bags(args, lm)
     job.open(n_bags=len(bags))
-    by_key = {b["key"]: b for b in bags}
-
-    # 1. coarse neurons of every prompt (the expensive part: IG)
-    prompts = [(f"{b['key']}/{j:03d}", {"key": f"{b['key']}/{j:03d}", "bag": b["key"], "group": b["group"],
-                                         "prompt": q, "target": t})
-               for b in bags for j, (q, t) in enumerate(zip(b["prompts"], b["targets"]))]
+    items = [(b["key"], b) for b in bags]
+    n_prompts = lambda b: len(b["prompts"])  # noqa: E731
 
     def coarse_work(chunk):
-        att = A.attribute(lm, [c["prompt"] for c in chunk], [c["target"] for c in chunk], **_attr_kwargs(args, layers))
+        # one attribution call for every prompt of the chunk's bags (batched together)
+        flat = [(b, j, q, t) for b in chunk for j, (q, t) in enumerate(zip(b["prompts"], b["targets"]))]
+        att = A.attribute(lm, [f[2] for f in flat], [f[3] for f in flat], **_attr_kwargs(args, layers))
         coarse = S.select_coarse(att, adaptive_threshold=args.adaptive_threshold)
-        prow, crow = [], []
-        for i, (c, ks) in enumerate(zip(chunk, coarse)):
-            key = c["key"]
-            prow.append({"key": key, "bag": c["bag"], "relation": c["group"], "prompt": c["prompt"],
-                         "target": c["target"], "base_prob": float(att.base_probs[i]),
-                         "max_gap": float(att.completeness_gap[i].max()), "n_coarse": len(ks)})
-            crow += [{"key": key, "bag": c["bag"], "relation": c["group"], "layer": l, "neuron": n, "score": s}
+        prow, crow, brow = [], [], []
+        for i, ((b, j, q, t), ks) in enumerate(zip(flat, coarse)):
+            prow.append({"key": b["key"], "j": j, "relation": b["group"], "prompt": q, "target": t,
+                         "base_prob": float(att.base_probs[i]), "max_gap": float(att.completeness_gap[i].max()),
+                         "n_coarse": len(ks)})
+            crow += [{"key": b["key"], "j": j, "relation": b["group"], "layer": l, "neuron": n, "score": s}
                      for (l, n), s in zip(ks.neurons, ks.scores)]
-        return {"prompts": prow, "coarse": crow}
+        start = 0
+        for b in chunk:
+            vec = att.scores[start:start + n_prompts(b)]
+            start += n_prompts(b)
+            r1 = None
+            if len(vec) >= 2 and bool((vec.flatten(1).norm(dim=1) > 0).all()):
+                r1 = Loc.r1_squared(vec)
+            brow.append({"key": b["key"], "relation": b["group"], "subject": b["subject"], "n_prompts": len(vec),
+                         "r1_sq": r1})
+        return {"bags": brow, "prompts": prow, "coarse": crow}
 
-    job.run(prompts, coarse_work, table="prompts", unit="prompt", desc="IG + coarse")
+    job.run(items, coarse_work, table="bags", unit="prompt", desc="IG + coarse", weight=n_prompts)
 
     # 2. refine per relation / paradigm (cheap; rank 0)
     err = None
     if job.rank == 0:
         try:
-            _refine(job, S, bags, p)
+            _refine(job, S, Loc, bags, p)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank
             err = e
     job.sync(err)
@@ -576,7 +576,6 @@ def cmd_localise(args) -> int:
         for r in job.rd.read("kn").to_pylist():
             kns.setdefault(r["key"], []).append((r["layer"], r["neuron"]))
     kns = job.D.broadcast_object(kns)
-    items = [(b["key"], b) for b in bags]
 
     def effect_work(chunk):
         rows = []
@@ -594,8 +593,7 @@ def cmd_localise(args) -> int:
                          for q, x, y in zip(b["prompts"], before, after)]
         return {"effect": rows}
 
-    job.run(items, effect_work, table="effect", unit="prompt", desc="suppress/enhance",
-            weight=lambda b: len(b["prompts"]))
+    job.run(items, effect_work, table="effect", unit="prompt", desc="suppress/enhance", weight=n_prompts)
     summary = _localise_summary(job) if job.rank == 0 else None
     job.done(summary)
     return 0
@@ -623,9 +621,11 @@ def _target_probs(lm, prompts, tids, batch: int = 32) -> list[float]:
     return out
 
 
-def _refine(job, S, bags, p):
+def _refine(job, S, Loc, bags, p):
+    """Refine each relation's (paradigm's) bags at once: the adaptive p is chosen per relation.
+    One commit per relation: its ``localisation`` row (Niu et al.'s table) and its ``kn`` rows."""
     rd = job.rd
-    done = rd.done_keys("refine")
+    done = rd.done_keys("localisation")
     groups: dict = {}
     for b in bags:
         groups.setdefault(b["group"], []).append(b)
@@ -634,46 +634,57 @@ def _refine(job, S, bags, p):
         return
     coarse: dict = {}
     for r in rd.read("coarse").to_pylist():
-        coarse.setdefault(r["key"], []).append((r["layer"], r["neuron"], r["score"]))
+        coarse.setdefault((r["key"], r["j"]), []).append((r["layer"], r["neuron"], r["score"]))
+    r1: dict = {}
+    for r in rd.read("bags").to_pylist():
+        if r["r1_sq"] is not None:
+            r1.setdefault(r["relation"], []).append(r["r1_sq"])
     for g in todo:
         facts = []
         for b in groups[g]:
             sets = []
             for j in range(len(b["prompts"])):
-                ns = coarse.get(f"{b['key']}/{j:03d}", [])
+                ns = coarse.get((b["key"], j), [])
                 sets.append(S.KNSet(tuple((l, n) for l, n, _ in ns), tuple(s for _, _, s in ns)))
             facts.append(sets)
         ref = S.refine(facts, p)
+        row = Loc.localisation_row(g, ref)
+        row.update(key=g, r1_sq=(sum(r1[g]) / len(r1[g])) if r1.get(g) else None, converged=ref.converged,
+                   layer_counts=Loc.layer_counts(ref, job.lm.n_layers))
         kn_rows = []
         for b, ks in zip(groups[g], ref.sets):
             kn_rows += [{"key": b["key"], "relation": g, "subject": b["subject"], "target": b["targets"][0],
                          "layer": l, "neuron": n, "count": c, "n_prompts": len(b["prompts"]), "score": s}
                         for (l, n), c, s in zip(ks.neurons, ks.counts, ks.scores or [None] * len(ks))]
-        rd.commit({"refine": [{"key": g, "p": ref.p, "mean_count": ref.mean_count, "converged": ref.converged,
-                               "n_facts": len(groups[g])}], "kn": kn_rows},
-                  keys={"refine": [g], "kn": [b["key"] for b in groups[g]]})
+        rd.commit({"localisation": [row], "kn": kn_rows},
+                  keys={"localisation": [g], "kn": [b["key"] for b in groups[g]]})
 
 
 def _localise_summary(job) -> dict:
+    """Run-wide figures: facts, prompts, mean KNs per fact and tau (Niu et al.'s
+    table, over all relations), mean R1^2, and the mean relative probability
+    change of suppression and enhancement."""
     import numpy as np
 
     rd = job.rd
-    kn = rd.read("kn")
-    n_bags = len(rd.done_keys("kn"))
-    per = {}
-    for k in kn.column("key").to_pylist() if kn.num_rows else []:
-        per[k] = per.get(k, 0) + 1
-    out = {"facts": n_bags, "facts_with_kn": len(per), "mean_kn_per_fact": kn.num_rows / max(1, n_bags),
-           "prompts": rd.read("prompts").num_rows}
+    loc = rd.read("localisation").to_pylist()
+    n_facts = sum(r["n_facts"] for r in loc)
+    out = {"facts": n_facts, "prompts": rd.read("prompts").num_rows,
+           "mean_kn_per_fact": rd.read("kn").num_rows / max(1, n_facts),
+           "mean_tau": float(np.mean([r["tau"] for r in loc])) if loc else None,
+           "facts_with_kn": len(rd.read("kn").column("key").unique()) if rd.read("kn").num_rows else 0}
+    r1 = [r["r1_sq"] for r in rd.read("bags").to_pylist() if r["r1_sq"] is not None]
+    out["mean_r1_sq"] = float(np.mean(r1)) if r1 else None
     eff = rd.read("effect")
     if eff.num_rows:
         pb = np.asarray(eff.column("p_before").to_pylist())
         pa = np.asarray(eff.column("p_after").to_pylist())
         it = np.asarray(eff.column("intervention").to_pylist())
+        lo = np.minimum(pa, pb)
         for mode in ("suppress", "enhance"):
-            m = it == mode
-            if m.any():
-                out[f"{mode}_mean_change_pct"] = float(100 * ((pa[m] - pb[m]) / np.maximum(pb[m], 1e-12)).mean())
+            m = (it == mode) & (lo > 0)
+            if m.any():  # the paper's relative change: (after - before) / min(before, after)
+                out[f"{mode}_mean_change_pct"] = float(100 * ((pa[m] - pb[m]) / lo[m]).mean())
     return out
 
 
@@ -690,6 +701,7 @@ def cmd_trace(args) -> int:
         pass
     # ROME: the noise is k times the std of the embeddings of every subject of the data set.
     scale = T.resolve_noise(lm, noise, [r["subject"] for r in recs] if isinstance(noise, str) else None)
+    recs = _limit(recs, args.limit)
     job.open(noise_scale=round(scale, 9))
 
     def work(chunk):
@@ -793,11 +805,16 @@ def cmd_edit(args) -> int:
     hp.check_model(lm)
     cases = edit_cases(args, lm)
     job.open(hparams=_hparams_dict(hp))
+    stats = None
+    if hp.mom2_adjustment:
+        # Once, before the loop, on every rank together: layer_stats shards its
+        # corpus over the ranks and all-reduces, so no rank may skip it.
+        stats = R.layer_stats(lm, hp.layers, hp.mom2_dataset, n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype,
+                              cache_dir=args.stats_cache, progress=job.progress_on)
 
     def work(chunk):
         keys = [k for k, _ in chunk]
-        rows = E.evaluate_edits(lm, [c for _, c in chunk],
-                                lambda case: R.edit(lm, case.request(), hp, cache_dir=args.stats_cache))
+        rows = E.evaluate_edits(lm, [c for _, c in chunk], lambda case: R.edit(lm, case.request(), hp, stats=stats))
         return {"edit_eval": _edit_rows(keys, rows, "rome")}
 
     job.run([(k, (k, c)) for k, c in cases], work, table="edit_eval", unit="edit", desc="ROME edit + eval")
@@ -935,8 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     p = add("info", cmd_info, "versions, devices and the compiled extension", parents=(),
-            example="example:\n  kncore info")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            example="examples:\n  kncore info\n  kncore info --json")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = add("localise", cmd_localise, "localise knowledge neurons of a corpus of fact bags, with statistics",

@@ -108,41 +108,38 @@ def _request(lm: LM, prompt: str, target: str):
 
 @torch.no_grad()
 def _score_seqs(lm: LM, reqs: list, patches, batch_size: int):
-    """Log-probs and argmax for requests (seq, positions, target ids).
+    """[(log-probs, argmax ids)] for requests (seq, positions, target ids).
 
     Identical sequences run once (a single-token target only needs its
-    prompt, so every candidate answer to one prompt shares a row).
+    prompt, so every candidate answer to one prompt shares a row). Only the
+    numbers asked for are kept from each batch, so memory does not grow with
+    the number of requests.
     """
-    rows: dict = {}
-    for seq, _, _ in reqs:
-        rows.setdefault(seq, len(rows))
+    rows: dict = {}   # seq -> row
+    users: dict = {}  # row -> request indices
+    for k, (seq, _, _) in enumerate(reqs):
+        users.setdefault(rows.setdefault(seq, len(rows)), []).append(k)
     seqs = list(rows)
-    wanted: dict = {}  # row -> set of positions
-    for seq, pos, _ in reqs:
-        wanted.setdefault(rows[seq], set()).update(pos)
     order = sorted(range(len(seqs)), key=lambda r: len(seqs[r]))
-    logp: dict = {}  # (row, pos) -> [V] log-probs (only scored positions)
-    ad = lm.adapter
+    res: list = [None] * len(reqs)
     for s in range(0, len(order), batch_size):
         chunk = order[s: s + batch_size]
         b = lm.batch_ids([list(seqs[r]) for r in chunk])
         out = lm.run(b.input_ids, attention_mask=b.attention_mask, logits=None, patches=patches)
-        ri, ci, keys = [], [], []
+        col: dict = {}  # (batch row, position) -> index into the scored positions
         for i, r in enumerate(chunk):
-            for p in sorted(wanted[r]):
-                ri.append(i)
-                ci.append(p)
-                keys.append((r, p))
-        h = out.hidden[torch.tensor(ri, device=out.hidden.device), torch.tensor(ci, device=out.hidden.device)]
-        lp = ad.final(h).float().log_softmax(-1)
-        for k, key in enumerate(keys):
-            logp[key] = lp[k]
-    res = []
-    for seq, pos, tids in reqs:
-        r = rows[seq]
-        lps = [float(logp[(r, p)][t]) for p, t in zip(pos, tids)]
-        am = [int(logp[(r, p)].argmax()) for p in pos]
-        res.append((lps, am))
+            for k in users[r]:
+                for p in reqs[k][1]:
+                    col.setdefault((i, p), len(col))
+        where = torch.tensor(list(col), device=out.hidden.device).reshape(-1, 2)
+        lp = lm.adapter.final(out.hidden[where[:, 0], where[:, 1]]).float().log_softmax(-1)
+        top = lp.argmax(-1).tolist()
+        for i, r in enumerate(chunk):
+            for k in users[r]:
+                _, pos, tids = reqs[k]
+                idx = [col[(i, p)] for p in pos]
+                picked = lp[torch.tensor(idx, device=lp.device), torch.tensor(tids, device=lp.device)]
+                res[k] = (picked.tolist(), [top[j] for j in idx])
     return res
 
 
@@ -857,8 +854,8 @@ def _mean(xs):
 def _call_make(make_edit, case):
     """make_edit(case) -> context manager; a zero-argument callable or a
     context manager is used as it is."""
-    if make_edit is None or _is_cm(make_edit):
-        return make_edit
+    if make_edit is None or _is_cm(make_edit) or not callable(make_edit):
+        return make_edit  # applied() accepts it or says what is wrong
     try:
         n_req = sum(1 for p in inspect.signature(make_edit).parameters.values()
                     if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))

@@ -91,7 +91,7 @@ class LM:
                 flat = p.detach().reshape(-1)
                 h.update(n.encode())
                 h.update(str(tuple(p.shape)).encode())
-                idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long().to(flat.device)
+                idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long().clamp_(max=flat.numel() - 1).to(flat.device)
                 h.update(flat[idx].float().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint

@@ -3,15 +3,19 @@ base64 PNG) and a Markdown version (figures as files beside it).
 
 The report is generic over what the run directory holds. Every table gets a
 summary (row count, means of numeric columns, grouped by ``method`` /
-``intervention`` / ``relation`` when present) and a preview of its rows.
-Tables of a known kind also get figures from the plot functions registered for
-them (:func:`register_plot`):
+``intervention`` / ``kind`` / ``relation`` when present) and a preview of its
+rows. Tables of a known kind also get the figures that the plot functions
+registered for them draw (:func:`register_plot`; the figures come from the
+modules that own the method, so a report looks like the rest of kncore):
 
-``kn``        columns ``layer`` (and ``neuron``): the layer distribution of the KNs;
-``effect``    ``intervention``, ``p_before``, ``p_after``: probability-change bars, with
-              the Wilcoxon signed-rank significance marked;
-``trace``     ``tokens``, ``scores`` [tokens x layers], ``kind``: causal-trace heatmaps;
-``edit_eval`` ``method`` and metric columns: the edit-evaluation table.
+``kn``         ``layer`` (``relation``): the layer distribution of the knowledge
+               neurons (:func:`kncore.localisation.plot_layer_distribution`);
+``effect``     ``intervention``, ``p_before``, ``p_after`` (``relation``): the
+               probability-change bars with significance marked
+               (:func:`kncore.evaluation.plot_probability_changes`) and their table;
+``trace``      ``tokens``, ``scores`` [tokens x layers], ``kind``...: ROME's causal-trace
+               heatmaps and average indirect effect (:mod:`kncore.tracing`);
+``edit_eval``  ``method`` and metric columns: the edit-evaluation table.
 
 PNG files in ``RUN/plots/`` are added as they are.
 """
@@ -21,7 +25,6 @@ import base64
 import html
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,16 +39,20 @@ DESCRIPTIONS: dict[str, str] = {
     "kn": "Knowledge neurons: one row per (item, layer, neuron).",
     "effect": "Target probability before and after an intervention on the item's neurons.",
     "trace": "Causal tracing: the target probability restored by each (token, layer) state.",
+    "localisation": "Per relation (paradigm): facts, mean KNs per fact, sharing threshold tau, mean R1^2 "
+                    "(Niu et al.'s table).",
+    "bags": "Per fact: its paraphrases and the R1^2 similarity of their attribution vectors.",
     "edit_eval": "Edit evaluation: one row per (record, method).",
     "attribution": "Per-prompt attribution results.",
     "metrics": "Per-prompt metrics.",
 }
-_GROUP_COLS = ("method", "intervention", "kind", "relation")
+_GROUP_COLS = ("method", "intervention", "kind", "relation", "paradigm", "cls")
 # Integer columns that index things: their mean means nothing.
 _INDEX_COLS = {"key", "layer", "neuron", "subject_start", "subject_end", "target_position", "window", "samples",
                "case_id", "known_id", "seed"}
 # Known tables first, in this order; the rest alphabetically.
-_ORDER = ("kn", "effect", "trace", "edit_eval", "metrics", "attribution", "prompts", "refine", "records", "stats")
+_ORDER = ("localisation", "kn", "effect", "trace", "edit_eval", "metrics", "pairs", "attribution", "bags", "prompts",
+          "records", "stats")
 _MAX_TRACES = 6
 
 
@@ -86,36 +93,42 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _file_png(draw) -> bytes:
+    """Bytes of a PNG that ``draw(path)`` writes (plot functions that take a path)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fig.png"
+        draw(p)
+        return p.read_bytes()
+
+
 # -- plots ------------------------------------------------------------------------------
-@register_plot("kn")
-def plot_kn_layers(tab, rd):
-    """Share of KNs in each layer (Dai et al. Fig. 3; Niu et al. Fig. 2)."""
+def _layer_groups(tab, n_layers: int) -> dict:
     import numpy as np
 
-    if "layer" not in tab.column_names or tab.num_rows == 0:
-        return []
     layers = np.asarray(tab.column("layer").to_pylist(), dtype=int)
-    n_layers = int((rd.manifest.get("model") or {}).get("n_layers") or layers.max() + 1)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
     groups = {"all": layers}
     if "relation" in tab.column_names:
-        rel = np.asarray(tab.column("relation").to_pylist(), dtype=object)
-        names = sorted(set(rel.tolist()), key=str)
-        if 1 < len(names) <= 6:
-            groups = {str(n): layers[rel == n] for n in names}
-    width = 0.8 / len(groups)
-    x = np.arange(n_layers)
-    for i, (name, ls) in enumerate(groups.items()):
-        counts = np.bincount(ls, minlength=n_layers)[:n_layers]
-        ax.bar(x + (i - (len(groups) - 1) / 2) * width, 100.0 * counts / max(1, counts.sum()), width, label=name)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("% of knowledge neurons")
-    ax.set_title(f"Layer distribution of {len(layers)} knowledge neurons")
-    ax.set_xticks(x[:: max(1, n_layers // 15)])
-    if len(groups) > 1:
-        ax.legend(fontsize=8)
-    return [("Layer distribution of knowledge neurons", fig)]
+        rel = np.asarray([str(x) for x in tab.column("relation").to_pylist()], dtype=object)
+        names = sorted(set(rel.tolist()))
+        if 1 < len(names) <= 4:
+            groups = {n: layers[rel == n] for n in names}
+    return {k: np.bincount(v, minlength=n_layers)[:n_layers].astype(int).tolist() for k, v in groups.items()}
+
+
+@register_plot("kn")
+def plot_kn_layers(tab, rd):
+    """Share of KNs in each layer (Niu et al.'s figure; kncore.localisation's plot),
+    one panel per relation when there are at most four."""
+    if "layer" not in tab.column_names or tab.num_rows == 0:
+        return []
+    from .localisation import plot_layer_distribution
+
+    n_layers = int((rd.manifest.get("model") or {}).get("n_layers") or max(tab.column("layer").to_pylist()) + 1)
+    groups = _layer_groups(tab, n_layers)
+    png = _file_png(lambda p: plot_layer_distribution(groups, p, title="Layer distribution of knowledge neurons"))
+    return [(f"Layer distribution of {tab.num_rows} knowledge neurons", png)]
 
 
 def _stars(p: float) -> str:
@@ -125,76 +138,57 @@ def _stars(p: float) -> str:
 
 
 def effect_summary(tab) -> list[dict]:
-    """Per (relation, intervention): mean relative probability change and its significance.
-
-    The change of one row is ``(p_after - p_before) / p_before``; the test is
-    a two-sided Wilcoxon signed-rank test of ``p_after`` against ``p_before``
-    (paired, no normality assumed; Niu et al. compare the same prompts).
-    """
+    """Per (relation, intervention): the paper's relative probability change
+    ``(after - before) / min(before, after)`` averaged over prompts, and a
+    one-sample t-test of it against 0 (:func:`kncore.evaluation.probability_change_stats`).
+    Rows where a probability is exactly 0 (no relative change exists) are left
+    out and counted in ``n_zero``."""
     import numpy as np
-    from scipy import stats
+
+    from .evaluation import probability_change_stats
 
     cols = tab.column_names
     if not {"p_before", "p_after"} <= set(cols) or tab.num_rows == 0:
         return []
     pb = np.asarray(tab.column("p_before").to_pylist(), dtype=float)
     pa_ = np.asarray(tab.column("p_after").to_pylist(), dtype=float)
-    inter = np.asarray(tab.column("intervention").to_pylist() if "intervention" in cols else ["change"] * len(pb),
-                       dtype=object)
-    rel = np.asarray(tab.column("relation").to_pylist() if "relation" in cols else ["all"] * len(pb), dtype=object)
+    inter = np.asarray([str(x) for x in (tab.column("intervention").to_pylist() if "intervention" in cols
+                                         else ["change"] * len(pb))], dtype=object)
+    rel = np.asarray([str(x) for x in (tab.column("relation").to_pylist() if "relation" in cols
+                                       else ["all"] * len(pb))], dtype=object)
     out = []
-    for r in sorted(set(rel.tolist()), key=str):
-        for it in sorted(set(inter.tolist()), key=str):
+    for it in sorted(set(inter.tolist())):
+        for r in sorted(set(rel.tolist())):
             m = (rel == r) & (inter == it)
-            if not m.any():
+            ok = m & (np.minimum(pb, pa_) > 0)
+            if not ok.any():
                 continue
-            b, a = pb[m], pa_[m]
-            change = (a - b) / np.maximum(b, 1e-12)
-            diff = a - b
-            if np.count_nonzero(diff) >= 1 and len(diff) >= 2:
-                p = float(stats.wilcoxon(a, b, zero_method="zsplit").pvalue)
-            else:
-                p = float("nan")
-            sem = float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else 0.0
-            out.append({"relation": r, "intervention": it, "n": int(m.sum()), "p_before": float(b.mean()),
-                        "p_after": float(a.mean()), "mean_change_pct": float(100 * change.mean()),
-                        "sem_pct": 100 * sem, "wilcoxon_p": p, "significance": _stars(p)})
+            st = probability_change_stats(pb[ok][:, None], pa_[ok][:, None], [r])[0]
+            out.append({"relation": r, "intervention": it, "n": int(ok.sum()), "n_zero": int(m.sum() - ok.sum()),
+                        "p_before": st["mean_before"], "p_after": st["mean_after"],
+                        "mean_change_pct": 100 * st["mean_change"], "t": st["t"], "p_value": st["p_value"],
+                        "significance": _stars(st["p_value"]), "significant": st["significant"]})
     return out
 
 
 @register_plot("effect")
 def plot_effect(tab, rd):
-    """Bars of the mean relative probability change per intervention, stars for significance."""
-    import numpy as np
+    """The paper's bars: mean relative probability change per relation, one bar
+    per intervention, a star over significant ones (kncore.evaluation's plot)."""
+    from .evaluation import plot_probability_changes
 
     summ = effect_summary(tab)
     if not summ:
         return []
-    plt = _plt()
-    rels = list(dict.fromkeys(s["relation"] for s in summ))
-    inters = list(dict.fromkeys(s["intervention"] for s in summ))
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rels) * len(inters)), 3.6))
-    width = 0.8 / len(inters)
-    x = np.arange(len(rels))
-    for j, it in enumerate(inters):
-        vals, errs, stars = [], [], []
-        for r in rels:
-            s = next((s for s in summ if s["relation"] == r and s["intervention"] == it), None)
-            vals.append(s["mean_change_pct"] if s else 0.0)
-            errs.append(s["sem_pct"] if s else 0.0)
-            stars.append(s["significance"] if s else "")
-        xs = x + (j - (len(inters) - 1) / 2) * width
-        bars = ax.bar(xs, vals, width, yerr=errs, capsize=3, label=str(it))
-        for b, v, e, st in zip(bars, vals, errs, stars):
-            ax.annotate(st, (b.get_x() + b.get_width() / 2, v + (e if v >= 0 else -e)),
-                        xytext=(0, 3 if v >= 0 else -11), textcoords="offset points", ha="center", fontsize=8)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels([str(r) for r in rels], rotation=30 if len(rels) > 4 else 0, ha="right" if len(rels) > 4 else "center")
-    ax.set_ylabel("mean probability change (%)")
-    ax.set_title("Probability change of the target (* p<.05, ** p<.01, *** p<.001, Wilcoxon)")
-    ax.legend(fontsize=8)
-    return [("Probability change under intervention", fig)]
+    rels = sorted({s["relation"] for s in summ})
+    by: dict = {}
+    for it in dict.fromkeys(s["intervention"] for s in summ):
+        rows = {s["relation"]: s for s in summ if s["intervention"] == it}
+        by[it] = [{"token": r, "mean_change": rows[r]["mean_change_pct"] / 100 if r in rows else 0.0,
+                   "significant": bool(rows[r]["significant"]) if r in rows else False} for r in rels]
+    png = _file_png(lambda p: plot_probability_changes(by, p, title="Probability change of the target "
+                                                                      "(* p < 0.05, one-sample t-test)"))
+    return [("Probability change under intervention", png)]
 
 
 def _trace_results(tab) -> list:
@@ -218,16 +212,6 @@ def _trace_results(tab) -> list:
             kinds=tuple(r.get("kind", "hidden") for r in rows), window=int(r0.get("window") or 0),
             samples=int(r0.get("samples") or 0), noise=float(r0.get("noise") or 0.0), seed=int(r0.get("seed") or 0)))
     return out
-
-
-def _file_png(draw) -> bytes:
-    """Bytes of a PNG that ``draw(path)`` writes (plot functions that take a path)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "fig.png"
-        draw(p)
-        return p.read_bytes()
 
 
 @register_plot("trace")
@@ -268,7 +252,7 @@ def _fmt(v) -> str:
 
 
 def _numeric_summary(tab) -> tuple[list, list] | None:
-    """Means of numeric columns, grouped by the first grouping column present."""
+    """Means of numeric columns, grouped by the first grouping column that splits the rows."""
     import numpy as np
     import pyarrow as pa
 
@@ -277,7 +261,9 @@ def _numeric_summary(tab) -> tuple[list, list] | None:
             or pa.types.is_boolean(tab.schema.field(c).type))]
     if not num or tab.num_rows == 0:
         return None
-    gcol = next((c for c in _GROUP_COLS if c in tab.column_names), None)
+    # the first grouping column that splits the rows
+    gcol = next((c for c in _GROUP_COLS if c in tab.column_names and len(set(map(str, tab.column(c).to_pylist()))) > 1),
+                None)
     gvals = tab.column(gcol).to_pylist() if gcol else ["all"] * tab.num_rows
     groups = list(dict.fromkeys(gvals))
     header = [gcol or "", "rows"] + [f"mean {c}" for c in num]
@@ -346,7 +332,8 @@ def _table_section(name: str, tab, rd: RunDir, max_rows: int) -> Section:
         summ = effect_summary(tab)
         if summ:
             hdr = list(summ[0])
-            sec.tables.append(("Probability change (mean over items; significance by Wilcoxon signed-rank)",
+            sec.tables.append(("Probability change (relative to min(before, after), mean over prompts; "
+                               "one-sample t-test)",
                                hdr, [[_fmt(s[h]) for h in hdr] for s in summ]))
     else:
         ns = _numeric_summary(tab)

@@ -31,7 +31,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -191,36 +190,40 @@ class RunDir:
         man_path = path / "manifest.json"
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         session = {"started": now, "host": platform.node(), "pid": os.getpid(), **_jsonable(dict(extra or {}))}
-        if man_path.exists():
-            man = cls._read_manifest(path)
-            problems = []
-            if command is not None and man.get("command") not in (None, command):
-                problems.append(f"command: {man.get('command')!r} -> {command!r}")
-            problems += config_diff(man.get("config", {}), config)
-            old_fp = (man.get("model") or {}).get("fingerprint")
-            if model is not None and old_fp is not None and old_fp != model["fingerprint"]:
-                problems.append(f"model fingerprint: {old_fp} ({(man.get('model') or {}).get('name')}) -> "
-                                f"{model['fingerprint']} ({model['name']})")
-            if problems:
-                raise RunDirMismatch(f"run directory {path} was made with a different config; refusing to "
-                                     f"mix results (use another --out, or delete it): " + "; ".join(problems))
-            now_v = versions()
-            if man.get("versions") != now_v:
-                changed = [k for k in now_v if (man.get("versions") or {}).get(k) != now_v[k]]
-                log.warning("resuming %s with different library versions (%s)", path, ", ".join(changed))
-            if model is not None and man.get("model") is None:
-                man["model"] = model
-            rd = cls(path, man, rank=rank, tensor_limit=tensor_limit)
-            rd._lock()
-            man.setdefault("sessions", []).append(session)
-            rd._write_manifest()
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            man = {"kncore_rundir": FORMAT, "command": command, "config": config, "model": model,
-                   "versions": versions(), "git": git_commit(), "created": now, "sessions": [session]}
-            rd = cls(path, man, rank=rank, tensor_limit=tensor_limit)
-            rd._lock()
-            rd._write_manifest()
+        path.mkdir(parents=True, exist_ok=True)
+        rd = cls(path, {}, rank=rank, tensor_limit=tensor_limit)
+        rd._lock()  # before reading the manifest: two processes cannot both create it
+        try:
+            if man_path.exists():
+                man = cls._read_manifest(path)
+                problems = []
+                if command is not None and man.get("command") not in (None, command):
+                    problems.append(f"command: {man.get('command')!r} -> {command!r}")
+                problems += config_diff(man.get("config", {}), config)
+                old_fp = (man.get("model") or {}).get("fingerprint")
+                if model is not None and old_fp is not None and old_fp != model["fingerprint"]:
+                    problems.append(f"model fingerprint: {old_fp} ({(man.get('model') or {}).get('name')}) -> "
+                                    f"{model['fingerprint']} ({model['name']})")
+                if problems:
+                    raise RunDirMismatch(f"run directory {path} was made with a different config; refusing to "
+                                         f"mix results (use another --out, or delete it): " + "; ".join(problems))
+                now_v = versions()
+                if man.get("versions") != now_v:
+                    changed = [k for k in now_v if (man.get("versions") or {}).get(k) != now_v[k]]
+                    log.warning("resuming %s with different library versions (%s)", path, ", ".join(changed))
+                    session["versions"] = now_v
+                if model is not None and man.get("model") is None:
+                    man["model"] = model
+                man.setdefault("sessions", []).append(session)
+            else:
+                man = {"kncore_rundir": FORMAT, "command": command, "config": config, "model": model,
+                       "versions": versions(), "git": git_commit(), "created": now, "sessions": [session]}
+            rd.manifest = man
+            if rank == 0 or not man_path.exists():
+                rd._write_manifest()
+        except BaseException:
+            rd.close()
+            raise
         rd._clean_tmp()
         return rd
 
@@ -270,15 +273,18 @@ class RunDir:
         self.close()
 
     def _clean_tmp(self) -> None:
-        """Remove temporary files a killed writer of this rank left behind."""
+        """Remove temporary files a killed writer of this rank left behind
+        (rank 0 also takes those of no rank: tensors saved outside commits)."""
+        tag = f"r{self.rank:03d}-"
         for sub in ("commits", "tables", "tensors"):
             d = self.path / sub
             if d.is_dir():
                 for p in d.rglob(".tmp-*"):
-                    try:
-                        p.unlink()
-                    except OSError:
-                        pass
+                    if tag in p.name or (self.rank == 0 and not re.search(r"r\d{3}-\d{6}", p.name)):
+                        try:
+                            p.unlink()
+                        except OSError:
+                            pass
 
     @property
     def config(self) -> dict:
@@ -389,6 +395,7 @@ class RunDir:
         """
         import numpy as np
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         _check_name("table", table)
@@ -398,8 +405,9 @@ class RunDir:
             return pa.table({})
         tab = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive")
         if sort and "key" in tab.column_names and tab.num_rows:
-            order = np.argsort(np.asarray(tab.column("key").to_pylist(), dtype=object).astype(str), kind="stable")
-            tab = tab.take(pa.array(order))
+            # by key, then commit order (the row index breaks ties, so the order is total)
+            keys = pa.table({"k": tab.column("key"), "i": pa.array(np.arange(tab.num_rows))})
+            tab = tab.take(pc.sort_indices(keys, sort_keys=[("k", "ascending"), ("i", "ascending")]))
         return tab
 
     # -- tensors -------------------------------------------------------------------

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+
+import torch
+
+# Triton kernels run compiled on a GPU and through the interpreter on a CPU.
+# This must be set before anything imports triton (transformers does).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 from pathlib import Path
 
 import pytest
-import torch
 
 from kncore.testing import ARCHS, tiny_lm
 

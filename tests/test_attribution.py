@@ -312,10 +312,20 @@ def test_params_stay_as_they_were():
 
 @pytest.mark.slow
 def test_smollm_equals_reference_and_completes(smollm):
+    """On the real model late layers are ill-conditioned in fp32 (massive
+    activations times small gradient differences): two fp32 runs of the plain
+    reference that only batch differently already differ by ~1e-4 at layer 29.
+    So the algorithm is checked in fp64 (1e-5), and the fp32 fast path against
+    the fp64 reference: no worse than twice the fp32 reference's own error."""
+    import copy
+
     prompt, target = "The capital of Canada is", " Ottawa"
-    layers = [0, 13, 29]
-    fast = attribute(smollm, prompt, target, steps=6, layers=layers, scheme="gauss", progress=False)
-    ref = attribute_ref(smollm, prompt, target, steps=6, layers=layers, scheme="gauss")
-    assert _rel(fast.scores, ref.scores) <= 1e-5
+    kw = dict(steps=6, layers=[0, 13, 29], scheme="gauss")
+    lm64 = kncore.from_hf(copy.deepcopy(smollm.model).double(), smollm.tokenizer)
+    exact = attribute_ref(lm64, prompt, target, **kw)
+    assert _rel(attribute(lm64, prompt, target, progress=False, **kw).scores, exact.scores) <= 1e-5
+    fast = attribute(smollm, prompt, target, progress=False, **kw)
+    ref = attribute_ref(smollm, prompt, target, **kw)
+    assert _rel(fast.scores, exact.scores) <= max(2 * _rel(ref.scores, exact.scores), 1e-5)
     assert 0.1 < float(fast.base_probs[0]) < 0.6
     assert float(fast.completeness_gap.max()) < 0.01

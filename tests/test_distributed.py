@@ -155,7 +155,7 @@ def test_localise_under_torchrun_equals_one_process(tmp_path):
     assert two.manifest["sessions"][0]["world"] == 2
     # every table: the same keys, rows and integers; floats equal to rounding
     # (the ranks batch different prompts together)
-    for table in ("prompts", "coarse", "refine", "kn", "effect"):
+    for table in ("bags", "prompts", "coarse", "localisation", "kn", "effect"):
         a, b = two.read(table).to_pylist(), one.read(table).to_pylist()
         assert len(a) == len(b) and len(a) > 0, table
         for ra, rb in zip(a, b):

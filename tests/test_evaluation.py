@@ -303,3 +303,33 @@ def test_user_knowledge_and_cases(tmp_path):
     cj.write_text(json.dumps([{"subject": "bob", "prompt": "x", "target_new": "ann"}]))
     with pytest.raises(D.DataError, match=r"cases\.json, record 0: .*not in the prompt"):
         E.load_edit_cases(cj)
+
+
+def test_per_case_factory_and_before_after(data_dir):
+    lm = tiny_lm("gpt2", seed=random.randint(0, 9999))
+    cases = [_tiny_case(lm) for _ in range(3)]
+    L = random.randrange(lm.n_layers)
+    seen = []
+
+    def make_edit(case):
+        seen.append(case.case_id)
+        return kncore.patch_neurons(lm, [(L, i) for i in range(0, lm.d_ff, 3)], mode="enhance", factor=3.0)
+
+    for i, c in enumerate(cases):
+        c.case_id = i
+    rows = E.evaluate_edits(lm, cases, make_edit)
+    assert seen == [0, 1, 2] and [r["case_id"] for r in rows] == [0, 1, 2]
+    assert any(r["reliability_prob_post"] != r["reliability_prob_pre"] for r in rows)
+
+    prompts = [D.BlimpPrompt("p", str(i), "all", "one_prefix", "that", "that", "apple", "apples",
+                             lm.single_token("that", "apple"), lm.single_token("that", "apples"), "", "")
+               for i in range(3)]
+    before, after = E.before_after(lambda patches: E.minimal_pair_scores(lm, prompts, method="target",
+                                                                         patches=patches),
+                                   lambda: kncore.patch_neurons(lm, [(L, 5)], mode="suppress"))
+    with kncore.patch_neurons(lm, [(L, 5)], mode="suppress"):
+        direct = E.minimal_pair_scores(lm, prompts, method="target")
+    assert after == direct
+    assert before == E.minimal_pair_scores(lm, prompts, method="target")
+    with pytest.raises(kncore.InputError, match="context manager"):
+        E.evaluate_edit(lm, cases[0], 42)

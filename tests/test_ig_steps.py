@@ -251,6 +251,11 @@ def test_cpu_dispatch_uses_reference(monkeypatch):
     assert torch.equal(op.reduce_steps(g[0], index[:4], 3, base, None), K.reduce_steps_ref(g[0], index[:4], 3, base))
     monkeypatch.setenv("KNCORE_KERNELS", "force")
     assert any("float64" in r for r in op.not_supported_reasons(a.double(), w))
+    # fp64 step factors (kncore.attribution's quadrature points) do not send the call to the reference
+    assert not any("float64" in r for r in op.not_supported_reasons(base, index, coefficients=(al.double(),)))
+    if "cpu" in DEVICES:
+        want = K.expand_steps_ref(base, index, al, bias)
+        assert _err(op.expand_steps(base, index, al.double(), bias), want) <= 1e-6 * want.abs().max().item()
 
 
 @pytest.mark.skipif("cpu" not in DEVICES, reason="needs the Triton interpreter on CPU")

@@ -4,7 +4,6 @@ browser (Debian's chromium, installed here when missing)."""
 from __future__ import annotations
 
 import base64
-import io
 import os
 import re
 import shutil
@@ -92,6 +91,7 @@ def test_report_has_every_section_and_figure(tmp_path):
     rng = _rng()
     _make_run(tmp_path / "run", rng)
     html_path, md_path = report.write(tmp_path / "run", tmp_path / "rep")
+    assert not (tmp_path / "run" / "report.html").exists()
     html = html_path.read_text()
     md = md_path.read_text()
     # figures: layer distribution, effect bars, 2 trace heatmaps + the AIE, the plots/ png
@@ -118,7 +118,8 @@ def test_report_is_generic_over_contents(tmp_path):
     rng = _rng()
     rd = RunDir.open(tmp_path / "r", {"a": int(rng.integers(100))}, command="custom")
     vals = rng.normal(size=7)
-    rd.append("scores", [{"key": f"k{i}", "method": "m1" if i % 2 else "m2", "v": float(v)} for i, v in enumerate(vals)])
+    rd.append("scores", [{"key": f"k{i}", "method": "m1" if i % 2 else "m2", "v": float(v)}
+                         for i, v in enumerate(vals)])
     rd.close()
     html, md = report.write(tmp_path / "r")
     text = md.read_text()
@@ -135,15 +136,19 @@ def test_effect_summary_marks_significance():
     before = rng.uniform(0.05, 0.9, n)
     rows = [{"key": f"{i}", "intervention": "suppress", "p_before": b, "p_after": b * rng.uniform(0.2, 0.5)}
             for i, b in enumerate(before)]
-    # a change that is + and - in turn, with equal magnitudes: no effect
+    # up and down in turn by the same factor: relative changes +0.1 and -0.1, no effect
     rows += [{"key": f"{i}", "intervention": "null", "p_before": b, "p_after": b * (1.1 if i % 2 else 1 / 1.1)}
              for i, b in enumerate(before)]
+    rows.append({"key": "z", "intervention": "null", "p_before": 0.3, "p_after": 0.0})
     summ = {s["intervention"]: s for s in report.effect_summary(pa.Table.from_pylist(rows))}
     sup = summ["suppress"]
-    assert sup["wilcoxon_p"] < 1e-3 and sup["significance"] == "***"
-    want = 100 * np.mean([(r["p_after"] - r["p_before"]) / r["p_before"] for r in rows[:n]])
+    assert sup["p_value"] < 1e-3 and sup["significance"] == "***" and sup["significant"]
+    # the paper's change: relative to the smaller of the two probabilities
+    want = 100 * np.mean([(r["p_after"] - r["p_before"]) / min(r["p_after"], r["p_before"]) for r in rows[:n]])
     assert sup["mean_change_pct"] == pytest.approx(want, rel=1e-9)
-    assert summ["null"]["wilcoxon_p"] > 0.05 and summ["null"]["significance"] == "n.s."
+    null = summ["null"]
+    assert null["p_value"] > 0.5 and null["significance"] == "n.s." and null["n"] == n and null["n_zero"] == 1
+    assert abs(null["mean_change_pct"]) < 1e-6
 
 
 def test_report_command(tmp_path, capsys):

@@ -20,6 +20,19 @@ REQ = {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rom
 WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny models run fastest on one thread (on a busy 2-core machine, 2
+    threads made test_layer_stats_match_plain_torch 40x slower)."""
+    if "smollm" in request.fixturenames:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _seed():
     return int(torch.randint(0, 1 << 30, ()).item())
 
@@ -146,7 +159,7 @@ def _dist_worker(rank, world, init_file, out, texts, seed):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         lm = tiny_lm("gpt2", seed=seed)
-        st = rome.layer_stats(lm, [0, 2], texts, n_samples=35, dtype="float64", batch_tokens=64,
+        st = rome.layer_stats(lm, [0, 2], texts, n_samples=35, dtype="float64", batch_tokens=1,
                               use_cache=False, progress=False)
         if rank == 0:
             torch.save({L: (s.second_moment, s.n_tokens, s.n_texts) for L, s in st.items()}, out)
@@ -160,7 +173,9 @@ def test_layer_stats_distributed_equals_single(tmp_path):
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt"), texts, seed), nprocs=2)
     got = torch.load(tmp_path / "out.pt")
     lm = tiny_lm("gpt2", seed=seed)
-    one = rome.layer_stats(lm, [0, 2], texts, n_samples=35, dtype="float64", batch_tokens=64,
+    # batch_tokens=1: one text per batch on both sides, so every key has the
+    # same bits whatever the sharding and only the order of the float64 sums differs.
+    one = rome.layer_stats(lm, [0, 2], texts, n_samples=35, dtype="float64", batch_tokens=1,
                            use_cache=False, progress=False)
     for L in (0, 2):
         C, n_tok, n_txt = got[L]
@@ -290,8 +305,10 @@ def test_context_templates_are_seeded():
     b = rome.context_templates(lm, hp)
     assert a == b and len(a) == 21 and a[0] == "{}"
     assert all(t.endswith(". {}") and t.count("{}") == 1 for t in a[1:])
-    lens = [len(lm.tokenize(t[: -len(". {}")])) for t in a[1:]]
-    assert lens[:10] == [5] * 10 and lens[10:] == [10] * 10  # ROME counts the seed word (and BOS)
+    # ROME's lengths count the seed word: at most 5 and 10 tokens (fewer when
+    # the random model samples special tokens, which decoding drops).
+    lens = [len(lm.tokenizer(t[: -len(". {}")])["input_ids"]) for t in a[1:]]
+    assert max(lens[:10]) <= 5 and max(lens[10:]) <= 10 and max(lens[10:]) > 5
     assert rome.context_templates(lm, hp.replace(context_seed=4)) != a
 
 

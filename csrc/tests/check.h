@@ -1,5 +1,5 @@
 // A tiny test harness for the C++ unit tests (no gtest: CI has no internet).
-// CHECK records a failure and goes on; main() returns the failure count.
+// KN_CHECK records a failure and goes on; main() returns the failure count.
 #pragma once
 
 #include <cstdio>
@@ -9,7 +9,7 @@
 namespace kncore_test {
 inline int failures = 0;
 
-#define CHECK(cond)                                                                  \
+#define KN_CHECK(cond)                                                                  \
   do {                                                                               \
     if (!(cond)) {                                                                   \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
@@ -17,7 +17,7 @@ inline int failures = 0;
     }                                                                                \
   } while (0)
 
-// CHECK that fn throws an exception of type E whose message contains `needle`.
+// Records a failure unless fn throws an exception of type E whose message contains `needle`.
 template <typename E>
 void check_throws(const char* what, const std::function<void()>& fn, const std::string& needle) {
   try {

@@ -41,9 +41,9 @@ void check_case(int64_t d, at::ScalarType xt, at::ScalarType acc, bool composite
     std::fprintf(stderr, "d=%ld X %s acc %s composite=%d masked=%d: error %.3g > %.3g\n", (long)d,
                  c10::toString(xt), c10::toString(acc), composite, masked, err, bar);
   }
-  CHECK(err <= bar);
-  CHECK(n.item<int64_t>() == Xk.size(0));
-  CHECK(rel(s, Xk.sum(0)) <= (acc == at::kDouble ? 1e-9 : 1e-4));
+  KN_CHECK(err <= bar);
+  KN_CHECK(n.item<int64_t>() == Xk.size(0));
+  KN_CHECK(rel(s, Xk.sum(0)) <= (acc == at::kDouble ? 1e-9 : 1e-4));
 }
 
 }  // namespace
@@ -65,7 +65,7 @@ int main() {
     const at::Tensor C0 = C.clone();
     kncore::cov_accumulate_(C, s, n, at::randn({0, 5}), c10::nullopt);
     kncore::cov_accumulate_(C, s, n, at::randn({4, 5}), at::zeros({4}, at::kBool));
-    CHECK(at::equal(C, C0) && n.item<int64_t>() == 1);
+    KN_CHECK(at::equal(C, C0) && n.item<int64_t>() == 1);
   }
 
   // Registered with the dispatcher (what torch.ops.kncore.cov_accumulate_ calls).
@@ -77,7 +77,7 @@ int main() {
     at::Tensor C = at::zeros({3, 3}), s = at::zeros({3}), n = at::zeros({}, at::kLong);
     const at::Tensor X = at::randn({4, 3});
     op.call(C, s, n, X, std::nullopt, false);
-    CHECK(rel(mirror(C), X.t().mm(X)) < 1e-6);
+    KN_CHECK(rel(mirror(C), X.t().mm(X)) < 1e-6);
   }
 
   // Errors name the problem, with Python's exception types (TypeError/ValueError).

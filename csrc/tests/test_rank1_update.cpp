@@ -40,13 +40,13 @@ void check_exact(at::ScalarType dt, int64_t k, bool composite) {
   for (int64_t t = 1; t < k; ++t) D = D + aU.slice(1, t, t + 1) * VT.slice(0, t, t + 1);
   const at::Tensor expect = (W0.to(acc) + D).to(dt);
   const at::Tensor same = (W == expect) | (at::isnan(W) & at::isnan(expect));
-  CHECK(same.all().item<bool>());
+  KN_CHECK(same.all().item<bool>());
 
-  CHECK(kncore::rank1_checksum(W, false).item<int64_t>() == kncore::rank1_checksum(W, true).item<int64_t>());
+  KN_CHECK(kncore::rank1_checksum(W, false).item<int64_t>() == kncore::rank1_checksum(W, true).item<int64_t>());
   kncore::rank1_undo_(W, U, V, alpha, ei, ev, ri, rv, cs, composite);
   const bool exact = at::equal(bits(W), bits(W0));
   if (!exact) std::fprintf(stderr, "%s k=%ld composite=%d: undo not bit-exact\n", c10::toString(dt), (long)k, composite);
-  CHECK(exact);
+  KN_CHECK(exact);
 }
 
 }  // namespace
@@ -68,7 +68,7 @@ int main() {
     W[2][3] = 5.0;
     const at::Tensor before = W.clone();
     check_throws<c10::Error>("modified W", [&] { kncore::rank1_undo_(W, u, v, 1.0, ei, ev, ri, rv, cs); }, "checksum");
-    CHECK(at::equal(bits(W), bits(before)));
+    KN_CHECK(at::equal(bits(W), bits(before)));
   }
 
   // Errors name the problem.

@@ -295,8 +295,9 @@ def _offsets(lm, text: str, n_ids: int):
     offs = list(enc.get("offset_mapping") or [])
     if not offs:
         return None
-    shift = n_ids - len(offs)  # a BOS that LM.tokenize forced on
-    return [None] * shift + [tuple(o) for o in offs] if shift >= 0 else None
+    shift = n_ids - len(offs)  # > 0: a BOS that LM.tokenize added; < 0: one it removed
+    offs = [tuple(o) for o in offs]
+    return [None] * shift + offs if shift >= 0 else offs[-shift:]
 
 
 def _unknown(lm, ids) -> bool:

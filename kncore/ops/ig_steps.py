@@ -46,13 +46,15 @@ def kernels():
     return _module
 
 
-def not_supported_reasons(*tensors) -> list[str]:
+def not_supported_reasons(*tensors, coefficients=()) -> list[str]:
     """Why the Triton kernels cannot take these tensors (empty list: they can).
 
-    Pass the call's tensor arguments (None entries are skipped); the first one
-    sets the device; floating tensors must be in :data:`SUPPORTED_DTYPES`.
+    Pass the call's data tensors (None entries are skipped; the first sets the
+    device; floating ones must be in :data:`SUPPORTED_DTYPES`) and, as
+    ``coefficients``, the step factors and weights (any float dtype, fp64 too).
     """
     ts = [t for t in tensors if torch.is_tensor(t)]
+    cs = [t for t in coefficients if torch.is_tensor(t)]
     reasons = []
     mode = kernel_mode()
     if mode == "off":
@@ -67,18 +69,19 @@ def not_supported_reasons(*tensors) -> list[str]:
         reasons.append("triton runs in interpreter mode (TRITON_INTERPRET=1): far slower than the reference")
     elif dev.type == "cpu" and not K.INTERPRETED:
         reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
-    for t in ts:
+    for t in ts + cs:
         if t.device != dev:
             reasons.append(f"tensors on {t.device} and {dev}")
+    for t in ts:
         if t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {t.dtype} is not one of {SUPPORTED_DTYPES}")
     return list(dict.fromkeys(reasons))
 
 
-def _pick(name, *tensors):
+def _pick(name, *tensors, coefficients=()):
     """The kernel module's ``name`` where the kernels apply, else ``name_ref`` (logged)."""
     K = kernels()
-    reasons = not_supported_reasons(*tensors)
+    reasons = not_supported_reasons(*tensors, coefficients=coefficients)
     if reasons:
         _log_fallback(f"ig_steps.{name}", reasons, tensors[0].device)
         return getattr(K, name + "_ref")
@@ -93,12 +96,12 @@ def expand_steps(base, index, alphas, bias=None):
     group [G, width] (with a baseline a0: ``a0 @ W_down + b``), or None.
     Differentiable in base, alphas and bias.
     """
-    return _pick("expand_steps", base, index, alphas, bias)(base, index, alphas, bias)
+    return _pick("expand_steps", base, index, bias, coefficients=(alphas,))(base, index, alphas, bias)
 
 
 def segment_sum(rows, index, n_groups, weights=None):
     """``out[g] = sum_{r: index[r] = g} weights[r] * rows[r]``: [n_groups, width] fp32."""
-    return _pick("segment_sum", rows, index, weights)(rows, index, n_groups, weights)
+    return _pick("segment_sum", rows, index, coefficients=(weights,))(rows, index, n_groups, weights)
 
 
 def reduce_steps(grads, index, n_groups, act, w_down=None, weights=None):
@@ -109,7 +112,7 @@ def reduce_steps(grads, index, n_groups, act, w_down=None, weights=None):
     act site, None for pre_act (then ``act * sum``); weights [R] quadrature
     weights, or None when the gradients already carry them.
     """
-    fn = _pick("reduce_steps", grads, index, act, w_down, weights)
+    fn = _pick("reduce_steps", grads, index, act, w_down, coefficients=(weights,))
     return fn(grads, index, n_groups, act, w_down, weights)
 
 
@@ -118,7 +121,7 @@ def ig_expand(y, bias, alphas):
 
     y [B, D] = a @ W_down; bias [D], [B, D] or None; alphas [m] or [B, m].
     """
-    return _pick("ig_expand", y, bias, alphas)(y, bias, alphas)
+    return _pick("ig_expand", y, bias, coefficients=(alphas,))(y, bias, alphas)
 
 
 def ig_expand_from_acts(a, w_down, bias, alphas):
@@ -132,7 +135,7 @@ def ig_reduce(a, w_down, g, weights=None):
     g [B, m, D] d(score)/d(step outputs); weights [m] or [B, m] (None: 1/m, the
     Riemann sum).
     """
-    return _pick("ig_reduce", a, w_down, g, weights)(a, w_down, g, weights)
+    return _pick("ig_reduce", a, w_down, g, coefficients=(weights,))(a, w_down, g, weights)
 
 
 def expand_steps_ref(base, index, alphas, bias=None):
