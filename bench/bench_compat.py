@@ -163,51 +163,50 @@ def run_case(name: str, runs: int, Peer, rate: float) -> list[dict]:
     ours = KnowledgeNeurons(model, tok, model_type=mt, device="cpu")
     prompts = PROMPTS[arch]
     T = max(len(tok(p)["input_ids"]) for p in prompts)
-    quiet = io.StringIO()
 
     def refined(side):
-        def go():
-            import contextlib
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                return side.get_refined_neurons(prompts, TARGET, p=0.5, steps=STEPS, quiet=True)
-        return go
+        return lambda: side.get_refined_neurons(prompts, TARGET, p=0.5, steps=STEPS, quiet=True)
 
-    # Same numbers first.
+    # Same numbers: scores of one prompt within 1e-4, then (in the warm-up
+    # calls below) the same refined neurons and suppression results.
     s_peer = peer.get_scores(prompts[0], TARGET, steps=STEPS, pbar=False).detach()
     s_ours = ours.get_scores(prompts[0], TARGET, steps=STEPS, pbar=False)
     rel = ((s_ours - s_peer).abs().max() / s_peer.abs().max()).item()
     assert rel <= 1e-4, f"{name}: scores differ by {rel:.2e} (relative)"
-    kn_peer, kn_ours = refined(peer)(), refined(ours)()
-    assert kn_peer == kn_ours, f"{name}: refined neurons differ"
-    neurons = kn_peer or [[0, 0]]
+    found = {}
 
     def suppress(side):
-        return lambda: side.suppress_knowledge(prompts[0], TARGET, neurons, quiet=True)[0]
+        return lambda: side.suppress_knowledge(prompts[0], TARGET, found["kns"] or [[0, 0]], quiet=True)[0]
 
-    r_peer, r_ours = suppress(peer)(), suppress(ours)()
-    for when in ("before", "after"):
-        a, b = r_peer[when], r_ours[when]
-        assert a["argmax_completion"] == b["argmax_completion"]
-        for k in ("gt_prob", "argmax_prob"):
-            assert abs(a[k] - b[k]) <= 1e-4 * max(abs(a[k]), 1e-30), (name, when, k, a[k], b[k])
+    def check(op, out):
+        if op == "get_refined_neurons":
+            assert out["knowledge-neurons"] == out["kncore"], f"{name}: refined neurons differ"
+            found["kns"] = out["kncore"]
+            return
+        for when in ("before", "after"):
+            a, b = out["knowledge-neurons"][when], out["kncore"][when]
+            assert a["argmax_completion"] == b["argmax_completion"], (name, when)
+            for k in ("gt_prob", "argmax_prob"):
+                assert abs(a[k] - b[k]) <= 1e-4 * max(abs(a[k]), 1e-30), (name, when, k, a[k], b[k])
 
     rows = []
     for op, make, flops in (("get_refined_neurons", refined, floor_flops(shape, T, STEPS, len(prompts))),
                             ("suppress_knowledge", suppress, None)):
-        res = {}
+        res, first = {}, {}
         for side_name, side in (("knowledge-neurons", peer), ("kncore", ours)):
             fn = make(side)
-            fn()  # warm-up
+            first[side_name] = fn()  # warm-up; its result is checked
             times, mems = [], []
             for _ in range(runs):
                 _, dt, mem = measure(fn)
                 times.append(dt)
                 mems.append(mem)
             res[side_name] = (statistics.median(times), max(mems))
+        check(op, first)
         t_peer, m_peer = res["knowledge-neurons"]
         t_ours, m_ours = res["kncore"]
         rows.append(dict(case=name, op=op, n_prompts=len(prompts) if op == "get_refined_neurons" else 1,
-                         tokens=T, steps=STEPS, n_kns=len(kn_peer),
+                         tokens=T, steps=STEPS, n_kns=len(found["kns"]),
                          peer_s=round(t_peer, 4), kncore_s=round(t_ours, 4), speedup=round(t_peer / t_ours, 2),
                          peer_peak_mib=round(m_peer / 2 ** 20, 1), kncore_peak_mib=round(m_ours / 2 ** 20, 1),
                          floor_s=None if flops is None else round(flops / rate, 4),

@@ -91,21 +91,32 @@ def build(cfg: dict, seed: int = 0) -> LM:
 
 def macs(lm: LM, T: int, b: int):
     """Multiply-accumulates of each side (weights only; attention over <= 10
-    positions is < 1% here). A layer costs 12 d^2 per position, the head V*d."""
+    positions is < 1% here). A layer costs 12 d^2 per position (its QKV 3 d^2),
+    the head V*d. The kncore count follows kncore.trace's jobs: cells before the
+    subject are free, a window's first layer is one position, the last layer
+    computes only keys and values except at the last position."""
     N, d, V = lm.n_layers, lm.d_model, lm.adapter.vocab_size
-    layer, head = 12 * d * d, V * d
+    layer, qkv, head = 12 * d * d, 3 * d * d, V * d
     cells = len(KINDS) * T * N
-    naive = (cells + 2) * (SAMPLES + 1) * T * (N * layer + head)
+    naive = (cells + 1) * (SAMPLES + 1) * T * (N * layer + head) + T * (N * layer + head)
     fast = (1 + SAMPLES) * T * N * layer + (1 + SAMPLES) * head  # clean + corrupted runs
-    jobs = set()
+    jobs, firsts = set(), set()
     for k in KINDS:
         for t in range(b, T):
             for l in range(N):
-                r = range(l, l + 1) if k == "hidden" else window_layers(l, WINDOW, N)
-                entry = l + 1 if k == "hidden" else r.start
-                jobs.add((k == "hidden", k, t, r.start, r.stop, entry))
-    for (_, _, t, _, _, entry) in jobs:
-        fast += SAMPLES * ((T - t) * (N - entry) * layer + head)
+                if k == "hidden":
+                    jobs.add((t, k, l, l + 1))
+                else:
+                    r = window_layers(l, WINDOW, N)
+                    jobs.add((t, k, r.start, r.stop))
+                    firsts.add((t, k, r.start))
+    for (t, k, lo, hi) in jobs:
+        n, entry = T - t, (lo + 1)
+        walk = 0
+        if entry <= N - 1:
+            walk = (N - 1 - entry) * n * layer + (layer + (n - 1) * qkv)
+        fast += SAMPLES * (walk + head)
+    fast += len(firsts) * SAMPLES * layer
     return naive, fast
 
 

@@ -120,12 +120,12 @@ struct RowDelta {
 };
 
 // Updates one row in a single streaming pass, in blocks of 64 elements: the
-// new bits are computed into a block in registers/L1 together with whether
-// undo's recomputation would miss any original; only then is the block
-// written, after recording the (rare) misses, whose originals are still in W.
-// Returns the row's checksum term. (A version that wrote the row to a buffer
-// and copied it back measured 1.85x a bare addr_'s CPU time; this one streams
-// like addr_.)
+// block's original bits are kept in L1 while the new ones are written, noting
+// whether undo's recomputation would miss any original; a block with misses
+// then finds them with a vectorised flag pass and a word-wise scan, so a few %
+// of misses stays cheap. Returns the row's checksum term.
+// (A version that wrote rows to a buffer and copied them back, and scanned
+// misses element by element, measured 3.7x a bare addr_'s CPU time with 2% misses.)
 template <class T, bool kRank1>
 KN_INLINE uint32_t update_row(typename T::bits_t* w, int64_t n, typename T::acc_t au,
                               const typename T::acc_t* v, const typename T::acc_t* db, int64_t flat0,
@@ -136,25 +136,34 @@ KN_INLINE uint32_t update_row(typename T::bits_t* w, int64_t n, typename T::acc_
   for (int64_t j0 = 0; j0 < n; j0 += B) {
     const int64_t len = std::min(B, n - j0);
     bits_t* wb = w + j0;
-    bits_t nw[B];
+    bits_t orig[B];
     uint32_t miss = 0;
     for (int64_t q = 0; q < len; ++q) {
       const auto dl = kRank1 ? au * v[j0 + q] : db[j0 + q];
-      const bits_t x = add_delta<T>(wb[q], dl);
-      nw[q] = x;
-      miss |= uint32_t(sub_delta<T>(x, dl) != wb[q]);
+      const bits_t o = wb[q];
+      const bits_t x = add_delta<T>(o, dl);
+      miss |= uint32_t(sub_delta<T>(x, dl) != o);
+      orig[q] = o;
+      wb[q] = x;
       sum += T::fold(x);
     }
-    if (miss) {
+    if (miss) {  // rare per element, but then a vectorised pass over the block finds them
+      uint8_t flag[B];
       for (int64_t q = 0; q < len; ++q) {
         const auto dl = kRank1 ? au * v[j0 + q] : db[j0 + q];
-        if (sub_delta<T>(nw[q], dl) != wb[q]) {
+        flag[q] = sub_delta<T>(wb[q], dl) != orig[q];
+      }
+      for (int64_t q0 = 0; q0 < len; q0 += 8) {
+        uint64_t word = 0;
+        std::memcpy(&word, flag + q0, std::min<int64_t>(8, len - q0));
+        while (word) {
+          const int64_t q = q0 + __builtin_ctzll(word) / 8;
           exc_idx.push_back(flat0 + j0 + q);
-          exc_bits.push_back(wb[q]);
+          exc_bits.push_back(orig[q]);
+          word &= word - 1;  // flags are 0/1 bytes: this clears the lowest one
         }
       }
     }
-    for (int64_t q = 0; q < len; ++q) wb[q] = nw[q];
   }
   return sum;
 }

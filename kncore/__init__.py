@@ -29,7 +29,8 @@ _LAZY = {
     "TraceResult": "kncore.tracing",
 }
 _SUBMODULES = ("ops", "rome", "compat", "data", "tracing", "attribution", "selection",
-               "interventions", "evaluation", "experiments", "rundir", "info", "cli")
+               "interventions", "evaluation", "localisation", "experiments", "rundir", "info", "cli",
+               "testing", "demo", "distributed", "report")
 
 
 def __getattr__(name):

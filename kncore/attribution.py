@@ -302,6 +302,22 @@ def reduce_steps(grads: torch.Tensor, index: torch.Tensor, n_groups: int, act: t
     return (act.to(acc) * g).float()
 
 
+def _step_ops(device: torch.device):
+    """(expand, reduce) for tensors on ``device``: the Triton kernels of
+    :mod:`kncore.ops.ig_steps` on CUDA (or with ``KNCORE_KERNELS=force``, which
+    sends CPU tensors through Triton's interpreter), else the functions above."""
+    if device.type == "cuda" or os.environ.get("KNCORE_KERNELS") == "force":
+        try:
+            from .ops import ig_steps
+        except ImportError as e:  # a source tree without the kernels: say so once
+            if not getattr(_step_ops, "warned", False):
+                log.warning("kncore.ops.ig_steps unavailable (%s); IG steps use PyTorch", e)
+                _step_ops.warned = True
+        else:
+            return ig_steps.expand_steps, ig_steps.reduce_steps
+    return expand_steps, reduce_steps
+
+
 # ---------------------------------------------------------------------------
 # the fast engine
 # ---------------------------------------------------------------------------
@@ -318,7 +334,8 @@ class _Base:
     act: dict                  # L -> [B, d_ff] site values at the target position
     entry: dict                # L -> hidden the step rows start from
     prefix: KVCache | None     # decoders: keys/values of every position before the target
-    inject: bool               # act site on a pre-LN decoder: rows enter after layer L
+    inject: bool               # pre-LN decoder: rows enter the residual stream after layer L
+    aux: dict                  # L -> [B, d_ff] what the activation needs besides pre_act (LLaMA's up-projection)
 
 
 @contextmanager
@@ -346,14 +363,18 @@ def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _B
     dev = b.input_ids.device
     pos = torch.tensor([it.pos for it in items], device=dev)
     tgt = torch.tensor([it.target for it in items], device=dev)
-    inject = ad.causal and site == "act" and ad.block_style in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL)
+    # Pre-LN decoders: a step row's layer L differs from the base pass only in
+    # its MLP output, so it enters the residual stream after layer L as
+    # (resid_pre + attn_out) + mlp_out(alpha): layer L's attention and (for
+    # act) its whole MLP are not recomputed.
+    inject = ad.causal and ad.block_style in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL)
     caps = [(site, L) for L in layers] + [("resid_pre", L) for L in layers]
     if inject:
         caps += [("attn_out", L) for L in layers]
     out = lm.run(b.input_ids, attention_mask=b.attention_mask, capture=caps,
                  capture_positions=pos if ad.causal else None, return_kv=ad.causal, logits=pos)
     rows = torch.arange(len(items), device=dev)
-    act, entry = {}, {}
+    act, entry, aux = {}, {}, {}
     for L in layers:
         a = out[(site, L)]
         a = a[:, 0] if ad.causal else a[rows, pos]
@@ -362,7 +383,11 @@ def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _B
             raise ValueError(f"{_name(items, prompts, int(bad[0]))}, layer {L}: non-finite {site} activations")
         act[L] = a
         if inject:
-            entry[L] = out[("resid_pre", L)][:, 0] + out[("attn_out", L)][:, 0]  # the runtime's h + a
+            h = out[("resid_pre", L)][:, 0]
+            entry[L] = h + out[("attn_out", L)][:, 0]  # the runtime's h + a
+            if site == "pre_act":  # the MLP's input, as the runtime forms it
+                x = ad.ln2(L, entry[L]) if ad.block_style == BLOCK_SEQUENTIAL else ad.ln1(L, h)
+                aux[L] = ad.mlp_pre(L, x)[1]
         elif ad.causal:
             entry[L] = out[("resid_pre", L)]  # [B, 1, d]
         else:
@@ -379,7 +404,7 @@ def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _B
         first = min(layers)
         cut = lambda ts: [None if (t is None or L < first) else t[:, :, : T - 1] for L, t in enumerate(ts)]
         prefix = KVCache(cut(out.kv.k), cut(out.kv.v), keep)
-    return _Base(items, layers, b.input_ids, b.attention_mask, pos, tgt, probs, act, entry, prefix, inject)
+    return _Base(items, layers, b.input_ids, b.attention_mask, pos, tgt, probs, act, entry, prefix, inject, aux)
 
 
 def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha, r_weight, scale, prompts=None):
@@ -403,7 +428,8 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
     r_item = g_item[r_group]
     T = base.ids.shape[1]
 
-    leaves, segs = [], []  # segs: (enter_layer, hidden, past_rows, mask, patch_builder|None, rows slice)
+    expand, reduce = _step_ops(dev)
+    leaves, segs = [], []  # segs: (enter_layer, hidden, past_rows, mask, patch_builder|None)
     start = 0
     for L in r_layer.unique().tolist():
         n = int((r_layer == L).sum())
@@ -413,13 +439,18 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
         bias = ad.down_bias(L)
         if site == "act":
             y = base.act[L] @ ad.down_weight(L)  # [B, d]: a @ W_down, once per item
-            z = expand_steps(y, items_, r_alpha[sl], bias)
+            z = expand(y, items_, r_alpha[sl], bias)
         else:
-            z = expand_steps(base.act[L], items_, r_alpha[sl])
+            z = expand(base.act[L], items_, r_alpha[sl])
         z = z.detach().requires_grad_(True)
         leaves.append(z)
         if base.inject:
-            h = (base.entry[L].index_select(0, items_) + z)[:, None]
+            if site == "act":
+                m = z
+            else:
+                ax = base.aux[L]
+                m = ad.mlp_down(L, ad.mlp_act(L, z, None if ax is None else ax.index_select(0, items_)))
+            h = (base.entry[L].index_select(0, items_) + m)[:, None]
             segs.append((L + 1, h, items_, None, None))
         else:
             h = base.entry[L].index_select(0, items_)
@@ -452,7 +483,7 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
     # sorted order of the rows (segments were appended by start layer).
     logits = runtime.run(ad, hidden=h, start_layer=N, attention_mask=mask,
                          logits="last" if causal else base.pos.index_select(0, past_rows)).logits
-    p = _probs(logits).gather(1, base.tgt.index_select(0, past_rows)[:, None])[:, 0]
+    p = _TargetProb.apply(logits, base.tgt.index_select(0, past_rows))
     bad = (~torch.isfinite(p)).nonzero()
     if len(bad):
         r = int(bad[0])
@@ -469,7 +500,7 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
         local = torch.searchsorted(groups, r_group[sl])
         w = ad.down_weight(L) if site == "act" else None
         act = base.act[L].index_select(0, g_item[groups])
-        ig[groups] = reduce_steps(g, local, len(groups), act, w) / scale.float().index_select(0, g_item[groups])[:, None]
+        ig[groups] = reduce(g, local, len(groups), act, w) / scale.float().index_select(0, g_item[groups])[:, None]
     probs = torch.empty_like(p)
     probs[order] = p.detach()
     return ig, probs
@@ -485,6 +516,33 @@ def _row_patch(pb, off, n_rows, n_pos):
         return x.index_put((torch.arange(n_rows, device=x.device), where), z.to(x.dtype)).reshape(sel.shape)
 
     return Patch(site, L, rows=rows, fn=put)
+
+
+class _TargetProb(torch.autograd.Function):
+    """softmax(logits)[r, target[r]] with a one-pass backward.
+
+    dP_t/dlogits = P_t (onehot_t - softmax): the backward scales the saved
+    softmax in place instead of running a zero-filled gather gradient and
+    softmax's backward (passes over [rows, vocab]: 6 -> 3; the head's softmax
+    and fill were 6% of a GPT-2-small run, bench/bench_ig.py). Single use:
+    the graph must not be retained.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        sm = _probs(logits)
+        p = sm.gather(1, target[:, None])[:, 0]
+        ctx.save_for_backward(sm, p, target)
+        ctx.dtype = logits.dtype
+        return p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        sm, p, target = ctx.saved_tensors
+        gp = (g * p)[:, None]
+        grad = sm.mul_(-gp).scatter_add_(1, target[:, None], gp)
+        return grad.to(ctx.dtype), None
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
@@ -518,8 +576,10 @@ def _bytes_per_item(lm: LM, layers: list, rows_per_group: int, T: int) -> int:
     N = ad.n_layers
     el = torch.finfo(lm.dtype).bits // 8
     n_pos = 1 if ad.causal else T
-    kv = 2 * ad.n_kv_heads * ad.head_dim * T  # gathered cache keys and values per row
-    per_row_layer = el * (n_pos * (16 * ad.d_model + 5 * ad.d_ff) + (kv if ad.causal else 0))
+    # Saved activations of one row through one block; with the head's
+    # [rows, vocab] buffers this overestimates the measured peak by ~1.5x
+    # (GPT-2-small, 20 steps: ~200 MiB per prompt measured, 317 MiB estimated).
+    per_row_layer = el * n_pos * (16 * ad.d_model + 5 * ad.d_ff)
     row_layers = sum(rows_per_group * (N - L) for L in layers)
     head = len(layers) * rows_per_group * ad.vocab_size * 4 * 3
     return row_layers * per_row_layer + head
@@ -532,8 +592,9 @@ def _chunks(lm: LM, items: list, layers: list, rows_per_group: int, batch_size):
         frac = 0.5 if lm.device.type == "cuda" else 0.35
         k = max(1, int(_free_bytes(lm.device) * frac // max(per, 1)))
         if lm.device.type != "cuda":
-            # CPU: past ~2000 rows a matmul gains nothing more (GPT-2-small
-            # shape, bench/bench_ig.py), while memory traffic grows.
+            # CPU: a [rows, 768] x [768, 3072] matmul runs at 36, 39 and 47
+            # GFLOP/s with 240, 720 and 1440 rows (one core, GPT-2-small
+            # shape): little is left to gain past ~2000 rows, while memory grows.
             k = min(k, max(1, 2048 // max(1, rows_per_group * len(layers))))
     elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
         k = batch_size

@@ -342,12 +342,6 @@ def test_edit_and_eval_equal_the_api(tmp_path, rng):
 
 @pytest.mark.slow
 def test_smollm_attribute_capital_of_canada(tmp_path, smollm):
-    try:
-        smollm.fingerprint()
-    except IndexError:
-        pytest.xfail("LM.fingerprint() indexes past the end of SmolLM2's embedding (its float32 linspace "
-                     "rounds 28311551 up); the run manifest records the fingerprint, so every real-model "
-                     "command fails until kncore/lm.py uses a float64 linspace")
     out = tmp_path / "run"
     assert main(["attribute", "--prompt", "The capital of Canada is", "--target", " Ottawa", "--layers", "14-17",
                  "--steps", "6", "--out", str(out), "--no-progress"]) == 0

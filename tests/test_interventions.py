@@ -153,11 +153,10 @@ def test_padded_batch_patches_each_rows_target(tiny):
     assert (batch - unpatched).abs().max().item() > 1e-5
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
 def test_kv_cache_paths(arch):
     """Decoders: a suffix run from a KV cache (runtime) and an incremental HF
     forward with past_key_values patch the new last token, as a full run does."""
-    if arch == "bert":
-        pytest.skip("masked LM: no KV cache")
     lm = kncore.testing.tiny_lm(arch, seed=int(torch.randint(0, 1000, ())))
     g = _gen()
     ids = _ids(lm, _prompt(lm, g, 9))
@@ -207,10 +206,14 @@ def test_exact_restore_after_exit_and_exception(tiny):
         with torch.no_grad():
             tiny.run(ids)
     assert not p.active
-    # an exception inside the HF forward itself (bad input) must not leave state behind
-    with kncore.patch_neurons(tiny, kns, mode="enhance"):
+    # an exception inside the HF forward itself (bad input) must not leave state
+    # behind: afterwards the runtime (which calls the pre-activation module)
+    # still applies the patch once, as the HF forward does
+    with kncore.patch_neurons(tiny, kns, mode="scale", factor=-2.0, site="pre_act"), torch.no_grad():
         with pytest.raises(Exception):
             tiny.model(torch.full((1, 3), 10 ** 6))
+        rt, hf = tiny.run(ids).logits, tiny.model(ids).logits
+        assert (rt - hf).abs().max().item() <= 1e-4 * _scale(hf)
     with torch.no_grad():
         after_rt, after_hf = tiny.run(ids).logits, tiny.model(ids).logits
     assert torch.equal(after_rt, base_rt) and torch.equal(after_hf, base_hf)

@@ -16,6 +16,7 @@ from kncore import InputError
 from kncore.testing import _WORDS, tiny_lm
 from kncore.tracing import (GROUPS, TraceResult, average_indirect_effect, embedding_std, load_corpus, trace,
                             trace_corpus, trace_ref, window_layers)
+from kncore.tracing import core
 from kncore.tracing import corpus as corpus_mod
 
 WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
@@ -41,11 +42,13 @@ def _rel(a, b):
     return ((a - b).abs() / b.abs()).max().item()
 
 
-def test_trace_equals_rome_loop(tiny):
+def test_trace_equals_rome_loop(tiny, monkeypatch):
     rng = _rng()
     prompt, subject = _prompt(tiny, rng, rng.randint(5, 8))
     samples, window = rng.randint(2, 4), rng.randint(1, 6)
-    # a small max_tokens forces several runtime calls per layer
+    # a small state cap splits a token's jobs into several walks, a small
+    # max_tokens forces several runtime calls per layer
+    monkeypatch.setattr(core, "STATE_BYTES", samples * 10 * tiny.d_model * 4 * rng.randint(1, 6))
     fast = trace(tiny, prompt, subject, samples=samples, window=window, seed=rng.randint(0, 99),
                  noise="3sd", max_tokens=rng.randint(5, 40))
     ref = trace_ref(tiny, prompt, subject, samples=samples, window=window, seed=fast.seed, noise="3sd")
@@ -259,7 +262,7 @@ def test_smollm_trace_matches_rome_loop(smollm):
     prompt, subject = "The capital of Canada is", "Canada"
     res = trace(smollm, prompt, subject, samples=4)
     assert res.answer == " Ottawa"
-    assert res.high > 0.3 and res.low < res.high / 2
+    assert res.high > 0.1 and res.low < res.high / 10
     cells = random.Random(int(torch.randint(0, 1 << 30, ()))).sample(
         [(k, t, l) for k in res.kinds for t in range(len(res.tokens)) for l in range(smollm.n_layers)], 12)
     ref = trace_ref(smollm, prompt, subject, samples=4, cells=cells)
@@ -277,9 +280,8 @@ def test_smollm_known_1000_corpus(smollm, data_dir, tmp_path):
     out = trace_corpus(smollm, recs, tmp_path, kinds=("hidden",), samples=2, progress=False)
     assert len(out) == 4 and {r["status"] for r in out} <= {"ok", "wrong_prediction"}
     cfg = json.loads((tmp_path / "config.json").read_text())
-    # ROME's noise: 3 x the std of the subjects' embeddings over the whole data set
-    subjects = [r["subject"] for r in json.loads((data_dir / "known" / "known_1000.json").read_text())]
-    assert cfg["noise_scale"] == pytest.approx(3 * embedding_std(smollm, subjects), rel=1e-6)
+    # ROME's noise: 3 x the std of the embeddings of the data set's subjects
+    assert cfg["noise_scale"] == pytest.approx(3 * embedding_std(smollm, [r["subject"] for r in recs]), rel=1e-6)
     for r in out:
         if r["status"] == "ok":
             assert r["trace"].answer.strip() == r["record"]["attribute"]

@@ -367,7 +367,10 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
                                  logits=None, capture=caps)
                     mask = b.attention_mask.reshape(-1)
                     for L in layers:
-                        accs[L].update(out.captured[("act", L)].reshape(-1, d_ff), mask)
+                        X = out.captured[("act", L)].reshape(-1, d_ff)
+                        if X.dtype == torch.float64 and acc_dtype != torch.float64:
+                            X = X.to(acc_dtype)  # the op refuses to narrow silently
+                        accs[L].update(X, mask)
                     del out
                     done["batches"] += 1
                     done["tokens"] += int(b.lengths.sum())

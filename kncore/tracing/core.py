@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..lm import LM, InputError
-from ..runtime import Patch
+from ..runtime import KVCache, Patch
 
 KINDS = ("hidden", "mlp", "attn")
 SITE_OF = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
@@ -44,6 +44,9 @@ _SD = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*sd\s*$")
 # Row-positions per runtime call. GPT-2-medium shape on the 2-core CPU:
 # see bench/bench_trace.py --sweep for the measurement behind this default.
 DEFAULT_MAX_TOKENS = 2048
+# Cap on the hidden states one walk keeps ([rows, positions, d_model]); more
+# jobs than fit are walked in several passes.
+STATE_BYTES = 1 << 30
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -224,7 +227,7 @@ class _Job:
     code: int   # 0 hidden (input replaced), 1 mlp_out, 2 attn_out (patched on [lo, hi))
     lo: int
     hi: int
-    entry: int  # the layer at which the row joins the walk
+    entry: int  # the layer at which the job's rows join the walk
 
 
 @torch.no_grad()
@@ -278,8 +281,11 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
                 if k == "hidden":
                     key = (t, 0, l, l + 1, l + 1)
                 else:
+                    # Decoders: at a window's first layer only token t changes (attention
+                    # there reads unchanged inputs), so the rows join one layer later
+                    # with that one position computed alone (_first_layer).
                     r = window_layers(l, window, N)
-                    key = (t, _CODE[k], r.start, r.stop, r.start)
+                    key = (t, _CODE[k], r.start, r.stop, r.start + 1 if ad.causal else r.start)
                 cell_job[k][t, l] = jobs.setdefault(key, len(jobs))
     job_list = [_Job(*key) for key in jobs]
     probs = torch.full((len(job_list),), float("nan"))
@@ -287,8 +293,13 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
     for i, j in enumerate(job_list):
         groups.setdefault(j.t if ad.causal else 0, []).append(i)
     for p0, idx in groups.items():
-        probs[idx] = _walk(lm, [job_list[i] for i in idx], p0, inputs, clean, cor.kv, samples, tgt, tpos,
-                           max_tokens)
+        # Jobs in entry order, split so that a walk's hidden states stay under STATE_BYTES.
+        idx.sort(key=lambda i: job_list[i].entry)
+        cap = max(1, STATE_BYTES // (samples * (T - p0) * ad.d_model * inputs[0].element_size()))
+        for c in range(0, len(idx), cap):
+            part = idx[c:c + cap]
+            probs[part] = _walk(lm, [job_list[i] for i in part], p0, inputs, clean, cor.kv, samples, tgt, tpos,
+                                max_tokens)
 
     scores = {}
     for k in kinds:
@@ -324,36 +335,80 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
     row_sample = torch.arange(S, device=dev).repeat(J)
     past = kv.truncate(p0) if (causal and p0 > 0) else None
     step = max(1, max_tokens // n)
+    final_pos = lambda rows: "last" if causal else torch.full((rows,), tpos, device=dev)
 
     h = inputs[0].new_empty(R, n, inputs[0].shape[-1])
-    joined = 0
+    probs = torch.empty(R, dtype=torch.float32)
+    joined = scored = 0
     for L in range(int(entry[0]), N + 1):
         upto = int(torch.searchsorted(entry, L, right=True))  # jobs with entry <= L
         if upto > joined:
             h[joined * S: upto * S] = inputs[L][:, p0:].repeat(upto - joined, 1, 1)
+            firsts = {}
             for j in range(joined, upto):
+                rows = slice(j * S, (j + 1) * S)
                 if jobs[j].code == 0:  # restored block output of layer L-1
-                    h[j * S:(j + 1) * S, jobs[j].t - p0] = clean[("resid_post", L - 1)][0, jobs[j].t]
+                    h[rows, jobs[j].t - p0] = clean[("resid_post", L - 1)][0, jobs[j].t]
+                elif causal:  # a window whose first layer, L-1, changed token t = p0 only
+                    if jobs[j].code not in firsts:
+                        firsts[jobs[j].code] = _first_layer(lm, L - 1, jobs[j].code, p0, inputs, clean, past, S)
+                    h[rows, 0] = firsts[jobs[j].code]
             joined = upto
-        if L == N:
-            break
         active = joined * S
+        if L == N:  # rows that joined after the last layer: only the head is left
+            for s in range(scored, active, step):
+                e = min(active, s + step)
+                logits = lm.run(hidden=h[s:e], start_layer=N, logits=final_pos(e - s)).logits
+                probs[s:e] = logits.float().softmax(-1)[:, target].cpu()
+            break
         for s in range(0, active, step):
             e = min(active, s + step)
-            out = lm.run(hidden=h[s:e], start_layer=L, stop_layer=L + 1, past=past,
-                         past_rows=None if past is None else row_sample[s:e],
-                         patches=_patches(L, code[s:e], lo[s:e], hi[s:e], tt[s:e], clean), logits=None)
-            h[s:e] = out.hidden
-    probs = torch.empty(R, dtype=torch.float32)
-    for s in range(0, R, step):
-        e = min(R, s + step)
-        pos = "last" if causal else torch.full((e - s,), tpos, device=dev)
-        logits = lm.run(hidden=h[s:e], start_layer=N, logits=pos).logits
-        probs[s:e] = logits.float().softmax(-1)[:, target].cpu()
+            patches = _patches(L, code[s:e], lo[s:e], hi[s:e], tt[s:e], clean)
+            rows = None if past is None else row_sample[s:e]
+            if L < N - 1:
+                h[s:e] = lm.run(hidden=h[s:e], start_layer=L, stop_layer=L + 1, past=past, past_rows=rows,
+                                patches=patches, logits=None).hidden
+                continue
+            if causal and n > 1:
+                logits = _top_layer(lm, h[s:e], p0, past, rows, patches)
+            else:
+                logits = lm.run(hidden=h[s:e], start_layer=L, past=past, past_rows=rows, patches=patches,
+                                logits=final_pos(e - s)).logits
+            probs[s:e] = logits.float().softmax(-1)[:, target].cpu()
+        if L == N - 1:
+            scored = active
     means = probs.view(J, S).mean(1)
     out = torch.empty(J)
     out[torch.tensor(order)] = means
     return out
+
+
+def _first_layer(lm: LM, L: int, code: int, t: int, inputs: list, clean, past, S: int) -> torch.Tensor:
+    """Output of layer L at token t [S, d] with its mlp_out/attn_out restored, the
+    other positions being unchanged at that layer (decoders only)."""
+    site = "mlp_out" if code == 1 else "attn_out"
+    out = lm.run(hidden=inputs[L][:, t:t + 1], start_layer=L, stop_layer=L + 1, past=past,
+                 patches=[Patch(site, L, positions=t, value=clean[(site, L)][0, t])], logits=None)
+    return out.hidden[:, 0]
+
+
+def _top_layer(lm: LM, h: torch.Tensor, p0: int, past, past_rows, patches) -> torch.Tensor:
+    """Logits of the last block at the last position only (decoders).
+
+    Nothing but the last position's output reaches the head, so the other
+    positions need only their keys and values at this layer: 2 of GPT-2's
+    12 d^2 multiply-adds per position instead of 12.
+    """
+    ad = lm.adapter
+    L = ad.n_layers - 1
+    B, n, _ = h.shape
+    pos = torch.arange(p0, p0 + n - 1, device=h.device)[None].expand(B, -1)
+    _, k, v = ad.qkv(L, ad.ln1(L, h[:, :-1]), pos)
+    if past is not None:
+        k = torch.cat([past.k[L][past_rows].to(k.dtype), k], dim=2)
+        v = torch.cat([past.v[L][past_rows].to(v.dtype), v], dim=2)
+    cache = KVCache([None] * L + [k], [None] * L + [v])
+    return lm.run(hidden=h[:, -1:], start_layer=L, past=cache, patches=patches, logits="last").logits
 
 
 def _patches(L, code, lo, hi, tt, clean) -> list:
