@@ -17,8 +17,9 @@ vocabulary 50257) and 4 layers (12 would take minutes per prompt on the
 package side on 2 busy cores), the word-level test tokenizer; two facts of
 five paraphrases each. The script checks that both sides give the same
 scores (1e-4 relative), knowledge neurons, p and R1^2 before timing.
-Reported: median of ``--runs`` runs after a warm-up, the ratio, peak resident
-memory above the start of each call. Results:
+Reported: median of ``--runs`` runs after a warm-up, the ratio, and each
+side's peak resident memory during its first call above the level before
+it (sampled every 2 ms, each side in a fresh process). Results:
 bench/results/bench_experiments_<machine>_<commit>.{csv,md}.
 """
 from __future__ import annotations
@@ -67,40 +68,12 @@ def commit() -> str:
         return "nogit"
 
 
-class PeakRSS:
-    """Peak resident set above the level at entry, sampled every 2 ms (on the
-    CPU torch keeps no allocator statistics)."""
-
-    def __enter__(self):
-        self.base = self._rss()
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _loop(self):
-        while not self._stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
-        self.mb = (self.peak - self.base) / 2**20
-
-
 # -- the peer: the paper's pipeline on the knowledge-neurons package ----------------------------
 def paper_adaptive(scores: torch.Tensor, t: float = 0.2, p: float = 0.7, lo: int = 2, hi: int = 5):
     """Coarse neurons per prompt above t x its max; keep those shared by more
     than n x p prompts, moving p by 0.05 (at most 20 tries) toward 2..5 neurons."""
     coarse = [torch.nonzero(s > s.max().item() * t).tolist() for s in scores]
+    paper_adaptive.coarse = coarse
     for _ in range(20):
         count: dict = {}
         for c in coarse:
@@ -133,7 +106,7 @@ def run_peer(model, tok, facts):
         sc = torch.stack([kn.get_scores(q, obj, batch_size=STEPS, steps=STEPS, pbar=False) for q in prompts])
         neurons, p, conv = paper_adaptive(sc)
         out[subject] = {"scores": sc, "neurons": [tuple(n) for n in neurons], "p": p, "r1": paper_r1(sc),
-                        "converged": conv}
+                        "converged": conv, "coarse": [sorted(tuple(n) for n in c) for c in paper_adaptive.coarse]}
     return out
 
 
@@ -152,19 +125,24 @@ def run_kncore(lm, data: Path, out: Path):
                      progress=False)
     kns = X.read_kns(out)
     from kncore.rundir import RunDir
-    attr = RunDir.load(out).load_tensors("attr")
+    rd = RunDir.load(out)
+    attr = rd.load_tensors("attr")
+    coarse = rd.read("coarse").to_pylist()
     got = {}
     for f in res["facts"]:
         keys = sorted(k for k in attr if k.startswith(f["key"] + "#"))
         got[f["label"]] = {"scores": torch.stack([attr[k] for k in keys]), "neurons": sorted(kns[f["key"]]),
-                           "p": f["p"], "r1": f["r1_sq"]}
+                           "p": f["p"], "r1": f["r1_sq"],
+                           "coarse": [sorted((r["layer"], r["neuron"]) for r in coarse
+                                             if r["fact"] == f["key"] and r["j"] == j) for j in range(len(keys))]}
     return got
 
 
 def check(peer, ours) -> int:
-    """Assert equal numbers; returns how many facts the paper's p search left
-    unconverged (it then steps p past 1 and back; kncore stops at the edge of
-    [0, 1) and keeps the nearer side, so their KNs may differ there)."""
+    """Assert equal numbers (scores, every prompt's coarse neurons, R1^2, and
+    KNs and p); returns how many facts the paper's p search left unconverged
+    (it then steps p past 1 and back; kncore stops at the edge of [0, 1) and
+    keeps the nearer side, so only the KNs and p are not compared there)."""
     skipped = 0
     for s in peer:
         a, b = peer[s], ours[s]
@@ -173,6 +151,7 @@ def check(peer, ours) -> int:
         err = float((a["scores"].float() - b["scores"].float()).abs().max() / scale)
         assert err < 1e-4, f"{s}: scores differ by {err:.2e} of the largest"
         assert abs(a["r1"] - b["r1"]) < 1e-5, (s, a["r1"], b["r1"])
+        assert a["coarse"] == b["coarse"], f"{s}: coarse neurons differ"
         if not a["converged"]:
             skipped += 1
             continue
@@ -181,22 +160,58 @@ def check(peer, ours) -> int:
     return skipped
 
 
+class PeakRSS:
+    """Peak resident set above the level at entry, sampled every 2 ms (on the
+    CPU torch keeps no allocator statistics)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = False
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _loop(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.mb = (max(self.peak, self._rss()) - self.base) / 2**20
+
+
 def timed(fn, runs):
-    fn()  # warm-up
-    ts, mem = [], 0.0
+    """(median seconds, all seconds) after a warm-up call."""
+    fn()
+    ts = []
     for _ in range(runs):
-        with PeakRSS() as m:
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        mem = max(mem, m.mb)
-    return statistics.median(ts), ts, mem
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def peak_mb(side: str, quick: bool) -> float:
+    """Peak resident memory of one call of one side above the level before
+    it, sampled every 2 ms in a fresh process (so neither side reuses pages
+    the other freed)."""
+    cmd = [sys.executable, __file__, "--child", side] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 layers and d_ff 1024 (a smoke run, not for reports)")
+    ap.add_argument("--child", choices=["peer", "kncore"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -211,13 +226,22 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-exp-"))
     try:
         write_data(tmp / "data")
+        if args.child:
+            with PeakRSS() as m:
+                if args.child == "peer":
+                    run_peer(model, tok, FACTS)
+                else:
+                    run_kncore(lm, tmp / "data", tmp / "run")
+            print(m.mb)
+            return
         peer = run_peer(model, tok, FACTS)
         ours = run_kncore(lm, tmp / "data", tmp / "run")
         unconverged = check(peer, ours)
-        t_peer, all_peer, m_peer = timed(lambda: run_peer(model, tok, FACTS), args.runs)
-        t_ours, all_ours, m_ours = timed(lambda: run_kncore(lm, tmp / "data", tmp / "run"), args.runs)
+        t_peer, all_peer = timed(lambda: run_peer(model, tok, FACTS), args.runs)
+        t_ours, all_ours = timed(lambda: run_kncore(lm, tmp / "data", tmp / "run"), args.runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    m_peer, m_ours = peak_mb("peer", args.quick), peak_mb("kncore", args.quick)
     n_prompts = len(FACTS) * len(TEMPLATES)
     row = {"case": f"localise {len(FACTS)} facts x {len(TEMPLATES)} prompts, {shape['n_layers']} layers, "
                    f"{STEPS} steps", "peer": "knowledge-neurons get_scores + paper refinement",
@@ -225,8 +249,9 @@ def main():
            "peer_peak_mb": round(m_peer, 1), "kncore_peak_mb": round(m_ours, 1),
            "peer_runs_s": " ".join(f"{t:.2f}" for t in all_peer),
            "kncore_runs_s": " ".join(f"{t:.2f}" for t in all_ours), "prompts": n_prompts,
-           "same_numbers": "scores 1e-4 rel, R1^2 1e-5, KNs and p equal" + (
-               f" ({unconverged} fact(s) where the paper's p search does not converge: KNs not compared)"
+           "same_numbers": "scores 1e-4 rel, coarse neurons, R1^2 1e-5, KNs and p equal" + (
+               f" (KNs and p not compared for {unconverged} fact(s) where the paper's p search does not "
+               f"converge)"
                if unconverged else "")}
     name = f"bench_experiments_{machine()}_{commit()}"
     if not args.quick:

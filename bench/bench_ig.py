@@ -412,7 +412,9 @@ def write(rows, notes, args, cmd):
                                 text=True).stdout.strip() or "nocommit"
     except OSError:
         commit = "nocommit"
-    stem = out / f"ig_{machine(args.device)}_{commit}{'_quick' if args.quick else ''}"
+    threads = "" if torch.device(args.device).type == "cuda" or torch.get_num_threads() == os.cpu_count() \
+        else f"_{torch.get_num_threads()}thread"
+    stem = out / f"ig_{machine(args.device)}{threads}_{commit}{'_quick' if args.quick else ''}"
     keys = list(dict.fromkeys(k for r in rows for k in r))
     tmp = stem.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
@@ -420,7 +422,8 @@ def write(rows, notes, args, cmd):
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, stem.with_suffix(".csv"))
-    md = [f"# bench_ig ({machine(args.device)}, commit {commit})", "", f"`{cmd}`", "",
+    md = [f"# bench_ig ({machine(args.device)}, {torch.get_num_threads()} torch threads, commit {commit})", "",
+          f"`{cmd}`", "",
           "| peer | scheme | prompts x tokens | peer s/prompt | kncore s/prompt | ratio | max rel err | "
           "kncore GFLOP/s (% matmul peak) | FLOP ratio | peak MiB kncore / peer |",
           "|---|---|---|---|---|---|---|---|---|---|"]

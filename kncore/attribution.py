@@ -418,7 +418,6 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
     ad = lm.adapter
     N = ad.n_layers
     dev = base.ids.device
-    dt = lm.dtype
     causal = ad.causal
     # Order rows by start layer: the rows of layer L join the active set at L
     # (or after L when injected) and stay in it up to the head.
@@ -426,7 +425,6 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
     order = torch.argsort(r_layer, stable=True)
     r_group, r_alpha, r_weight, r_layer = r_group[order], r_alpha[order], r_weight[order], r_layer[order]
     r_item = g_item[r_group]
-    T = base.ids.shape[1]
 
     expand, reduce = _step_ops(dev)
     leaves, segs = [], []  # segs: (enter_layer, hidden, past_rows, mask, patch_builder|None)
@@ -652,6 +650,9 @@ def _ig_chunk(lm, items, layers, site, scheme, steps, gap_tol, max_steps, prompt
         ig[todo] = keep * ig[todo] + ig2[todo]
         m_used[todo] = 2 * m
         gap[todo] = _gap(ig[todo], f1[todo], f0[todo])
+    if gap_tol is not None and bool((gap > gap_tol).any()):
+        log.warning("%d of %d (prompt, layer) pairs still have a completeness gap above %g at max_steps=%d",
+                    int((gap > gap_tol).sum()), G, gap_tol, max_steps)
     for gi in (~torch.isfinite(ig).all(-1)).nonzero()[:, 0].tolist():
         raise ValueError(f"{_name(items, prompts, gi // nL)}, layer {layers[gi % nL]}: non-finite attribution "
                          "scores")

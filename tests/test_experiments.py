@@ -301,14 +301,21 @@ def _cases(path):
     return path
 
 
-@pytest.mark.parametrize("editor", ["kn", "rome"])
+@pytest.mark.parametrize("editor", ["kn", "rome", "rome-mom2"])
 def test_edit_eval_tiny(editor, tmp_path):
     lm = tiny_lm("gpt2", seed=_seed())
     ds = _cases(tmp_path / "cases.json")
-    kw = dict(editor=editor, progress=False, chunk=2)
-    if editor == "rome":
-        kw["hparams"] = kncore.rome.ROMEHparams(layers=[1], mom2_adjustment=False, v_num_grad_steps=3,
+    kw = dict(editor=editor.split("-")[0], progress=False, chunk=2)
+    if editor.startswith("rome"):
+        mom2 = editor == "rome-mom2"
+        kw["hparams"] = kncore.rome.ROMEHparams(layers=[1], mom2_adjustment=mom2, v_num_grad_steps=3,
                                                 context_template_length_params=[[3, 2]])
+        if mom2:  # ROME's C^-1 from statistics over a small corpus, cached in the test's folder
+            g = torch.Generator().manual_seed(_seed())
+            words = "the capital of canada is ottawa france paris city country one two".split()
+            texts = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g).tolist())
+                     for _ in range(40)]
+            kw.update(stats_corpus=texts, stats_samples=40, stats_cache=tmp_path / "stats")
     else:
         kw.update(kn_steps=3)
     snap = {n: p.detach().clone() for n, p in lm.model.named_parameters()}

@@ -441,7 +441,7 @@ def test_hparams_files(tmp_path):
 def test_smollm_edit_canada_rome(smollm, tmp_path):
     lm = smollm
     hp = rome.load_hparams("smollm2-135m")
-    st = rome.layer_stats(lm, hp.layers, "pydoc", n_samples=300, cache_dir=tmp_path, progress=False)
+    st = rome.layer_stats(lm, hp.layers, "pydoc", n_samples=200, cache_dir=tmp_path, progress=False)
     rome_id, paris_id = lm.token_id(" Rome"), lm.token_id(" Paris")
     assert int(lm.next_token_probs("The capital of France is")[0].argmax()) == paris_id
     assert int(lm.next_token_probs("The capital of Canada is")[0].argmax()) != rome_id

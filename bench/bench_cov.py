@@ -1,0 +1,245 @@
+"""Benchmark kncore.ops.cov_accumulate_ (C += X^T X, lower triangle) against its peers.
+
+Peers, in the same process on the same inputs:
+  * float32:  torch ``C.addmm_(X.T, X)`` and ROME's layer_stats accumulation
+    ``mom2 += a.t().mm(a)``; ours with a float32 accumulator.
+  * bfloat16 X, float64 accumulator: the plain-torch way to that accuracy,
+    ``X64 = X.double(); C.addmm_(X64.T, X64)``; ours with C float64.
+Each case checks that both sides agree, reports the median (and min) of
+several runs, the speed-up, the extra resident memory during the call, and the
+useful rate (rows*d*(d+1) FLOPs for the symmetric product) as a fraction of a
+large matmul measured in the same run.
+
+    python bench/bench_cov.py --quick              # d = 3072 only
+    python bench/bench_cov.py                      # d = 3072 6400 11008 16384
+    python bench/bench_cov.py --d 3072 6400 --reps 7
+
+Results: bench/results/bench_cov_<machine>_<commit>.{csv,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from kncore import _ext  # noqa: E402
+from kncore.ops.cov_accumulate import cov_accumulate_, cov_mirror  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "nogit"
+    except OSError:
+        return "nogit"
+
+
+def machine() -> str:
+    if CUDA:
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_once(fn) -> tuple[float, float]:
+    """(seconds, extra MiB while running): CUDA events and max_memory_allocated on a GPU;
+    on CPU a host clock and the resident-set high-water mark sampled every 0.5 ms."""
+    if CUDA:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    t = time.perf_counter()
+    fn()
+    t = time.perf_counter() - t
+    done.set()
+    th.join()
+    return t, max(0, max(peak[0], _rss()) - base) / 2**20
+
+
+def bench(fns: dict, reps: int) -> dict:
+    """Interleaved runs (so load changes hit every side alike): name -> (median s, min s, MiB)."""
+    times = {k: [] for k in fns}
+    mem = {k: 0.0 for k in fns}
+    for f in fns.values():
+        f()  # warm up (allocator, BLAS threads, workspace)
+    for _ in range(reps):
+        for k, f in fns.items():
+            t, m = run_once(f)
+            times[k].append(t)
+            mem[k] = max(mem[k], m)
+    return {k: (statistics.median(v), min(v), mem[k]) for k, v in times.items()}
+
+
+def matmul_peak(dtype, n=4096) -> float:
+    """GFLOP/s of a large square matmul (the machine's ceiling for this dtype)."""
+    a = torch.randn(n, n, dtype=dtype, device=DEV)
+    b = torch.randn(n, n, dtype=dtype, device=DEV)
+    t = bench({"mm": lambda: torch.mm(a, b)}, 3)["mm"][1]
+    return 2 * n**3 / t / 1e9
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def case_fp32(d, rows, reps, check_fp64):
+    X = torch.randn(rows, d, device=DEV) * 2 + 0.5
+    C_t = torch.zeros(d, d, device=DEV)
+    C_r = torch.zeros(d, d, device=DEV)
+    C_o = torch.zeros(d, d, device=DEV)
+
+    fns = {"torch addmm_ fp32": lambda: C_t.addmm_(X.T, X),
+           "ROME mom2 += a.t().mm(a)": lambda: C_r.add_(X.t().mm(X)),  # runningstats.SecondMoment
+           "kncore cov_accumulate_ fp32": lambda: cov_accumulate_(C_o, X)}
+    # agreement: one accumulation each from zero
+    for C in (C_t, C_r, C_o):
+        C.zero_()
+    for f in fns.values():
+        f()
+    full = cov_mirror(C_o)
+    agree = rel(full, C_t)
+    errs = {}
+    if check_fp64:
+        ref = X.double().T @ X.double()
+        errs = {"torch addmm_ fp32": rel(C_t, ref), "ROME mom2 += a.t().mm(a)": rel(C_r, ref),
+                "kncore cov_accumulate_ fp32": rel(full, ref)}
+    del full
+    res = bench(fns, reps)
+    return res, agree, errs
+
+
+def case_bf16_fp64(d, rows, reps):
+    X = (torch.randn(rows, d, device=DEV) * 2 + 0.5).bfloat16()
+    C_t = torch.zeros(d, d, dtype=torch.float64, device=DEV)
+    C_o = torch.zeros(d, d, dtype=torch.float64, device=DEV)
+
+    def plain():
+        X64 = X.double()
+        C_t.addmm_(X64.T, X64)
+
+    fns = {"torch upcast + addmm_ fp64": plain, "kncore cov_accumulate_ bf16->fp64": lambda: cov_accumulate_(C_o, X)}
+    for f in fns.values():
+        f()
+    agree = rel(cov_mirror(C_o), C_t)
+    res = bench(fns, reps)
+    return res, agree
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d", type=int, nargs="+", default=None, help="hidden sizes (default 3072 6400 11008 16384)")
+    p.add_argument("--rows", type=int, default=4096, help="rows per update (a realistic token batch)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per side (default 5, 3 with --quick)")
+    p.add_argument("--quick", action="store_true", help="d = 3072 only, 3 runs")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    a = p.parse_args(argv)
+    dims = a.d or ([3072] if a.quick else [3072, 6400, 11008, 16384])
+    reps = a.reps or (3 if a.quick else 5)
+    if not _ext.load():
+        print(f"warning: kncore._C unavailable ({_ext.load_error()}); timing the reference path", file=sys.stderr)
+
+    peak32, peak64 = matmul_peak(torch.float32), matmul_peak(torch.float64)
+    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s "
+          f"({DEV}, {torch.get_num_threads()} threads)", flush=True)
+    rows_out = []
+    for d in dims:
+        useful = a.rows * d * (d + 1)  # FLOPs of the symmetric product (one triangle with its diagonal)
+        full = 2 * a.rows * d * d
+        res, agree, errs = case_fp32(d, a.rows, reps, check_fp64=d <= 6400)
+        base = res["torch addmm_ fp32"][0]
+        for name, (med, mn, mib) in res.items():
+            flops = useful if name.startswith("kncore") else full
+            rows_out.append(dict(case="fp32", d=d, rows=a.rows, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
+                                 speedup_vs_torch=base / med, extra_mib=mib,
+                                 frac_of_peak=flops / med / 1e9 / peak32,
+                                 agreement=agree, err_vs_fp64=errs.get(name, float("nan"))))
+            print(f"d={d:6d} fp32      {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f}  "
+                  f"+{mib:7.1f} MiB  {rows_out[-1]['frac_of_peak']:.0%} of peak", flush=True)
+        res, agree = case_bf16_fp64(d, a.rows, reps)
+        base = res["torch upcast + addmm_ fp64"][0]
+        for name, (med, mn, mib) in res.items():
+            flops = useful if name.startswith("kncore") else full
+            rows_out.append(dict(case="bf16->fp64", d=d, rows=a.rows, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
+                                 speedup_vs_torch=base / med, extra_mib=mib, frac_of_peak=flops / med / 1e9 / peak64,
+                                 agreement=agree, err_vs_fp64=float("nan")))
+            print(f"d={d:6d} bf16>fp64 {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f}  "
+                  f"+{mib:7.1f} MiB  {rows_out[-1]['frac_of_peak']:.0%} of peak", flush=True)
+
+    try:
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    header = (f"# bench_cov on {machine()} at {commit()}\n\n"
+              f"Command: `python bench/bench_cov.py {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
+              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+              f"rows per update {a.rows}; median of {reps} interleaved runs; load average at the end: {load}.  \n"
+              f"Matmul peak measured in the same run: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s. "
+              "`of peak` counts rows*d*(d+1) FLOPs for kncore (the symmetric product) and 2*rows*d^2 for the "
+              "peers (what they compute).  \n"
+              + ("" if CUDA else "**GPU: not measured** (no CUDA device on this machine).  \n") + "\n")
+    table = ["| case | d | side | median ms | min ms | speed-up vs torch | extra MiB | of peak | agreement (rel) | err vs fp64 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows_out:
+        table.append(f"| {r['case']} | {r['d']} | {r['side']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
+                     f"{r['speedup_vs_torch']:.2f}x | {r['extra_mib']:.0f} | {r['frac_of_peak']:.0%} | "
+                     f"{r['agreement']:.1e} | {r['err_vs_fp64']:.1e} |")
+    md = header + "\n".join(table) + "\n"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows_out[0]))
+    w.writeheader()
+    w.writerows(rows_out)
+    if not a.no_write:
+        stem = RESULTS / f"bench_cov_{machine()}_{commit()}"
+        write_atomic(stem.with_suffix(".csv"), buf.getvalue())
+        write_atomic(stem.with_suffix(".md"), md)
+        print(f"wrote {stem}.csv/.md")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

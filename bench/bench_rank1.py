@@ -1,0 +1,231 @@
+"""Benchmark kncore.ops.rank1_update_ (W += u v^T with a bit-exact undo record).
+
+Peers, in the same process on the same inputs (W restored before every run):
+  * bare ``W.addr_(u, v)``: the update with no way back (the target: <= 1.5x);
+  * ``orig = W.clone(); W.addr_(u, v)``: ROME's way to undo (``weights_copy``).
+The delta's size sets how many elements the undo cannot recompute (they are
+listed in the record), so it is swept: RMS(u v^T) / RMS(W) = --scales.
+Reported: median (and min) of interleaved runs, ratio to the bare addr_, the
+record's size and exception rate, extra resident memory, undo time, and the
+bytes moved (read + write W) as a fraction of a large copy's bandwidth.
+
+    python bench/bench_rank1.py                 # 4096 x 11008, fp32 and bf16
+    python bench/bench_rank1.py --quick
+
+Results: bench/results/bench_rank1_<machine>_<commit>.{csv,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from kncore import _ext  # noqa: E402
+from kncore.ops.rank1_update import rank1_update_  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "nogit"
+    except OSError:
+        return "nogit"
+
+
+def machine() -> str:
+    if CUDA:
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_once(fn):
+    """(seconds, extra MiB, fn's result): CUDA events / max_memory_allocated on a GPU;
+    on CPU a host clock and the resident-set high-water mark sampled every 0.2 ms."""
+    if CUDA:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out = fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20, out
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0002)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    t = time.perf_counter()
+    out = fn()
+    t = time.perf_counter() - t
+    done.set()
+    th.join()
+    return t, max(0, max(peak[0], _rss()) - base) / 2**20, out
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a large device copy (read + write), the ceiling of this memory-bound op."""
+    x = torch.randn(64 * 2**20, device=DEV)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    ts = [run_once(lambda: y.copy_(x))[0] for _ in range(5)]
+    return 2 * x.numel() * 4 / min(ts) / 1e9
+
+
+def case(m, n, dtype, scale, reps):
+    W0 = (torch.randn(m, n, device=DEV) * 0.05).to(dtype)
+    rms_w = W0.float().pow(2).mean().sqrt().item()
+    # bf16-representable factors, so the peers' bf16 addr_ sees the very same numbers
+    u = (torch.randn(m, device=DEV) * (scale * rms_w) ** 0.5).to(dtype)
+    v = (torch.randn(n, device=DEV) * (scale * rms_w) ** 0.5).to(dtype)
+    W = W0.clone()
+    sides = {
+        "torch W.addr_(u, v)": lambda: W.addr_(u, v),
+        "clone + addr_ (ROME's undo copy)": lambda: (W.clone(), W.addr_(u, v))[0],
+        "kncore rank1_update_": lambda: rank1_update_(W, u.float(), v.float()),
+    }
+    # same numbers as torch's addr_, and an undo that gives back W's bytes
+    bits = torch.int16 if W.element_size() == 2 else torch.int32
+    mine = W0.clone()
+    rec = rank1_update_(mine, u.float(), v.float())
+    theirs = W0.clone().addr_(u, v)
+    mismatch = int((mine.view(bits) != theirs.view(bits)).sum())
+    rec.undo(mine)
+    exact = bool(torch.equal(mine.view(bits), W0.view(bits)))
+    exc_rate = (rec.exc_idx.numel() + rec.row_idx.numel() * n) / W.numel()
+    del mine, theirs
+
+    times = {k: [] for k in sides}
+    mem = {k: 0.0 for k in sides}
+    undo_t = []
+    for k, f in sides.items():  # warm up
+        out = f()
+        if k.startswith("kncore"):
+            out.undo(W)
+        else:
+            W.copy_(W0)
+    for _ in range(reps):
+        for k, f in sides.items():
+            t, mib, out = run_once(f)
+            times[k].append(t)
+            mem[k] = max(mem[k], mib)
+            if k.startswith("kncore"):
+                t0 = time.perf_counter()
+                out.undo(W)
+                undo_t.append(time.perf_counter() - t0)
+            else:
+                W.copy_(W0)
+            del out
+    res = {k: (statistics.median(v), min(v), mem[k]) for k, v in times.items()}
+    return res, dict(mismatch=mismatch, exact=exact, exc_rate=exc_rate, record_mib=rec.nbytes / 2**20,
+                     w_mib=W.numel() * W.element_size() / 2**20, undo_ms=statistics.median(undo_t) * 1e3)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", type=int, nargs=2, default=[4096, 11008])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--scales", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1],
+                   help="RMS(u v^T) / RMS(W) of the edit")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per side (default 9, 5 with --quick)")
+    p.add_argument("--quick", action="store_true", help="scale 1e-2 only, 5 runs")
+    p.add_argument("--no-write", action="store_true")
+    a = p.parse_args(argv)
+    reps = a.reps or (5 if a.quick else 9)
+    scales = [1e-2] if a.quick else a.scales
+    if not _ext.load():
+        print(f"warning: kncore._C unavailable ({_ext.load_error()}); timing the reference path", file=sys.stderr)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.0f} GB/s ({DEV}, {torch.get_num_threads()} threads)", flush=True)
+    m, n = a.shape
+    rows = []
+    for dt_name in a.dtypes:
+        dtype = getattr(torch, dt_name)
+        for scale in scales:
+            res, info = case(m, n, dtype, scale, reps)
+            base = res["torch W.addr_(u, v)"][0]
+            moved = 2 * m * n * torch.empty((), dtype=dtype).element_size()
+            for side, (med, mn, mib) in res.items():
+                rows.append(dict(dtype=dt_name, shape=f"{m}x{n}", delta_rms_ratio=scale, side=side,
+                                 median_ms=med * 1e3, min_ms=mn * 1e3, ratio_vs_addr=med / base, extra_mib=mib,
+                                 frac_of_copy_bw=moved / med / 1e9 / bw,
+                                 record_mib=info["record_mib"] if side.startswith("kncore") else
+                                 (info["w_mib"] if side.startswith("clone") else 0.0),
+                                 exception_rate=info["exc_rate"] if side.startswith("kncore") else float("nan"),
+                                 undo_ms=info["undo_ms"] if side.startswith("kncore") else float("nan"),
+                                 undo_exact=info["exact"], mismatch_vs_torch=info["mismatch"]))
+                r = rows[-1]
+                print(f"{dt_name:9s} delta {scale:g}  {side:34s} {med*1e3:8.2f} ms (min {mn*1e3:7.2f})  "
+                      f"{med/base:5.2f}x addr_  +{mib:6.1f} MiB  record {r['record_mib']:6.1f} MiB  "
+                      f"{r['frac_of_copy_bw']:.0%} of copy bw", flush=True)
+            print(f"    exceptions {info['exc_rate']:.3%}, undo {info['undo_ms']:.1f} ms, exact={info['exact']}, "
+                  f"elements differing from torch's addr_: {info['mismatch']}", flush=True)
+    try:
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    header = (f"# bench_rank1 on {machine()} at {commit()}\n\n"
+              f"Command: `python bench/bench_rank1.py {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
+              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+              f"median of {reps} interleaved runs, W restored before each; load average at the end: {load}.  \n"
+              f"Copy bandwidth measured in the same run: {bw:.0f} GB/s; `of copy bw` = 2 x W bytes / time.  \n"
+              + ("" if CUDA else "**GPU: not measured** (no CUDA device on this machine).  \n") + "\n")
+    table = ["| dtype | delta RMS / W RMS | side | median ms | min ms | x addr_ | extra MiB | record MiB | "
+             "exceptions | undo ms | undo exact | differs from addr_ | of copy bw |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['dtype']} | {r['delta_rms_ratio']:g} | {r['side']} | {r['median_ms']:.2f} | "
+                     f"{r['min_ms']:.2f} | {r['ratio_vs_addr']:.2f} | {r['extra_mib']:.0f} | {r['record_mib']:.1f} | "
+                     f"{r['exception_rate']:.3%} | {r['undo_ms']:.1f} | {r['undo_exact']} | {r['mismatch_vs_torch']} | "
+                     f"{r['frac_of_copy_bw']:.0%} |")
+    md = header + "\n".join(table) + "\n"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    if not a.no_write:
+        stem = RESULTS / f"bench_rank1_{machine()}_{commit()}"
+        write_atomic(stem.with_suffix(".csv"), buf.getvalue())
+        write_atomic(stem.with_suffix(".md"), md)
+        print(f"wrote {stem}.csv/.md")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
