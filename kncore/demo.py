@@ -271,16 +271,23 @@ class Demo:
                 "edit": {"case": case.to_dict(), "hparams": {k: v for k, v in dataclasses.asdict(hp).items()
                                                              if k != "ignored"}}}
 
+    def _clear(self) -> None:
+        """``--fresh``: delete the run directory, but only one the demo made (or an empty one)."""
+        if not (getattr(self.args, "fresh", False) and self.out.exists()):
+            return
+        man = self.out / "manifest.json"
+        try:
+            is_demo = man.is_file() and json.loads(man.read_text()).get("command") == "demo"
+        except (OSError, ValueError, AttributeError):
+            is_demo = False
+        if not (is_demo or (self.out.is_dir() and not any(self.out.iterdir()))):
+            raise InputError(f"--fresh: {self.out} is not a demo run directory; not deleting it "
+                             f"(choose another --out)")
+        shutil.rmtree(self.out)
+
     def _open(self, hp):
         from .rundir import RunDir, RunDirMismatch, config_diff
 
-        if getattr(self.args, "fresh", False) and self.out.exists():
-            man = self.out / "manifest.json"
-            is_demo = man.is_file() and json.loads(man.read_text() or "{}").get("command") == "demo"
-            if not (is_demo or (self.out.is_dir() and not any(self.out.iterdir()))):
-                raise InputError(f"--fresh: {self.out} is not a demo run directory; not deleting it "
-                                 f"(choose another --out)")
-            shutil.rmtree(self.out)
         fresh_dir = not (self.out / "manifest.json").exists()
         cfg = self.config(hp)
         try:
@@ -332,6 +339,7 @@ class Demo:
         if model != MODEL:
             raise InputError(f"the demo's prompts were chosen for {MODEL}; --model {model!r} is not supported "
                              f"(use 'kncore localise/trace/edit' for other models)")
+        self._clear()
         cli._seed(self.args.seed)
         t0 = time.perf_counter()
         self.lm = lm = cli.load_model(MODEL, device=cli._device(self.args.device), dtype=self.args.dtype)
@@ -550,10 +558,13 @@ class Demo:
         from .report import effect_summary
 
         import pyarrow as pa
-        for r in effect_summary(pa.Table.from_pylist(eff)):
-            print(f"  {r['relation']:9} {r['intervention']:8}: mean relative change of the target "
-                  f"{r['mean_change_pct']:+.0f}% (Niu et al.'s (after - before) / min; t-test p = {r['p_value']:.2g} "
-                  f"{r['significance']}, n = {r['n']})")
+        summ = effect_summary(pa.Table.from_pylist(eff)) if eff else []
+        if summ:
+            print("  relative change of the target, (after - before) / min(before, after) as Niu et al., "
+                  "with a one-sample t-test:")
+            _table(["group", "intervention", "prompts", "mean change", "p-value", ""],
+                   [[r["relation"], r["intervention"], r["n"], f"{r['mean_change_pct']:+.0f}%",
+                     f"{r['p_value']:.2g}", r["significance"]] for r in summ])
         print(f"  (competitor: the other grammatical number / another city; {self._took('effects')})")
 
     def plot_related(self):
@@ -707,7 +718,7 @@ class Demo:
         verdict = "all byte-identical" if row["undo_byte_identical"] else "NOT identical"
         print(f"  undo: the edit changed {len(changed)} of {row['n_tensors']} tensors ({', '.join(changed)}); "
               f"after undo {verdict} to the original (SHA-256 of every tensor)")
-        print(f"  ({self._took('edit')} for the edit and its evaluation)")
+        print(f"  (edit and evaluation: {self._took('edit')})")
 
     # -- 5. summary ------------------------------------------------------------------------------
     def summary(self, wall: float, t_load: float) -> dict:

@@ -142,6 +142,18 @@ class NeuronPatch:
         return [Patch(self.site, L, positions=pos, rows=rs, neurons=idx, **kw)
                 for L, idx in self._idx.items() for rs, pos in spec]
 
+    def as_patches(self, rows=None, positions=None) -> list:
+        """This intervention as :class:`kncore.Patch` objects for one
+        ``kncore.run(..., patches=...)`` call, on batch ``rows`` (None: all)
+        at absolute ``positions`` (default: this patch's own; required when
+        they are ``"target"``). Lets patched and unpatched rows share a forward.
+        """
+        pos = self.positions if positions is None else _check_positions(positions)
+        if pos == "target":
+            raise InputError("as_patches needs absolute positions (or 'all') when the patch targets 'target'")
+        return [Patch(self.site, L, positions=None if pos == "all" else pos, rows=rows, neurons=idx,
+                      **self._edit_kw()) for L, idx in self._idx.items()]
+
     # -- the Hugging Face side -------------------------------------------------------------
     def _enter_forward(self, module, args, kwargs):
         try:

@@ -174,6 +174,25 @@ def test_kv_cache_paths(arch):
     assert (full - base).abs().max().item() > 1e-3 * _scale(base)
 
 
+def test_as_patches_share_a_forward(tiny):
+    """as_patches: patched and unpatched rows in one runtime call."""
+    g = _gen()
+    ids = _ids(tiny, _prompt(tiny, g, 7))
+    pos = tiny.target_position(ids[0].tolist())
+    kns = _neurons(tiny, g)
+    p = kncore.patch_neurons(tiny, kns, mode="scale", factor=-3.0, site="pre_act")
+    with torch.no_grad():
+        both = tiny.run(ids.repeat(2, 1), patches=p.as_patches(rows=[1], positions=[pos])).logits
+        clean = tiny.run(ids).logits
+        with p:
+            patched = tiny.run(ids).logits
+    assert (both[0] - clean[0]).abs().max().item() <= 1e-5 * _scale(clean)
+    assert (both[1] - patched[0]).abs().max().item() <= 1e-5 * _scale(patched)
+    assert (patched - clean).abs().max().item() > 1e-3 * _scale(clean)
+    with pytest.raises(InputError, match="absolute"):
+        p.as_patches()
+
+
 def test_nested_patches_compose(tiny):
     g = _gen()
     ids = _ids(tiny, _prompt(tiny, g, 7))

@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 
 from ..lm import LM, InputError
-from .common import (DETERMINERS, open_run, parse_task, progress_bar, safe_name, task_facts, task_name, uniform,
-                     write_result, PAPER_ACCURACY)
+from .common import (DETERMINERS, PAPER_ACCURACY, open_run, parse_task, progress_bar, safe_name, task_facts,
+                     task_name, write_result)
 
 MODES = ("suppress", "enhance")
 
@@ -117,9 +117,9 @@ def kn_edit_effects(lm: LM, task: str, out, *, kns=None, modes: Sequence[str] = 
     task = task_name(task)
     src, name = parse_task(task)
     modes = [modes] if isinstance(modes, str) else list(modes)
-    bad = [m for m in modes if m not in ("suppress", "enhance", "scale") or m not in ALL_MODES]
+    bad = [m for m in modes if m not in ALL_MODES]
     if not modes or bad:
-        raise InputError(f"modes must be a non-empty list of 'suppress', 'enhance' or 'scale', got {modes!r}")
+        raise InputError(f"modes must be a non-empty list of {ALL_MODES}, got {modes!r}")
     if not (isinstance(factor, (int, float)) and math.isfinite(factor)):
         raise InputError(f"factor must be a finite number, got {factor!r}")
     if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):

@@ -396,8 +396,8 @@ def _top_layer(lm: LM, h: torch.Tensor, p0: int, past, past_rows, patches) -> to
     """Logits of the last block at the last position only (decoders).
 
     Nothing but the last position's output reaches the head, so the other
-    positions need only their keys and values at this layer: 2 of GPT-2's
-    12 d^2 multiply-adds per position instead of 12.
+    positions need only their keys and values at this layer (ad.qkv: 3 of GPT-2's
+    12 d^2 multiply-adds per position).
     """
     ad = lm.adapter
     L = ad.n_layers - 1
