@@ -13,7 +13,8 @@ probabilities (and scores within 1e-4 relative) before timing them.
 
 Reported per case: median wall time of ``--runs`` runs after one warm-up,
 the ratio, and peak memory as the resident set above the start of the call
-(sampled every 2 ms: on the CPU torch keeps no allocator statistics). It also
+(sampled every 2 ms after glibc's malloc_trim: on the CPU torch keeps no
+allocator statistics). It also
 counts the FLOPs integrated gradients needs at minimum (see ``floor_flops``)
 and reports kncore's time as a multiple of the time that takes at the
 machine's measured matmul rate. Results:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import io
 import os
 import re
@@ -100,8 +102,18 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _trim():
+    """Hand freed heap memory back to the OS (glibc), so that a call's peak
+    RSS above its start is not hidden by memory a previous call left free."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(fn):
     """(result, seconds, peak RSS above the start in bytes)."""
+    _trim()
     start = _rss()
     peak = [start]
     stop = threading.Event()

@@ -72,54 +72,65 @@ def _rss() -> int:
 
 
 def run_once(fn) -> tuple[float, float]:
-    """(seconds, extra MiB while running): CUDA events and max_memory_allocated on a GPU;
-    on CPU a host clock and the resident-set high-water mark sampled every 0.5 ms."""
+    """(wall seconds, process CPU seconds): CUDA events on a GPU, else host clocks."""
     if CUDA:
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
         b.record()
         torch.cuda.synchronize()
-        return a.elapsed_time(b) / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20
+        return a.elapsed_time(b) / 1e3, float("nan")
+    c, t = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def extra_mib(fn) -> float:
+    """Memory the call needs beyond its inputs: max_memory_allocated on a GPU; on CPU
+    the resident-set high-water mark, sampled every 0.1 ms in an untimed run."""
+    if CUDA:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     base, peak, done = _rss(), [0], threading.Event()
 
     def poll():
         while not done.is_set():
             peak[0] = max(peak[0], _rss())
-            time.sleep(0.0005)
+            time.sleep(0.0001)
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
-    t = time.perf_counter()
     fn()
-    t = time.perf_counter() - t
     done.set()
     th.join()
-    return t, max(0, max(peak[0], _rss()) - base) / 2**20
+    return max(0, max(peak[0], _rss()) - base) / 2**20
 
 
 def bench(fns: dict, reps: int) -> dict:
-    """Interleaved runs (so load changes hit every side alike): name -> (median s, min s, MiB)."""
-    times = {k: [] for k in fns}
-    mem = {k: 0.0 for k in fns}
+    """Interleaved runs (load changes hit every side alike): name -> (median s, min s, median CPU s, MiB)."""
     for f in fns.values():
         f()  # warm up (allocator, BLAS threads, workspace)
+    mem = {k: extra_mib(f) for k, f in fns.items()}
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t, m = run_once(f)
-            times[k].append(t)
-            mem[k] = max(mem[k], m)
-    return {k: (statistics.median(v), min(v), mem[k]) for k, v in times.items()}
+            w, c = run_once(f)
+            wall[k].append(w)
+            cpu[k].append(c)
+    return {k: (statistics.median(wall[k]), min(wall[k]), statistics.median(cpu[k]), mem[k]) for k in fns}
 
 
 def matmul_peak(dtype, n=4096) -> float:
     """GFLOP/s of a large square matmul (the machine's ceiling for this dtype)."""
     a = torch.randn(n, n, dtype=dtype, device=DEV)
     b = torch.randn(n, n, dtype=dtype, device=DEV)
-    t = bench({"mm": lambda: torch.mm(a, b)}, 3)["mm"][1]
+    t = bench({"mm": lambda: torch.mm(a, b)}, 3)["mm"][1]  # min wall time
     return 2 * n**3 / t / 1e9
 
 
@@ -192,22 +203,28 @@ def main(argv=None):
         full = 2 * a.rows * d * d
         res, agree, errs = case_fp32(d, a.rows, reps, check_fp64=d <= 6400)
         base = res["torch addmm_ fp32"][0]
-        for name, (med, mn, mib) in res.items():
+        base_cpu = res["torch addmm_ fp32"][2]
+        for name, (med, mn, cpu, mib) in res.items():
             flops = useful if name.startswith("kncore") else full
             rows_out.append(dict(case="fp32", d=d, rows=a.rows, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
-                                 speedup_vs_torch=base / med, extra_mib=mib,
+                                 speedup_vs_torch=base / med, cpu_ms=cpu * 1e3, cpu_speedup=base_cpu / cpu,
+                                 extra_mib=mib,
                                  frac_of_peak=flops / med / 1e9 / peak32,
                                  agreement=agree, err_vs_fp64=errs.get(name, float("nan"))))
-            print(f"d={d:6d} fp32      {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f}  "
+            print(f"d={d:6d} fp32      {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f} "
+                  f"(CPU time x{base_cpu/cpu:5.2f})  "
                   f"+{mib:7.1f} MiB  {rows_out[-1]['frac_of_peak']:.0%} of peak", flush=True)
         res, agree = case_bf16_fp64(d, a.rows, reps)
         base = res["torch upcast + addmm_ fp64"][0]
-        for name, (med, mn, mib) in res.items():
+        base_cpu = res["torch upcast + addmm_ fp64"][2]
+        for name, (med, mn, cpu, mib) in res.items():
             flops = useful if name.startswith("kncore") else full
             rows_out.append(dict(case="bf16->fp64", d=d, rows=a.rows, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
-                                 speedup_vs_torch=base / med, extra_mib=mib, frac_of_peak=flops / med / 1e9 / peak64,
+                                 speedup_vs_torch=base / med, cpu_ms=cpu * 1e3, cpu_speedup=base_cpu / cpu,
+                                 extra_mib=mib, frac_of_peak=flops / med / 1e9 / peak64,
                                  agreement=agree, err_vs_fp64=float("nan")))
-            print(f"d={d:6d} bf16>fp64 {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f}  "
+            print(f"d={d:6d} bf16>fp64 {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f} "
+                  f"(CPU time x{base_cpu/cpu:5.2f})  "
                   f"+{mib:7.1f} MiB  {rows_out[-1]['frac_of_peak']:.0%} of peak", flush=True)
 
     try:
@@ -220,13 +237,16 @@ def main(argv=None):
               f"rows per update {a.rows}; median of {reps} interleaved runs; load average at the end: {load}.  \n"
               f"Matmul peak measured in the same run: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s. "
               "`of peak` counts rows*d*(d+1) FLOPs for kncore (the symmetric product) and 2*rows*d^2 for the "
-              "peers (what they compute).  \n"
+              "peers (what they compute). CPU time (all threads of the process) is given too: on a shared machine it "
+              "is less disturbed by other load than wall time.  \n"
               + ("" if CUDA else "**GPU: not measured** (no CUDA device on this machine).  \n") + "\n")
-    table = ["| case | d | side | median ms | min ms | speed-up vs torch | extra MiB | of peak | agreement (rel) | err vs fp64 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| case | d | side | median ms | min ms | speed-up vs torch | CPU ms | speed-up in CPU time | extra MiB | "
+             "of peak | agreement (rel) | err vs fp64 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows_out:
         table.append(f"| {r['case']} | {r['d']} | {r['side']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
-                     f"{r['speedup_vs_torch']:.2f}x | {r['extra_mib']:.0f} | {r['frac_of_peak']:.0%} | "
+                     f"{r['speedup_vs_torch']:.2f}x | {r['cpu_ms']:.0f} | {r['cpu_speedup']:.2f}x | "
+                     f"{r['extra_mib']:.0f} | {r['frac_of_peak']:.0%} | "
                      f"{r['agreement']:.1e} | {r['err_vs_fp64']:.1e} |")
     md = header + "\n".join(table) + "\n"
     buf = io.StringIO()

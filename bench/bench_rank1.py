@@ -70,33 +70,50 @@ def _rss() -> int:
 
 
 def run_once(fn):
-    """(seconds, extra MiB, fn's result): CUDA events / max_memory_allocated on a GPU;
-    on CPU a host clock and the resident-set high-water mark sampled every 0.2 ms."""
+    """(wall seconds, process CPU seconds, fn's result): CUDA events on a GPU, else host clocks."""
     if CUDA:
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         out = fn()
         b.record()
         torch.cuda.synchronize()
-        return a.elapsed_time(b) / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20, out
+        return a.elapsed_time(b) / 1e3, float("nan"), out
+    c, t = time.process_time(), time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, time.process_time() - c, out
+
+
+def extra_mib(fn):
+    """(MiB the call needs beyond its inputs, fn's result): max_memory_allocated on a GPU;
+    on CPU the resident-set high-water mark sampled every 0.1 ms, in an untimed run."""
+    if CUDA:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20, out
     base, peak, done = _rss(), [0], threading.Event()
 
     def poll():
         while not done.is_set():
             peak[0] = max(peak[0], _rss())
-            time.sleep(0.0002)
+            time.sleep(0.0001)
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
-    t = time.perf_counter()
     out = fn()
-    t = time.perf_counter() - t
     done.set()
     th.join()
-    return t, max(0, max(peak[0], _rss()) - base) / 2**20, out
+    return max(0, max(peak[0], _rss()) - base) / 2**20, out
+
+
+def ordered(t: torch.Tensor) -> torch.Tensor:
+    """Float bits as integers in value order, so differences count ulps (also across zero)."""
+    b = t.view(torch.int16 if t.element_size() == 2 else torch.int32).long()
+    sign = 1 << (8 * t.element_size() - 1)
+    return torch.where(b < 0, -(b + sign), b)
 
 
 def copy_bandwidth() -> float:
@@ -104,7 +121,7 @@ def copy_bandwidth() -> float:
     x = torch.randn(64 * 2**20, device=DEV)
     y = torch.empty_like(x)
     y.copy_(x)
-    ts = [run_once(lambda: y.copy_(x))[0] for _ in range(5)]
+    ts = [run_once(lambda: y.copy_(x))[0] for _ in range(5)]  # wall
     return 2 * x.numel() * 4 / min(ts) / 1e9
 
 
@@ -126,25 +143,33 @@ def case(m, n, dtype, scale, reps):
     rec = rank1_update_(mine, u.float(), v.float())
     theirs = W0.clone().addr_(u, v)
     mismatch = int((mine.view(bits) != theirs.view(bits)).sum())
+    max_ulp = int((ordered(mine) - ordered(theirs)).abs().max())
+    outer = (W0.float() + torch.outer(u.float(), v.float())).to(dtype)
+    equal_outer = bool(torch.equal(mine.view(bits), outer.view(bits)))
     rec.undo(mine)
     exact = bool(torch.equal(mine.view(bits), W0.view(bits)))
     exc_rate = (rec.exc_idx.numel() + rec.row_idx.numel() * n) / W.numel()
-    del mine, theirs
+    del mine, theirs, outer
 
-    times = {k: [] for k in sides}
-    mem = {k: 0.0 for k in sides}
-    undo_t = []
-    for k, f in sides.items():  # warm up
-        out = f()
+    def reset(k, out):
         if k.startswith("kncore"):
             out.undo(W)
         else:
             W.copy_(W0)
+
+    mem = {}
+    for k, f in sides.items():  # warm up, then the memory high-water mark in an untimed run
+        reset(k, f())
+        mem[k], out = extra_mib(f)
+        reset(k, out)
+    times = {k: [] for k in sides}
+    cpu = {k: [] for k in sides}
+    undo_t = []
     for _ in range(reps):
         for k, f in sides.items():
-            t, mib, out = run_once(f)
+            t, c, out = run_once(f)
             times[k].append(t)
-            mem[k] = max(mem[k], mib)
+            cpu[k].append(c)
             if k.startswith("kncore"):
                 t0 = time.perf_counter()
                 out.undo(W)
@@ -152,8 +177,8 @@ def case(m, n, dtype, scale, reps):
             else:
                 W.copy_(W0)
             del out
-    res = {k: (statistics.median(v), min(v), mem[k]) for k, v in times.items()}
-    return res, dict(mismatch=mismatch, exact=exact, exc_rate=exc_rate, record_mib=rec.nbytes / 2**20,
+    res = {k: (statistics.median(v), min(v), statistics.median(cpu[k]), mem[k]) for k, v in times.items()}
+    return res, dict(mismatch=mismatch, max_ulp=max_ulp, equal_outer=equal_outer, exact=exact, exc_rate=exc_rate, record_mib=rec.nbytes / 2**20,
                      w_mib=W.numel() * W.element_size() / 2**20, undo_ms=statistics.median(undo_t) * 1e3)
 
 
@@ -179,23 +204,27 @@ def main(argv=None):
         dtype = getattr(torch, dt_name)
         for scale in scales:
             res, info = case(m, n, dtype, scale, reps)
-            base = res["torch W.addr_(u, v)"][0]
+            base, base_cpu = res["torch W.addr_(u, v)"][0], res["torch W.addr_(u, v)"][2]
             moved = 2 * m * n * torch.empty((), dtype=dtype).element_size()
-            for side, (med, mn, mib) in res.items():
+            for side, (med, mn, cpu, mib) in res.items():
                 rows.append(dict(dtype=dt_name, shape=f"{m}x{n}", delta_rms_ratio=scale, side=side,
-                                 median_ms=med * 1e3, min_ms=mn * 1e3, ratio_vs_addr=med / base, extra_mib=mib,
+                                 median_ms=med * 1e3, min_ms=mn * 1e3, ratio_vs_addr=med / base, cpu_ms=cpu * 1e3,
+                                 cpu_ratio_vs_addr=cpu / base_cpu, extra_mib=mib,
                                  frac_of_copy_bw=moved / med / 1e9 / bw,
                                  record_mib=info["record_mib"] if side.startswith("kncore") else
                                  (info["w_mib"] if side.startswith("clone") else 0.0),
                                  exception_rate=info["exc_rate"] if side.startswith("kncore") else float("nan"),
                                  undo_ms=info["undo_ms"] if side.startswith("kncore") else float("nan"),
-                                 undo_exact=info["exact"], mismatch_vs_torch=info["mismatch"]))
+                                 undo_exact=info["exact"], mismatch_vs_torch=info["mismatch"],
+                                 max_ulp_vs_torch=info["max_ulp"], equal_to_outer=info["equal_outer"]))
                 r = rows[-1]
                 print(f"{dt_name:9s} delta {scale:g}  {side:34s} {med*1e3:8.2f} ms (min {mn*1e3:7.2f})  "
-                      f"{med/base:5.2f}x addr_  +{mib:6.1f} MiB  record {r['record_mib']:6.1f} MiB  "
+                      f"{med/base:5.2f}x addr_ (CPU time {cpu/base_cpu:5.2f}x)  +{mib:6.1f} MiB  "
+                      f"record {r['record_mib']:6.1f} MiB  "
                       f"{r['frac_of_copy_bw']:.0%} of copy bw", flush=True)
             print(f"    exceptions {info['exc_rate']:.3%}, undo {info['undo_ms']:.1f} ms, exact={info['exact']}, "
-                  f"elements differing from torch's addr_: {info['mismatch']}", flush=True)
+                  f"elements differing from torch's addr_: {info['mismatch']} (max {info['max_ulp']} ulp), "
+                  f"equal to W + outer(u, v): {info['equal_outer']}", flush=True)
     try:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
@@ -204,15 +233,22 @@ def main(argv=None):
               f"Command: `python bench/bench_rank1.py {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
               f"median of {reps} interleaved runs, W restored before each; load average at the end: {load}.  \n"
-              f"Copy bandwidth measured in the same run: {bw:.0f} GB/s; `of copy bw` = 2 x W bytes / time.  \n"
+              f"Copy bandwidth measured in the same run: {bw:.0f} GB/s; `of copy bw` = 2 x W bytes / time. "
+              "CPU time (all threads of the process) is given too: on a shared machine it is less disturbed by "
+              "other load than wall time. `differs from addr_`: elements whose bits differ from torch's addr_, "
+              "which fuses the multiply-add (ours rounds u*v first, as `W + torch.outer(u, v)` and ROME's "
+              "`w += upd_matrix` do; `equal to W + outer`).  \n"
               + ("" if CUDA else "**GPU: not measured** (no CUDA device on this machine).  \n") + "\n")
-    table = ["| dtype | delta RMS / W RMS | side | median ms | min ms | x addr_ | extra MiB | record MiB | "
-             "exceptions | undo ms | undo exact | differs from addr_ | of copy bw |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| dtype | delta RMS / W RMS | side | median ms | min ms | x addr_ | CPU ms | x addr_ in CPU time | "
+             "RSS growth MiB | record MiB | exceptions | undo ms | undo exact | differs from addr_ (max ulp) | "
+             "equal to W + outer | of copy bw |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['dtype']} | {r['delta_rms_ratio']:g} | {r['side']} | {r['median_ms']:.2f} | "
-                     f"{r['min_ms']:.2f} | {r['ratio_vs_addr']:.2f} | {r['extra_mib']:.0f} | {r['record_mib']:.1f} | "
-                     f"{r['exception_rate']:.3%} | {r['undo_ms']:.1f} | {r['undo_exact']} | {r['mismatch_vs_torch']} | "
+                     f"{r['min_ms']:.2f} | {r['ratio_vs_addr']:.2f} | {r['cpu_ms']:.1f} | {r['cpu_ratio_vs_addr']:.2f} | "
+                     f"{r['extra_mib']:.0f} | {r['record_mib']:.1f} | "
+                     f"{r['exception_rate']:.3%} | {r['undo_ms']:.1f} | {r['undo_exact']} | {r['mismatch_vs_torch']} "
+                     f"({r['max_ulp_vs_torch']}) | {r['equal_to_outer']} | "
                      f"{r['frac_of_copy_bw']:.0%} |")
     md = header + "\n".join(table) + "\n"
     buf = io.StringIO()

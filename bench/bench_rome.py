@@ -111,9 +111,13 @@ def measure(fn):
     return out, dt, max(peak[0], _rss()) - start
 
 
+WARMUP = True
+
+
 def timed(fn, runs: int):
     """Warm-up, then (last result, median seconds, max peak bytes) over ``runs``."""
-    fn()
+    if WARMUP:
+        fn()
     ts, peaks, out = [], [], None
     for _ in range(runs):
         out, dt, pk = measure(fn)
@@ -216,11 +220,11 @@ def bench_edit(lm, hp, stats, runs, rows):
 
     (step, top), t_ours, m_ours = timed(ours, runs)
     ref, t_peer, m_peer = timed(peer, runs)
-    W = lm.adapter.down_module(L).weight
-    a, b = editing._orient(lm, L, ref["left"].float(), ref["right"].float())
-    rec = editing._rank1(W.data, a, b)
+    W, a, b = editing._orient(lm, L, ref["left"].to(lm.dtype), ref["right"].to(lm.dtype))
+    W = W.data
+    rec = editing._rank1(W, a, b)
     top_ref = int(lm.next_token_probs(req.text())[0].argmax())
-    editing._rank1_undo(W.data, rec)
+    editing._rank1_undo(W, rec)
     cos = float(torch.nn.functional.cosine_similarity(step.right.double(), ref["right"].double(), dim=0))
     rows.append(dict(section="edit", case=f"SmolLM2-135M layer {L}, {hp.v_num_grad_steps} steps",
                      n=f"{len(templates)} templates", peer_s=round(t_peer, 3), kncore_s=round(t_ours, 3),
@@ -340,7 +344,15 @@ def main():
     ap.add_argument("--texts", type=int, default=200)
     ap.add_argument("--records", type=int, default=5)
     ap.add_argument("--no-xl", action="store_true")
+    ap.add_argument("--xl-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--no-warmup", action="store_true", help="time the first call (quick runs on a busy machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_warmup:
+        global WARMUP
+        WARMUP = False
     if args.trace_layer:
         torch.set_num_threads(1)  # 40x faster than 2 threads on the shared 2-core machine (tiny matmuls)
         trace_layer(args.trace_layer)
@@ -348,18 +360,19 @@ def main():
     rate = matmul_rate()
     print(f"matmul rate {rate / 1e9:.0f} GFLOP/s, torch threads {torch.get_num_threads()}", flush=True)
     rows: list = []
-    lm = kncore.load("smollm2-135m")
-    hp = rome.load_hparams("smollm2-135m")
-    L = hp.layers[0]
-    texts = bench_stats(lm, L, args.texts, args.runs, rows)
-    stats = rome.layer_stats(lm, [L], texts, n_samples=None, use_cache=False, progress=False)
-    bench_edit(lm, hp, stats, args.runs, rows)
-    bench_mom2(lm, hp, stats, rows, args.records)
-    del lm
+    if not args.xl_only:
+        lm = kncore.load("smollm2-135m")
+        hp = rome.load_hparams("smollm2-135m")
+        L = hp.layers[0]
+        texts = bench_stats(lm, L, args.texts, args.runs, rows)
+        stats = rome.layer_stats(lm, [L], texts, n_samples=None, use_cache=False, progress=False)
+        bench_edit(lm, hp, stats, args.runs, rows)
+        bench_mom2(lm, hp, stats, rows, args.records)
+        del lm
     if not args.no_xl:
         bench_xl(args.runs, rows)
 
-    tag = f"{machine()}_{commit()}"
+    tag = f"{machine()}_{commit()}" + ("_xl" if args.xl_only else "")
     keys = ["section", "case", "n", "peer_s", "kncore_s", "speedup", "bound_s", "of_bound", "kncore_tok_s",
             "bound_tok_s", "peer_peak_mib", "kncore_peak_mib", "check"]
     buf = io.StringIO()
@@ -369,11 +382,14 @@ def main():
         w.writerow({k: r.get(k, "") for k in keys})
     write_atomic(RESULTS / f"bench_rome_{tag}.csv", buf.getvalue())
     md = [f"# bench_rome on {machine()} at {commit()}", "",
-          f"`flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_rome.py --runs {args.runs} --texts {args.texts}"
-          f"{' --no-xl' if args.no_xl else ''}`; matmul rate {rate / 1e9:.0f} GFLOP/s; "
-          f"medians of {args.runs} runs after a warm-up; peak = resident memory above the call's start.", "",
+          f"`flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_rome.py {' '.join(sys.argv[1:])}`; "
+          f"torch threads {torch.get_num_threads()}; matmul rate {rate / 1e9:.0f} GFLOP/s; "
+          f"medians of {args.runs} runs{'' if WARMUP else ' (no warm-up)'}; "
+          "peak = resident memory above the call's start.", "",
           "Peer: plain ROME (kncore.rome.reference; ROME's layer_stats loop for statistics). "
-          "Bound: the plain runtime forward over the same batches, stopped after the last layer needed.", "",
+          "Bound: the plain runtime forward over the same batches, stopped after the last layer needed. "
+          "kncore's statistics time includes tokenising and batching the texts; the peer and the bound "
+          "get the batches ready-made.", "",
           "| section | case | size | peer s | kncore s | speed-up | forward bound s | kncore / bound | "
           "kncore tok/s | peak MiB (peer / kncore) | check |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]

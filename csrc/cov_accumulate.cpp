@@ -3,18 +3,22 @@
 // Count first (d = 3072, 4096 rows, fp32, 2-core EPYC, bench/bench_cov.py):
 // X^T X is 2*rows*d^2 FLOPs; the lower triangle needs half. C.addmm_(X.T, X)
 // runs at the machine's matmul peak (~200 GFLOP/s), so the gain must come from
-// skipping the upper half while keeping every gemm near peak.
+// skipping the upper half while keeping every gemm near peak: the ceiling is
+// 2x minus the diagonal leaves computed whole (leaf/(2d)).
 //
-// How: recursive halving of [0, d). The off-diagonal rectangle of each node is
-// one gemm on views of C (no copy); only diagonal leaves (<= 128 wide) are
-// computed in full, so the wasted work is leaf/(2d) (2% at d = 3072).
-// Small gemms on column slices of a row-major X run at 60-70% of peak (a
-// 128-column slice of 4096 rows touches 4096 pages: TLB misses), while the same
-// gemms on rows of X^T run at 93%+. So X is first packed, in row chunks, into
-// a transposed buffer XT [d, r] in the accumulator dtype (this also does the
-// bf16/fp16 -> fp32/fp64 conversion and the mask's row gather in the same
-// pass). Measured: leaf 128 1.93x vs addmm_ (64: 1.90x, 192: 1.87x, 256: 1.70x
-// on untransposed slices).
+// How:
+// * Recursive halving of [0, d): the off-diagonal rectangle of each node is
+//   one gemm (cut into tiles) on views of C, no copy; only the diagonal
+//   leaves (<= 64 wide) are computed whole.
+// * Small gemms on column slices of a row-major X ran at 60-70% of peak (a
+//   128-column slice of 4096 rows touches 4096 pages: TLB misses); on rows of
+//   X^T they ran at 93%+. So X is first packed, in row chunks, into a buffer
+//   XT [d, r] in the accumulator dtype; the same pass converts bf16/fp16 to
+//   fp32/fp64 and gathers the rows the mask keeps.
+// * The tiles are dealt to the threads (largest first), each running its
+//   gemms on one core, in one parallel region (see triangle_parallel).
+// Measured with one thread (CPU time, so other load on the machine does not
+// count): 1.85x addmm_ at d = 3072, 1.89x at d = 6400.
 //
 // On CUDA (or with composite=true) the same recursion runs on a transposed
 // view of X, letting cuBLAS read it strided; there is no TLB problem to fix.
@@ -38,16 +42,17 @@ namespace kncore {
 namespace {
 
 constexpr int64_t kSplitAlign = 32;     // split points are multiples of this
-static int64_t kLeafCpu = getenv("KN_LEAF") ? atoi(getenv("KN_LEAF")) : 128;       // see header comment
+constexpr int64_t kLeafCpu = 64;  // vs 128: +1% at d = 3072 and 6400 (one thread, CPU time)
 constexpr int64_t kLeafGpu = 512;       // not measured (no GPU yet); small gemms underfill a GPU
-static int64_t kPackBytes = getenv("KN_PACK") ? atoll(getenv("KN_PACK")) : (16<<20);  // XT chunk; <= 16 MiB so glibc reuses it between calls
-constexpr int64_t kMinChunkRows = 256;
-static int64_t kSmallBlock = getenv("KN_SMALL") ? atoi(getenv("KN_SMALL")) : 0;
+constexpr int64_t kPackBytes = 16 << 20;  // XT chunk: 8-64 MiB measured within 1% at d = 3072/6400
+constexpr int64_t kMinChunkRows = 1024;  // below, re-reading C per chunk costs >5% at d = 16384 fp64
+constexpr int64_t kKeepBytes = 64 << 20;  // largest XT buffer kept between calls
 
 // The XT buffer is kept between calls (per thread): a fresh 16 MiB buffer is
 // mmap'ed by glibc every time (it sits at the dynamic mmap threshold) and its
 // page faults cost as much as packing X into it.
 at::Tensor workspace(int64_t numel, at::ScalarType dtype) {
+  if (numel * c10::elementSize(dtype) > kKeepBytes) return at::empty({numel}, at::TensorOptions().dtype(dtype));
   thread_local at::Tensor ws;
   if (!ws.defined() || ws.scalar_type() != dtype || ws.numel() < numel) {
     ws = at::Tensor();  // free the old one first
@@ -268,8 +273,8 @@ void cov_accumulate_(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Tens
     } else {
       pack_dispatch(X, rows_ptr, r0, r, XT.data_ptr<double>());
     }
-    if (!getenv("KN_NOSUM")) s.add_(XT.sum(1));
-    if (!getenv("KN_NOTRI")) { if (getenv("KN_SEQ")) triangle_sequential(C, XT, kLeafCpu); else triangle_parallel(C, XT, kLeafCpu); }
+    s.add_(XT.sum(1));
+    triangle_parallel(C, XT, kLeafCpu);
   }
 }
 

@@ -295,6 +295,16 @@ def test_sequential_edits_undo_in_reverse():
     assert _same_bits(lm, snap)
     with pytest.raises(kncore.InputError, match="already undone"):
         e.undo()
+    # Two separate edits of the same weight: the older cannot be undone first.
+    e1 = rome.edit(lm, REQ, hp.replace(layers=[1]), stats=st)
+    e2 = rome.edit(lm, reqs[1], hp.replace(layers=[1]), stats=st)
+    mid = _snapshot(lm)
+    with pytest.raises(RuntimeError, match="checksum"):
+        e1.undo()
+    assert _same_bits(lm, mid)
+    e2.undo()
+    e1.undo()
+    assert _same_bits(lm, snap)
 
 
 def test_context_templates_are_seeded():

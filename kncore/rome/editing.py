@@ -397,7 +397,8 @@ class Edit:
             raise InputError("this edit was already undone")
         with torch.no_grad():
             for s in reversed(self.steps):
-                _rank1_undo(s.weight, s.record)
+                if not s.record.used:  # a retry after a refused undo skips what is done
+                    _rank1_undo(s.weight, s.record)
         self.active = False
 
     def __enter__(self):

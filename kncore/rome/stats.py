@@ -52,8 +52,13 @@ log = logging.getLogger("kncore")
 FORMAT = 1
 _META_KEY = "kncore_rome_stats"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Not tuned yet: ROME batches 3 x n_ctx tokens (3072 for GPT-2); 4096 keeps a
+# SmolLM2 batch's keys at 25 MB per layer. bench/bench_rome.py measures it.
 DEFAULT_BATCH_TOKENS = 4096
+# Texts sorted by length together; bigger chunks pad less but hold more token ids.
 DEFAULT_CHUNK_TEXTS = 1024
+# Batches between checkpoints: a checkpoint writes d_ff^2 floats per layer
+# (1 GB for GPT-J in fp32), so not too often.
 DEFAULT_CHECKPOINT_EVERY = 64
 
 
