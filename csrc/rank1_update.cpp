@@ -3,24 +3,27 @@
 //
 // Count first (4096 x 11008, bench/bench_rank1.py): a bare W.addr_(u, v) reads
 // and writes W once (2 x 180 MB in fp32) and is bandwidth bound. Keeping a copy
-// of W as the record adds a third stream plus page faults on a fresh 180 MB
-// buffer: clone + addr_ measured ~12x a bare addr_. So the record stores only
-// what cannot be recomputed:
+// of W as the record (ROME's weights_copy) adds a third stream plus page faults
+// on a fresh 180 MB buffer: clone + addr_ measured 6-10x a bare addr_. So the
+// record keeps only what cannot be recomputed:
 //   undo recomputes fl(W_new - delta) for every element; for most elements
-//   that gives back W's original bits. The few where it does not (the addition
-//   lost low bits of W, e.g. |delta| >> |W|, or -0.0) are found during the
-//   update, which knows the original, and stored as (flat index, original
-//   bits); a row with many of them is stored whole when that is smaller.
-// The update computes each row once into a buffer in L2 (new bits, a flag per
-// element, the checksum), records the flagged originals, then copies the row
-// back: memory traffic equals a bare addr_.
+//   that gives back W's original bits. Where it does not (the sum moved up a
+//   binade and lost W's last bit, |delta| >> |W|, -0.0, nan) the update, which
+//   still sees the original, stores (flat index, original bits); a row with
+//   many of them is stored whole when that is smaller. That loss is inherent:
+//   ~2% of elements for an edit with RMS(delta) = 1% of RMS(W).
+// One streaming pass, so memory traffic equals a bare addr_. Measured (one
+// thread, CPU time): fp32 1.3x addr_ with no exceptions, 1.6x at 0.3%, 2.3x at
+// 2% (each exception costs ~5 ns to find and store); bf16 0.5-0.7x (torch's
+// bf16 addr_ is slow).
 //
 // Exactness needs the forward and undo to evaluate delta and the two roundings
 // identically: the same inline functions serve both, and the file is compiled
-// with -ffp-contract=off (a fused multiply-add would round differently).
+// with -ffp-contract=off (a fused multiply-add would round differently; so our
+// results equal W + outer(u, v), not addr_'s fused ones, within 1 rounding).
 //
 // A checksum of W_new (per-row 32-bit sums of the bits, weighted by 2i+1) is
-// computed in the write pass; undo refuses a W whose checksum changed.
+// computed in the same pass; undo refuses a W whose checksum changed.
 #include "kncore.h"
 
 #include <ATen/Parallel.h>
@@ -127,11 +130,13 @@ struct Arena {
   std::vector<uint64_t> exc_bits, row_bits;
 };
 
-// Updates one row in a single streaming pass, in blocks of 64 elements: the
+// Updates one row in a single streaming pass, in blocks of 256 elements: the
 // block's original bits are kept in L1 while the new ones are written, with a
 // byte per element saying whether undo's recomputation would miss the
 // original. A block with misses packs the bytes into a bit mask and records
-// the misses from it. Returns the row's checksum term.
+// the misses from it. Returns the row's checksum term. (Blocks of 64: up to 20%
+// slower at 10% exceptions; writing rows to a buffer and copying them back:
+// 1.85x addr_ with none.)
 template <class T, bool kRank1>
 KN_INLINE uint32_t update_row(typename T::bits_t* w, int64_t n, typename T::acc_t au,
                               const typename T::acc_t* v, const typename T::acc_t* db, int64_t flat0,

@@ -1048,6 +1048,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = add("demo", cmd_demo, "a short tour on the embedded model", example="example:\n  kncore demo")
+    p.add_argument("--quick", action="store_true", help="a smaller tour (fewer prompts, smaller statistics corpus)")
+    p.add_argument("--fresh", action="store_true", help="delete an earlier demo run directory first")
     return top
 
 
