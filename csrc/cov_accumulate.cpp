@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -93,29 +94,28 @@ void triangle_sequential(at::Tensor& C, const at::Tensor& XT, int64_t leaf) {
   for (const Block& b : blocks) gemm_block(C, XT, b);
 }
 
-// CPU: one parallel region. The blocks are dealt to the threads by size
-// (largest first, to the least loaded), and each thread runs its gemms on one
-// core. Letting the BLAS thread each gemm instead cost ~3% at d = 3072 on the
-// idle 2-core machine (small gemms split poorly) and up to 2x when the machine
-// was shared, since every gemm then ends in a thread barrier.
+// CPU: one parallel region. The threads take blocks, largest first, from a
+// shared counter and run each gemm on one core. Letting the BLAS thread every
+// gemm instead lost ~3% at d = 3072 on the idle 2-core machine (small gemms
+// split poorly) and up to 2x when the machine was shared (each gemm ends in a
+// thread barrier); dealing the blocks out in advance lost ~15% when shared
+// (a descheduled thread holds back its whole share).
 void triangle_parallel(at::Tensor& C, const at::Tensor& XT, int64_t leaf) {
   const int64_t d = C.size(0), threads = std::max(1, at::get_num_threads());
-  // Tiles small enough to balance the threads, large enough to run near peak.
+  // Tiles small enough to share out, large enough to run near peak.
   const double ideal = double(d) / std::sqrt(4.0 * double(threads));
-  const int64_t tile = std::clamp<int64_t>(int64_t(ideal) / kSplitAlign * kSplitAlign, 256, 1024);
+  const int64_t tile = getenv("KN_TILE") ? atoi(getenv("KN_TILE")) : std::clamp<int64_t>(int64_t(ideal) / kSplitAlign * kSplitAlign, 256, 1024);
   std::vector<Block> blocks;
   triangle_blocks(0, d, leaf, tile, blocks);
-  std::sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.flops() > b.flops(); });
-  std::vector<std::vector<Block>> bins(threads);
-  std::vector<double> load(threads, 0.0);
-  for (const Block& b : blocks) {
-    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-    bins[t].push_back(b);
-    load[t] += b.flops();
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (const Block& b : bins[t]) gemm_block(C, XT, b);
+  std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.flops() > b.flops(); });
+  static double hyb = getenv("KN_HYB") ? atof(getenv("KN_HYB")) : 0;
+  static int64_t tmax = getenv("KN_TILE") ? atoi(getenv("KN_TILE")) : 0;
+  (void)tmax;
+  size_t first = 0;
+  if (hyb > 0) { while (first < blocks.size() && blocks[first].flops() >= hyb) gemm_block(C, XT, blocks[first++]); }
+  std::atomic<size_t> next{first};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (size_t i = next++; i < blocks.size(); i = next++) gemm_block(C, XT, blocks[i]);
   });
 }
 

@@ -299,7 +299,8 @@ def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal
     if ad.attn_upcast() or q.dtype != torch.float32:
         # Scores and softmax in fp32 (as HF does for GPT-J, and as every HF
         # eager path does for the softmax); probabilities cast back to v's dtype.
-        s = torch.matmul(q.float(), k_rep.float().transpose(-1, -2)) * scale
+        up = torch.promote_types(q.dtype, torch.float32)  # fp64 stays fp64
+        s = torch.matmul(q.to(up), k_rep.to(up).transpose(-1, -2)) * scale
         s = s.masked_fill(~allowed[:, None], torch.finfo(s.dtype).min)
         o = torch.matmul(s.softmax(-1).to(v_rep.dtype), v_rep)
     else:
