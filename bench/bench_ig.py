@@ -67,7 +67,9 @@ STEPS = 20
 # ---------------------------------------------------------------------------
 class PeakMemory:
     """Peak memory of a block above what was in use when it started: CUDA
-    allocator statistics, or resident set size sampled every 2 ms on CPU."""
+    allocator statistics, or resident set size sampled every 2 ms on CPU
+    (after ``malloc_trim``, so heap kept from an earlier run is not reused
+    unseen)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -84,6 +86,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            try:
+                import ctypes
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
             self.base = self._rss()
             self.top = self.base
             self.stop = False
