@@ -111,11 +111,14 @@ def extra_mib(fn) -> float:
     return max(0, max(peak[0], _rss()) - base) / 2**20
 
 
-def bench(fns: dict, reps: int) -> dict:
-    """Interleaved runs (load changes hit every side alike): name -> (median s, min s, median CPU s, MiB)."""
-    for f in fns.values():
-        f()  # warm up (allocator, BLAS threads, workspace)
+def bench(fns: dict, reps: int, after_first=None) -> dict:
+    """name -> (median s, min s, median CPU s, MiB). The first call of each side is
+    untimed: it measures memory (cold, so buffers an op keeps count) and warms up;
+    ``after_first()`` runs then (the agreement check). Timed runs are interleaved,
+    so load changes hit every side alike."""
     mem = {k: extra_mib(f) for k, f in fns.items()}
+    if after_first is not None:
+        after_first()
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
     for _ in range(reps):
@@ -130,7 +133,8 @@ def matmul_peak(dtype, n=4096) -> float:
     """GFLOP/s of a large square matmul (the machine's ceiling for this dtype)."""
     a = torch.randn(n, n, dtype=dtype, device=DEV)
     b = torch.randn(n, n, dtype=dtype, device=DEV)
-    t = bench({"mm": lambda: torch.mm(a, b)}, 3)["mm"][1]  # min wall time
+    torch.mm(a, b)
+    t = min(run_once(lambda: torch.mm(a, b))[0] for _ in range(3))
     return 2 * n**3 / t / 1e9
 
 
@@ -140,57 +144,53 @@ def rel(a, b) -> float:
 
 def case_fp32(d, rows, reps, check_fp64):
     X = torch.randn(rows, d, device=DEV) * 2 + 0.5
-    C_t = torch.zeros(d, d, device=DEV)
-    C_r = torch.zeros(d, d, device=DEV)
-    C_o = torch.zeros(d, d, device=DEV)
-
+    C_t, C_r, C_o = (torch.zeros(d, d, device=DEV) for _ in range(3))
     fns = {"torch addmm_ fp32": lambda: C_t.addmm_(X.T, X),
            "ROME mom2 += a.t().mm(a)": lambda: C_r.add_(X.t().mm(X)),  # runningstats.SecondMoment
            "kncore cov_accumulate_ fp32": lambda: cov_accumulate_(C_o, X)}
-    # agreement: one accumulation each from zero
-    for C in (C_t, C_r, C_o):
-        C.zero_()
-    for f in fns.values():
-        f()
-    full = cov_mirror(C_o)
-    agree = rel(full, C_t)
-    errs = {}
-    if check_fp64:
-        ref = X.double().T @ X.double()
-        errs = {"torch addmm_ fp32": rel(C_t, ref), "ROME mom2 += a.t().mm(a)": rel(C_r, ref),
-                "kncore cov_accumulate_ fp32": rel(full, ref)}
-    del full
-    res = bench(fns, reps)
-    return res, agree, errs
+    out = {}
+
+    def check():  # each C holds exactly one accumulation now
+        full = cov_mirror(C_o)
+        out["agree"] = rel(full, C_t)
+        if check_fp64:
+            ref = X.double().T @ X.double()
+            out["errs"] = {"torch addmm_ fp32": rel(C_t, ref), "ROME mom2 += a.t().mm(a)": rel(C_r, ref),
+                           "kncore cov_accumulate_ fp32": rel(full, ref)}
+
+    res = bench(fns, reps, check)
+    return res, out["agree"], out.get("errs", {})
 
 
 def case_bf16_fp64(d, rows, reps):
     X = (torch.randn(rows, d, device=DEV) * 2 + 0.5).bfloat16()
-    C_t = torch.zeros(d, d, dtype=torch.float64, device=DEV)
-    C_o = torch.zeros(d, d, dtype=torch.float64, device=DEV)
+    C_t, C_o = (torch.zeros(d, d, dtype=torch.float64, device=DEV) for _ in range(2))
 
     def plain():
         X64 = X.double()
         C_t.addmm_(X64.T, X64)
 
     fns = {"torch upcast + addmm_ fp64": plain, "kncore cov_accumulate_ bf16->fp64": lambda: cov_accumulate_(C_o, X)}
-    for f in fns.values():
-        f()
-    agree = rel(cov_mirror(C_o), C_t)
-    res = bench(fns, reps)
-    return res, agree
+    out = {}
+
+    def check():
+        out["agree"] = rel(cov_mirror(C_o), C_t)
+
+    res = bench(fns, reps, check)
+    return res, out["agree"]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", type=int, nargs="+", default=None, help="hidden sizes (default 3072 6400 11008 16384)")
     p.add_argument("--rows", type=int, default=4096, help="rows per update (a realistic token batch)")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per side (default 5, 3 with --quick)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed runs per side (default: 5 for d <= 6400, 3 above; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="d = 3072 only, 3 runs")
     p.add_argument("--no-write", action="store_true", help="print only")
     a = p.parse_args(argv)
     dims = a.d or ([3072] if a.quick else [3072, 6400, 11008, 16384])
-    reps = a.reps or (3 if a.quick else 5)
+    reps_for = (lambda d: a.reps) if a.reps else (lambda d: 3 if a.quick or d > 6400 else 5)
     if not _ext.load():
         print(f"warning: kncore._C unavailable ({_ext.load_error()}); timing the reference path", file=sys.stderr)
 
@@ -201,12 +201,13 @@ def main(argv=None):
     for d in dims:
         useful = a.rows * d * (d + 1)  # FLOPs of the symmetric product (one triangle with its diagonal)
         full = 2 * a.rows * d * d
+        reps = reps_for(d)
         res, agree, errs = case_fp32(d, a.rows, reps, check_fp64=d <= 6400)
         base = res["torch addmm_ fp32"][0]
         base_cpu = res["torch addmm_ fp32"][2]
         for name, (med, mn, cpu, mib) in res.items():
             flops = useful if name.startswith("kncore") else full
-            rows_out.append(dict(case="fp32", d=d, rows=a.rows, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
+            rows_out.append(dict(case="fp32", d=d, rows=a.rows, runs=reps, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
                                  speedup_vs_torch=base / med, cpu_ms=cpu * 1e3, cpu_speedup=base_cpu / cpu,
                                  extra_mib=mib,
                                  frac_of_peak=flops / med / 1e9 / peak32,
@@ -219,7 +220,7 @@ def main(argv=None):
         base_cpu = res["torch upcast + addmm_ fp64"][2]
         for name, (med, mn, cpu, mib) in res.items():
             flops = useful if name.startswith("kncore") else full
-            rows_out.append(dict(case="bf16->fp64", d=d, rows=a.rows, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
+            rows_out.append(dict(case="bf16->fp64", d=d, rows=a.rows, runs=reps, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
                                  speedup_vs_torch=base / med, cpu_ms=cpu * 1e3, cpu_speedup=base_cpu / cpu,
                                  extra_mib=mib, frac_of_peak=flops / med / 1e9 / peak64,
                                  agreement=agree, err_vs_fp64=float("nan")))
@@ -234,17 +235,18 @@ def main(argv=None):
     header = (f"# bench_cov on {machine()} at {commit()}\n\n"
               f"Command: `python bench/bench_cov.py {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-              f"rows per update {a.rows}; median of {reps} interleaved runs; load average at the end: {load}.  \n"
+              f"rows per update {a.rows}; median of `runs` interleaved timed runs per side, after an untimed first "
+              f"call (which measures memory, cold); load average at the end: {load}.  \n"
               f"Matmul peak measured in the same run: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s. "
               "`of peak` counts rows*d*(d+1) FLOPs for kncore (the symmetric product) and 2*rows*d^2 for the "
               "peers (what they compute). CPU time (all threads of the process) is given too: on a shared machine it "
               "is less disturbed by other load than wall time.  \n"
               + ("" if CUDA else "**GPU: not measured** (no CUDA device on this machine).  \n") + "\n")
-    table = ["| case | d | side | median ms | min ms | speed-up vs torch | CPU ms | speed-up in CPU time | extra MiB | "
+    table = ["| case | d | runs | side | median ms | min ms | speed-up vs torch | CPU ms | speed-up in CPU time | extra MiB | "
              "of peak | agreement (rel) | err vs fp64 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows_out:
-        table.append(f"| {r['case']} | {r['d']} | {r['side']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
+        table.append(f"| {r['case']} | {r['d']} | {r['runs']} | {r['side']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
                      f"{r['speedup_vs_torch']:.2f}x | {r['cpu_ms']:.0f} | {r['cpu_speedup']:.2f}x | "
                      f"{r['extra_mib']:.0f} | {r['frac_of_peak']:.0%} | "
                      f"{r['agreement']:.1e} | {r['err_vs_fp64']:.1e} |")

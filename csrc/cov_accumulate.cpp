@@ -42,11 +42,12 @@
 namespace kncore {
 namespace {
 
-constexpr int64_t kSplitAlign = 32;     // split points are multiples of this
-constexpr int64_t kLeafCpu = 64;  // vs 128: +1% at d = 3072 and 6400 (one thread, CPU time)
-constexpr int64_t kLeafGpu = 512;       // not measured (no GPU yet); small gemms underfill a GPU
+constexpr int64_t kSplitAlign = 32;  // split points are multiples of this
+constexpr int64_t kLeafCpu = 64;     // vs 128: +1% at d = 3072 and 6400 (one thread, CPU time)
+constexpr int64_t kLeafGpu = 512;    // not measured (no GPU yet); small gemms underfill a GPU
 constexpr int64_t kPackBytes = 16 << 20;  // XT chunk: 8-64 MiB measured within 1% at d = 3072/6400
-constexpr int64_t kMinChunkRows = 1024;  // below, re-reading C per chunk costs >5% at d = 16384 fp64
+constexpr int64_t kMinChunkRows = 1024;  // C is re-read per chunk: at d = 16384 fp64, 256-row chunks
+                                         // would add ~10% of memory traffic (estimate, not measured)
 constexpr int64_t kKeepBytes = 64 << 20;  // largest XT buffer kept between calls
 
 // The XT buffer is kept between calls (per thread): a fresh 16 MiB buffer is
@@ -95,25 +96,19 @@ void triangle_sequential(at::Tensor& C, const at::Tensor& XT, int64_t leaf) {
 }
 
 // CPU: one parallel region. The threads take blocks, largest first, from a
-// shared counter and run each gemm on one core. Letting the BLAS thread every
-// gemm instead lost ~3% at d = 3072 on the idle 2-core machine (small gemms
-// split poorly) and up to 2x when the machine was shared (each gemm ends in a
-// thread barrier); dealing the blocks out in advance lost ~15% when shared
-// (a descheduled thread holds back its whole share).
+// shared counter (so a descheduled thread holds back no fixed share) and run
+// each gemm on one core. Letting the BLAS thread every gemm instead measured
+// 0.5-1.3x addmm_ at d = 3072 on the shared 2-core machine, against 1.6-1.75x
+// for this: each small gemm then ends in a thread barrier.
 void triangle_parallel(at::Tensor& C, const at::Tensor& XT, int64_t leaf) {
   const int64_t d = C.size(0), threads = std::max(1, at::get_num_threads());
   // Tiles small enough to share out, large enough to run near peak.
   const double ideal = double(d) / std::sqrt(4.0 * double(threads));
-  const int64_t tile = getenv("KN_TILE") ? atoi(getenv("KN_TILE")) : std::clamp<int64_t>(int64_t(ideal) / kSplitAlign * kSplitAlign, 256, 1024);
+  const int64_t tile = std::clamp<int64_t>(int64_t(ideal) / kSplitAlign * kSplitAlign, 256, 1024);
   std::vector<Block> blocks;
   triangle_blocks(0, d, leaf, tile, blocks);
   std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.flops() > b.flops(); });
-  static double hyb = getenv("KN_HYB") ? atof(getenv("KN_HYB")) : 0;
-  static int64_t tmax = getenv("KN_TILE") ? atoi(getenv("KN_TILE")) : 0;
-  (void)tmax;
-  size_t first = 0;
-  if (hyb > 0) { while (first < blocks.size() && blocks[first].flops() >= hyb) gemm_block(C, XT, blocks[first++]); }
-  std::atomic<size_t> next{first};
+  std::atomic<size_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (size_t i = next++; i < blocks.size(); i = next++) gemm_block(C, XT, blocks[i]);
   });

@@ -30,6 +30,7 @@ rows) and :func:`reduce_steps` (weighted per-group sum and the mat-vec).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -336,6 +337,15 @@ class _Base:
     prefix: KVCache | None     # decoders: keys/values of every position before the target
     inject: bool               # pre-LN decoder: rows enter the residual stream after layer L
     aux: dict                  # L -> [B, d_ff] what the activation needs besides pre_act (LLaMA's up-projection)
+
+
+def _with_grad(fn):
+    """Run fn with autograd on, also when called under no_grad or inference_mode."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 @contextmanager
@@ -667,6 +677,7 @@ def _gap(ig, f1, f0):
     return out.float()
 
 
+@_with_grad
 def attribute(
     lm: LM,
     prompts: Sequence[str] | str,
@@ -758,6 +769,7 @@ def _assemble(lm, items, prompts, targets, prompt_ids, target_ids, contexts, lay
 # ---------------------------------------------------------------------------
 # the plain reference
 # ---------------------------------------------------------------------------
+@_with_grad
 def attribute_ref(
     lm: LM,
     prompts: Sequence[str] | str,

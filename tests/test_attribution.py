@@ -372,3 +372,14 @@ def test_triton_step_kernels_give_the_same_scores(monkeypatch):
         fast = attribute(lm, DEC_PROMPTS[:2], DEC_TARGETS[:2], steps=4, site=site, progress=False)
         ref = attribute_ref(lm, DEC_PROMPTS[:2], DEC_TARGETS[:2], steps=4, site=site)
         assert _rel(fast.scores, ref.scores) <= 1e-5
+
+
+def test_works_under_no_grad_and_inference_mode():
+    lm = tiny_lm("gpt2", seed=int(torch.randint(0, 1000, ())))
+    want = attribute(lm, DEC_PROMPTS[0], DEC_TARGETS[0], steps=3, progress=False).scores
+    with torch.no_grad():
+        a = attribute(lm, DEC_PROMPTS[0], DEC_TARGETS[0], steps=3, progress=False).scores
+    with torch.inference_mode():
+        b = attribute(lm, DEC_PROMPTS[0], DEC_TARGETS[0], steps=3, progress=False).scores
+        r = attribute_ref(lm, DEC_PROMPTS[0], DEC_TARGETS[0], steps=3).scores
+    assert torch.equal(a, want) and torch.equal(b, want) and _rel(r, want) <= 1e-5

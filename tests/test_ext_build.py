@@ -49,3 +49,15 @@ def test_ctest_suite():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"ctest failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
     assert "100% tests passed" in proc.stdout
+
+
+def test_info_reports_versions_and_extension(capsys):
+    from kncore import info
+
+    d = info.info()
+    assert d["torch"] == torch.__version__
+    assert d["extension"]["built"] == _ext.load()
+    assert d["triton_mode"] in ("compiled", "interpreted", "unavailable")
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert "C++ extension" in out and "Triton kernels" in out
