@@ -1,18 +1,27 @@
 """Benchmark kncore.ops.cov_accumulate_ (C += X^T X, lower triangle) against its peers.
 
-Peers, in the same process on the same inputs:
-  * float32:  torch ``C.addmm_(X.T, X)`` and ROME's layer_stats accumulation
-    ``mom2 += a.t().mm(a)``; ours with a float32 accumulator.
-  * bfloat16 X, float64 accumulator: the plain-torch way to that accuracy,
-    ``X64 = X.double(); C.addmm_(X64.T, X64)``; ours with C float64.
-Each case checks that both sides agree, reports the median (and min) of
-several runs, the speed-up, the extra resident memory during the call, and the
-useful rate (rows*d*(d+1) FLOPs for the symmetric product) as a fraction of a
-large matmul measured in the same run.
+Peers, in the same process on the same inputs (``case`` label in brackets):
+  * [fp32] float32 X and accumulator: torch ``C.addmm_(X.T, X)`` and ROME's
+    layer_stats accumulation ``mom2 += a.t().mm(a)``; ours with a float32 C.
+  * [bf16->fp64] bfloat16 X, float64 accumulator: the plain-torch way to that
+    accuracy, ``X64 = X.double(); C.addmm_(X64.T, X64)``; ours with C float64.
+  * [bf16->fp32] bfloat16 X, float32 accumulator: ``Xf = X.float();
+    C.addmm_(Xf.T, Xf)`` (the upcast is timed with the peer); ours with C float32.
+  * [masked] float32 X with a seeded random boolean row mask keeping ~70% of
+    rows (ROME dropping padding): ``Xk = X[mask]; C.addmm_(Xk.T, Xk)`` (the
+    index selection is timed with the peer); ours ``cov_accumulate_(C, X, mask=mask)``.
+The last two are the cases that matter for ROME statistics. Each case checks
+that both sides agree, reports the median (and min) of several runs, the
+speed-up against its own torch row, the extra resident memory during the call,
+and the useful rate (rows*d*(d+1) FLOPs for the symmetric product, counting
+only kept rows when masked) as a fraction of a large matmul measured in the
+same run. The float32-accumulator cases also give the error against a float64
+reference for d <= 6400.
 
     python bench/bench_cov.py --quick              # d = 3072 only
     python bench/bench_cov.py                      # d = 3072 6400 11008 16384
     python bench/bench_cov.py --d 3072 6400 --reps 7
+    python bench/bench_cov.py --cases 'bf16->fp32' masked   # quote the '>' labels in a shell
 
 Results: bench/results/bench_cov_<machine>_<commit>.{csv,md}.
 """
@@ -24,6 +33,7 @@ import io
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -180,6 +190,63 @@ def case_bf16_fp64(d, rows, reps):
     return res, out["agree"]
 
 
+def case_bf16_fp32(d, rows, reps, check_fp64):
+    X = (torch.randn(rows, d, device=DEV) * 2 + 0.5).bfloat16()
+    C_t, C_o = (torch.zeros(d, d, device=DEV) for _ in range(2))
+
+    def plain():
+        Xf = X.float()
+        C_t.addmm_(Xf.T, Xf)
+
+    fns = {"torch upcast + addmm_ fp32": plain, "kncore cov_accumulate_ bf16->fp32": lambda: cov_accumulate_(C_o, X)}
+    out = {}
+
+    def check():
+        full = cov_mirror(C_o)
+        out["agree"] = rel(full, C_t)
+        if check_fp64:
+            ref = X.double().T @ X.double()
+            out["errs"] = {"torch upcast + addmm_ fp32": rel(C_t, ref), "kncore cov_accumulate_ bf16->fp32": rel(full, ref)}
+
+    res = bench(fns, reps, check)
+    return res, out["agree"], out.get("errs", {})
+
+
+def row_mask(rows, keep=0.7, seed=0):
+    """Seeded random boolean row mask keeping about ``keep`` of the rows."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(rows, generator=g) < keep).to(DEV)
+
+
+def case_masked_fp32(d, rows, reps, check_fp64):
+    X = torch.randn(rows, d, device=DEV) * 2 + 0.5
+    mask = row_mask(rows)
+    C_t, C_o = (torch.zeros(d, d, device=DEV) for _ in range(2))
+
+    def plain():  # what ROME does when it drops padding
+        Xk = X[mask]
+        C_t.addmm_(Xk.T, Xk)
+
+    fns = {"torch X[mask] + addmm_ fp32": plain,
+           "kncore cov_accumulate_ masked fp32": lambda: cov_accumulate_(C_o, X, mask=mask)}
+    out = {}
+
+    def check():
+        full = cov_mirror(C_o)
+        out["agree"] = rel(full, C_t)
+        if check_fp64:
+            Xk = X[mask].double()
+            ref = Xk.T @ Xk
+            out["errs"] = {"torch X[mask] + addmm_ fp32": rel(C_t, ref),
+                           "kncore cov_accumulate_ masked fp32": rel(full, ref)}
+
+    res = bench(fns, reps, check)
+    return res, out["agree"], out.get("errs", {}), int(mask.sum())
+
+
+CASES = ("fp32", "bf16->fp64", "bf16->fp32", "masked")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", type=int, nargs="+", default=None, help="hidden sizes (default 3072 6400 11008 16384)")
@@ -187,6 +254,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None,
                    help="timed runs per side (default: 5 for d <= 6400, 3 above; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="d = 3072 only, 3 runs")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), metavar="CASE",
+                   help=f"which cases to run (default: all; choices: {' '.join(CASES)})")
     p.add_argument("--no-write", action="store_true", help="print only")
     a = p.parse_args(argv)
     dims = a.d or ([3072] if a.quick else [3072, 6400, 11008, 16384])
@@ -197,50 +266,53 @@ def main(argv=None):
     peak32, peak64 = matmul_peak(torch.float32), matmul_peak(torch.float64)
     print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s "
           f"({DEV}, {torch.get_num_threads()} threads)", flush=True)
+    peak = {"fp32": peak32, "bf16->fp64": peak64, "bf16->fp32": peak32, "masked": peak32}
+    label = {"fp32": "fp32", "bf16->fp64": "bf16>fp64", "bf16->fp32": "bf16>fp32", "masked": "masked"}
+    cases = [c for c in CASES if c in a.cases]
     rows_out = []
     for d in dims:
-        useful = a.rows * d * (d + 1)  # FLOPs of the symmetric product (one triangle with its diagonal)
-        full = 2 * a.rows * d * d
         reps = reps_for(d)
-        res, agree, errs = case_fp32(d, a.rows, reps, check_fp64=d <= 6400)
-        base = res["torch addmm_ fp32"][0]
-        base_cpu = res["torch addmm_ fp32"][2]
-        for name, (med, mn, cpu, mib) in res.items():
-            flops = useful if name.startswith("kncore") else full
-            rows_out.append(dict(case="fp32", d=d, rows=a.rows, runs=reps, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
-                                 speedup_vs_torch=base / med, cpu_ms=cpu * 1e3, cpu_speedup=base_cpu / cpu,
-                                 extra_mib=mib,
-                                 frac_of_peak=flops / med / 1e9 / peak32,
-                                 agreement=agree, err_vs_fp64=errs.get(name, float("nan"))))
-            print(f"d={d:6d} fp32      {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f} "
-                  f"(CPU time x{base_cpu/cpu:5.2f})  "
-                  f"+{mib:7.1f} MiB  {rows_out[-1]['frac_of_peak']:.0%} of peak", flush=True)
-        res, agree = case_bf16_fp64(d, a.rows, reps)
-        base = res["torch upcast + addmm_ fp64"][0]
-        base_cpu = res["torch upcast + addmm_ fp64"][2]
-        for name, (med, mn, cpu, mib) in res.items():
-            flops = useful if name.startswith("kncore") else full
-            rows_out.append(dict(case="bf16->fp64", d=d, rows=a.rows, runs=reps, side=name, median_ms=med * 1e3, min_ms=mn * 1e3,
-                                 speedup_vs_torch=base / med, cpu_ms=cpu * 1e3, cpu_speedup=base_cpu / cpu,
-                                 extra_mib=mib, frac_of_peak=flops / med / 1e9 / peak64,
-                                 agreement=agree, err_vs_fp64=float("nan")))
-            print(f"d={d:6d} bf16>fp64 {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f} "
-                  f"(CPU time x{base_cpu/cpu:5.2f})  "
-                  f"+{mib:7.1f} MiB  {rows_out[-1]['frac_of_peak']:.0%} of peak", flush=True)
+        check_fp64 = d <= 6400
+        for case in cases:
+            kept = a.rows
+            errs = {}
+            if case == "fp32":
+                res, agree, errs = case_fp32(d, a.rows, reps, check_fp64)
+            elif case == "bf16->fp64":
+                res, agree = case_bf16_fp64(d, a.rows, reps)
+            elif case == "bf16->fp32":
+                res, agree, errs = case_bf16_fp32(d, a.rows, reps, check_fp64)
+            else:
+                res, agree, errs, kept = case_masked_fp32(d, a.rows, reps, check_fp64)
+            useful = kept * d * (d + 1)  # FLOPs of the symmetric product (one triangle with its diagonal)
+            full = 2 * kept * d * d
+            base_name = next(iter(res))  # each case's first side is its torch peer
+            base, base_cpu = res[base_name][0], res[base_name][2]
+            for name, (med, mn, cpu, mib) in res.items():
+                flops = useful if name.startswith("kncore") else full
+                rows_out.append(dict(case=case, d=d, rows=a.rows, runs=reps, side=name, median_ms=med * 1e3,
+                                     min_ms=mn * 1e3, speedup_vs_torch=base / med, cpu_ms=cpu * 1e3,
+                                     cpu_speedup=base_cpu / cpu, extra_mib=mib,
+                                     frac_of_peak=flops / med / 1e9 / peak[case],
+                                     agreement=agree, err_vs_fp64=errs.get(name, float("nan"))))
+                print(f"d={d:6d} {label[case]:9s} {name:34s} {med*1e3:9.1f} ms (min {mn*1e3:8.1f})  x{base/med:5.2f} "
+                      f"(CPU time x{base_cpu/cpu:5.2f})  "
+                      f"+{mib:7.1f} MiB  {rows_out[-1]['frac_of_peak']:.0%} of peak  agree {agree:.1e}", flush=True)
 
     try:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         load = "n/a"
     header = (f"# bench_cov on {machine()} at {commit()}\n\n"
-              f"Command: `python bench/bench_cov.py {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
+              f"Command: `python bench/bench_cov.py {shlex.join(argv if argv is not None else sys.argv[1:])}`  \n"
               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
               f"rows per update {a.rows}; median of `runs` interleaved timed runs per side, after an untimed first "
               f"call (which measures memory, cold); load average at the end: {load}.  \n"
               f"Matmul peak measured in the same run: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s. "
               "`of peak` counts rows*d*(d+1) FLOPs for kncore (the symmetric product) and 2*rows*d^2 for the "
-              "peers (what they compute). CPU time (all threads of the process) is given too: on a shared machine it "
-              "is less disturbed by other load than wall time.  \n"
+              "peers (what they compute), with rows = the kept rows in the `masked` case (mask keeps ~70%, seeded). "
+              "Speed-ups are against each case's own torch row. CPU time (all threads of the process) is given "
+              "too: on a shared machine it is less disturbed by other load than wall time.  \n"
               + ("" if CUDA else "**GPU: not measured** (no CUDA device on this machine).  \n") + "\n")
     table = ["| case | d | runs | side | median ms | min ms | speed-up vs torch | CPU ms | speed-up in CPU time | extra MiB | "
              "of peak | agreement (rel) | err vs fp64 |",
