@@ -153,7 +153,7 @@ def plot_layer_distribution(groups: dict, path, *, n_layers: int | None = None, 
             counts = layer_counts(g, n_layers)
         series[name] = counts
     width = max(len(c) for c in series.values())
-    fig = Figure(figsize=(3.6 * len(series), 2.8))
+    fig = Figure(figsize=(3.6 * len(series), 3.1 if title else 2.8), layout="constrained")
     axes = [fig.add_subplot(1, len(series), i + 1) for i in range(len(series))]
     for ax, (name, counts) in zip(axes, series.items()):
         tot = sum(counts)
