@@ -321,7 +321,10 @@ def speed(args, rows, notes):
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")
     reps = 1 if args.quick else args.repeats
     kw = dict(steps=STEPS, site="pre_act", progress=False)
-    attribute(lm, prompts[:1], targets[:1], layers=[0], **kw)  # warm-up
+    # Warm-up: one full call per scheme (all layers). A one-layer warm-up left the
+    # first timed scheme 30-50% slow on the CPU (allocator and thread-pool growth).
+    for scheme in ("linspace", "riemann-left"):
+        attribute(lm, prompts, targets, scheme=scheme, **kw)
 
     res = {}
     for scheme in ("linspace", "riemann-left"):
