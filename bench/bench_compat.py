@@ -26,12 +26,8 @@ import argparse
 import csv
 import ctypes
 import io
-import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
@@ -41,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
+from bench._common import commit, machine, write_atomic, rss as _rss  # noqa: E402
 
 from kncore.compat import KnowledgeNeurons  # noqa: E402
 from kncore.testing import tiny_model, tiny_tokenizer  # noqa: E402
@@ -74,32 +71,6 @@ def peer_class():
         warnings.simplefilter("ignore")
         from knowledge_neurons import KnowledgeNeurons as Peer
     return Peer
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "nogit"
-    except OSError:
-        return "nogit"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core"
-
-
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _trim():

@@ -32,14 +32,9 @@ import csv
 import io
 import os
 import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +42,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench._common import commit, machine, write_atomic, run_once, extra_mib  # noqa: E402
 
 from kncore import _ext  # noqa: E402
 from kncore.ops.cov_accumulate import cov_accumulate_, cov_mirror  # noqa: E402
@@ -55,85 +51,19 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "nogit"
-    except OSError:
-        return "nogit"
-
-
-def machine() -> str:
-    if CUDA:
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core"
-
-
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def run_once(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds): CUDA events on a GPU, else host clocks."""
-    if CUDA:
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / 1e3, float("nan")
-    c, t = time.process_time(), time.perf_counter()
-    fn()
-    return time.perf_counter() - t, time.process_time() - c
-
-
-def extra_mib(fn) -> float:
-    """Memory the call needs beyond its inputs: max_memory_allocated on a GPU; on CPU
-    the resident-set high-water mark, sampled every 0.1 ms in an untimed run."""
-    if CUDA:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base, peak, done = _rss(), [0], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.0001)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    fn()
-    done.set()
-    th.join()
-    return max(0, max(peak[0], _rss()) - base) / 2**20
-
-
 def bench(fns: dict, reps: int, after_first=None) -> dict:
     """name -> (median s, min s, median CPU s, MiB). The first call of each side is
     untimed: it measures memory (cold, so buffers an op keeps count) and warms up;
     ``after_first()`` runs then (the agreement check). Timed runs are interleaved,
     so load changes hit every side alike."""
-    mem = {k: extra_mib(f) for k, f in fns.items()}
+    mem = {k: extra_mib(f)[0] for k, f in fns.items()}
     if after_first is not None:
         after_first()
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            w, c = run_once(f)
+            w, c, _ = run_once(f)
             wall[k].append(w)
             cpu[k].append(c)
     return {k: (statistics.median(wall[k]), min(wall[k]), statistics.median(cpu[k]), mem[k]) for k in fns}

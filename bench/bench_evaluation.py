@@ -32,11 +32,8 @@ import argparse
 import csv
 import io
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
+from bench._common import commit, machine, write_atomic, rss as _rss  # noqa: E402
 
 import kncore  # noqa: E402
 import kncore.data as D  # noqa: E402
@@ -51,32 +49,6 @@ from kncore import evaluation as E  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BATCH = 32
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "nogit"
-    except OSError:
-        return "nogit"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core"
-
-
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure(fn):

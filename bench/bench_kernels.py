@@ -25,11 +25,8 @@ import argparse
 import csv
 import math
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +43,8 @@ if torch.cuda.is_available() and not SMOKE:
 elif SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(ROOT))
+from bench._common import commit, machine, write_atomic  # noqa: E402
+
 try:
     import kncore.kernels.ig_steps as IG  # noqa: E402
     import kncore.kernels.mlp_capture as MC  # noqa: E402
@@ -57,27 +56,6 @@ SHAPES = {"llama2-7b": dict(d=4096, d_ff=11008, act="silu", gated=True, bias=Fal
           "gpt-j": dict(d=4096, d_ff=16384, act="gelu_tanh", gated=False, bias=True)}
 STEPS = 20
 PROMPTS = (8, 16, 32)
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "nogit"
-    except OSError:
-        return "nogit"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core"
-
-
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 # --------------------------------------------------------------------------- timing

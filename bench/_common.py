@@ -1,0 +1,85 @@
+"""Helpers shared by the benchmarks in bench/: where results are named from
+(commit, machine), how they are written (atomically), and how one call is
+timed and its memory measured."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """Short hash of HEAD ("nogit" outside a checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "nogit"
+    except OSError:
+        return "nogit"
+
+
+def machine() -> str:
+    """The GPU's name, or cpu-<cores>core."""
+    if torch.cuda.is_available():
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def rss() -> int:
+    """Resident memory of this process, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_once(fn):
+    """(wall seconds, process CPU seconds, fn's result): CUDA events on a GPU, else host clocks."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out = fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 1e3, float("nan"), out
+    c, t = time.process_time(), time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, time.process_time() - c, out
+
+
+def extra_mib(fn):
+    """(MiB the call needs beyond its inputs, fn's result): max_memory_allocated on a GPU;
+    on CPU the resident-set high-water mark sampled every 0.1 ms, in an untimed run."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20, out
+    base, peak, done = rss(), [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0001)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out = fn()
+    done.set()
+    th.join()
+    return max(0, max(peak[0], rss()) - base) / 2**20, out
