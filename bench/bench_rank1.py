@@ -3,11 +3,13 @@
 Peers, in the same process on the same inputs (W restored before every run):
   * bare ``W.addr_(u, v)``: the update with no way back (the target: <= 1.5x);
   * ``orig = W.clone(); W.addr_(u, v)``: ROME's way to undo (``weights_copy``).
-The delta's size sets how many elements the undo cannot recompute (they are
-listed in the record), so it is swept: RMS(u v^T) / RMS(W) = --scales.
-Reported: median (and min) of interleaved runs, ratio to the bare addr_, the
-record's size and exception rate, extra resident memory, undo time, and the
-bytes moved (read + write W) as a fraction of a large copy's bandwidth.
+The delta's size sets how many elements the undo cannot recompute, and so the
+record's form (sparse for small edits, dense int8 codes for ROME-sized ones in
+fp32), so it is swept: RMS(u v^T) / RMS(W) = --scales (real ROME edits on
+SmolLM2: 0.14-0.18). Reported: median (and min) of interleaved runs, ratio to
+the bare addr_, the record's form, size and miss rate, a first edit with fresh
+record memory, extra resident memory, undo time, and the bytes moved (read +
+write W) as a fraction of a large copy's bandwidth.
 
     python bench/bench_rank1.py                 # 4096 x 11008, fp32 and bf16
     python bench/bench_rank1.py --quick
@@ -34,7 +36,7 @@ import torch  # noqa: E402
 from bench._common import commit, machine, write_atomic, run_once, extra_mib  # noqa: E402
 
 from kncore import _ext  # noqa: E402
-from kncore.ops.rank1_update import rank1_update_  # noqa: E402
+from kncore.ops.rank1_update import rank1_pool_release, rank1_update_  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -74,7 +76,10 @@ def case(m, n, dtype, scale, reps):
     equal_outer = bool(torch.equal(mine.view(bits), outer.view(bits)))
     rec.undo(mine)
     exact = bool(torch.equal(mine.view(bits), W0.view(bits)))
-    exc_rate = (rec.exc_idx.numel() + rec.row_idx.numel() * n) / W.numel()
+    # elements undo cannot recompute: in the dense form those with a nonzero code
+    dense = rec.code.numel() > 0
+    misses = int((rec.code != 0).sum()) if dense else rec.exc_idx.numel() + rec.row_idx.numel() * n
+    exc_rate = misses / W.numel()
     del mine, theirs, outer
 
     def reset(k, out):
@@ -103,8 +108,19 @@ def case(m, n, dtype, scale, reps):
             else:
                 W.copy_(W0)
             del out
+    # a first edit: the dense form's record buffer is fresh memory (page faults),
+    # not one the pool kept from an earlier record
+    cold = []
+    for _ in range(3):
+        rank1_pool_release()
+        t, _, out = run_once(sides["kncore rank1_update_"])
+        out.undo(W)
+        del out
+        cold.append(t)
     res = {k: (statistics.median(v), min(v), statistics.median(cpu[k]), mem[k]) for k, v in times.items()}
-    return res, dict(mismatch=mismatch, max_ulp=max_ulp, equal_outer=equal_outer, exact=exact, exc_rate=exc_rate, record_mib=rec.nbytes / 2**20,
+    return res, dict(mismatch=mismatch, max_ulp=max_ulp, equal_outer=equal_outer, exact=exact, exc_rate=exc_rate,
+                     form="dense" if dense else "sparse", cold_ms=statistics.median(cold) * 1e3,
+                     record_mib=rec.nbytes / 2**20,
                      w_mib=W.numel() * W.element_size() / 2**20, undo_ms=statistics.median(undo_t) * 1e3)
 
 
@@ -112,7 +128,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 11008])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--scales", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1],
+    p.add_argument("--scales", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1, 0.15],
                    help="RMS(u v^T) / RMS(W) of the edit")
     p.add_argument("--reps", type=int, default=None, help="timed runs per side (default 9, 5 with --quick)")
     p.add_argument("--quick", action="store_true", help="scale 1e-2 only, 5 runs")
@@ -139,7 +155,9 @@ def main(argv=None):
                                  frac_of_copy_bw=moved / med / 1e9 / bw,
                                  record_mib=info["record_mib"] if side.startswith("kncore") else
                                  (info["w_mib"] if side.startswith("clone") else 0.0),
-                                 exception_rate=info["exc_rate"] if side.startswith("kncore") else float("nan"),
+                                 record_form=info["form"] if side.startswith("kncore") else "",
+                                 miss_rate=info["exc_rate"] if side.startswith("kncore") else float("nan"),
+                                 first_edit_ms=info["cold_ms"] if side.startswith("kncore") else float("nan"),
                                  undo_ms=info["undo_ms"] if side.startswith("kncore") else float("nan"),
                                  undo_exact=info["exact"], mismatch_vs_torch=info["mismatch"],
                                  max_ulp_vs_torch=info["max_ulp"], equal_to_outer=info["equal_outer"]))
@@ -148,7 +166,8 @@ def main(argv=None):
                       f"{med/base:5.2f}x addr_ (CPU time {cpu/base_cpu:5.2f}x)  +{mib:6.1f} MiB  "
                       f"record {r['record_mib']:6.1f} MiB  "
                       f"{r['frac_of_copy_bw']:.0%} of copy bw", flush=True)
-            print(f"    exceptions {info['exc_rate']:.3%}, undo {info['undo_ms']:.1f} ms, exact={info['exact']}, "
+            print(f"    {info['form']} record, misses {info['exc_rate']:.3%}, first edit (fresh record buffer) "
+                  f"{info['cold_ms']:.1f} ms, undo {info['undo_ms']:.1f} ms, exact={info['exact']}, "
                   f"elements differing from torch's addr_: {info['mismatch']} (max {info['max_ulp']:.2f} eps of abs(w)+abs(uv)), "
                   f"equal to W + outer(u, v): {info['equal_outer']}", flush=True)
     try:
@@ -159,6 +178,9 @@ def main(argv=None):
               f"Command: `python bench/bench_rank1.py {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
               f"median of {reps} interleaved runs, W restored before each; load average at the end: {load}.  \n"
+              "`record`: the undo record's form (sparse: index + value per miss; dense: an int8 code per element, "
+              "its buffer reused from the pool after the first edit); `misses`: elements that fl(W_new - delta) "
+              "does not give back; `first edit ms`: a call with the pool emptied (fresh record memory).  \n"
               f"Copy bandwidth measured in the same run: {bw:.0f} GB/s; `of copy bw` = 2 x W bytes / time. "
               "CPU time (all threads of the process) is given too: on a shared machine it is less disturbed by "
               "other load than wall time. `differs from addr_`: elements whose bits differ from torch's addr_, "
@@ -166,14 +188,14 @@ def main(argv=None):
               "`w += upd_matrix` do; `equal to W + outer`).  \n"
               + ("" if CUDA else "**GPU: not measured** (no CUDA device on this machine).  \n") + "\n")
     table = ["| dtype | delta RMS / W RMS | side | median ms | min ms | x addr_ | CPU ms | x addr_ in CPU time | "
-             "RSS growth MiB | record MiB | exceptions | undo ms | undo exact | differs from addr_ (max, eps of abs(w)+abs(uv)) | "
-             "equal to W + outer | of copy bw |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "RSS growth MiB | record | record MiB | misses | first edit ms | undo ms | undo exact | "
+             "differs from addr_ (max, eps of abs(w)+abs(uv)) | equal to W + outer | of copy bw |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['dtype']} | {r['delta_rms_ratio']:g} | {r['side']} | {r['median_ms']:.2f} | "
                      f"{r['min_ms']:.2f} | {r['ratio_vs_addr']:.2f} | {r['cpu_ms']:.1f} | {r['cpu_ratio_vs_addr']:.2f} | "
-                     f"{r['extra_mib']:.0f} | {r['record_mib']:.1f} | "
-                     f"{r['exception_rate']:.3%} | {r['undo_ms']:.1f} | {r['undo_exact']} | {r['mismatch_vs_torch']} "
+                     f"{r['extra_mib']:.0f} | {r['record_form']} | {r['record_mib']:.1f} | "
+                     f"{r['miss_rate']:.3%} | {r['first_edit_ms']:.1f} | {r['undo_ms']:.1f} | {r['undo_exact']} | {r['mismatch_vs_torch']} "
                      f"({r['max_ulp_vs_torch']:.2f}) | {r['equal_to_outer']} | "
                      f"{r['frac_of_copy_bw']:.0%} |")
     md = header + "\n".join(table) + "\n"

@@ -26,22 +26,32 @@ namespace kncore {
 void cov_accumulate_(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Tensor& X,
                      const c10::optional<at::Tensor>& mask, bool composite = false);
 
+// The undo record of rank1_update_: (code, exc_idx, exc_val, row_idx, row_val, checksum).
+using Record = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 // W += alpha * U V^T in place (U [m,k], V [n,k]; W [m,n] contiguous), maths in
 // float32 for 16-bit and float32 W, float64 for float64 W. Returns the undo
-// record (exc_idx, exc_val, row_idx, row_val, checksum):
-//   every element is restored by recomputing fl(W_new - delta); exc_idx/exc_val
-//   hold flat indices and original values of the elements where that does not
-//   give back the same bits; row_idx/row_val hold whole original rows where
-//   that is cheaper than listing exceptions; checksum (0-dim int64) fingerprints
-//   W_new so rank1_undo_ can refuse a W modified in between.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_update_(
-    at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite = false);
+// record. Undo recomputes W' = fl(W_new - delta) for every element, then:
+//   code: empty (sparse form) or int8 [m*n] (dense form): bits(W) - bits(W')
+//     as integers, -128 where that does not fit (those are in exc_*);
+//   exc_idx/exc_val: flat indices and original values of the elements that
+//     neither W' nor W' + code give back;
+//   row_idx/row_val: whole original rows (sparse form), where that is cheaper
+//     than listing a row's exceptions;
+//   checksum (0-dim int64) fingerprints W_new so rank1_undo_ can refuse a W
+//   modified in between.
+Record rank1_update_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha,
+                     bool composite = false);
 
 // Restores W bit-exactly from the record returned by rank1_update_ with the
 // same U, V, alpha. Throws if W's checksum no longer matches.
-void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha,
+void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, const at::Tensor& code,
                  const at::Tensor& exc_idx, const at::Tensor& exc_val, const at::Tensor& row_idx,
                  const at::Tensor& row_val, const at::Tensor& checksum, bool composite = false);
+
+// Dense records' buffers are pooled for reuse; these free them / report their bytes.
+int64_t rank1_pool_release();
+int64_t rank1_pool_held();
 
 // Checksum of W as rank1_update_ records it (0-dim int64).
 at::Tensor rank1_checksum(const at::Tensor& W, bool composite = false);

@@ -5,17 +5,21 @@
 // and writes W once (2 x 180 MB in fp32) and is bandwidth bound. Keeping a copy
 // of W as the record (ROME's weights_copy) adds a third stream plus page faults
 // on a fresh 180 MB buffer: clone + addr_ measured 6-10x a bare addr_. So the
-// record keeps only what cannot be recomputed:
-//   undo recomputes fl(W_new - delta) for every element; for most elements
-//   that gives back W's original bits. Where it does not (the sum moved up a
-//   binade and lost W's last bit, |delta| >> |W|, -0.0, nan) the update, which
-//   still sees the original, stores (flat index, original bits); a row with
-//   many of them is stored whole when that is smaller. That loss is inherent:
-//   ~2% of elements for an edit with RMS(delta) = 1% of RMS(W).
-// One streaming pass, so memory traffic equals a bare addr_. Measured (one
-// thread, CPU time): fp32 1.3x addr_ with no exceptions, 1.6x at 0.3%, 2.3x at
-// 2% (each exception costs ~5 ns to find and store); bf16 0.5-0.7x (torch's
-// bf16 addr_ is slow).
+// record keeps only what cannot be recomputed. Undo recomputes
+// W' = fl(W_new - delta); for most elements W' has W's original bits. Where it
+// does not (the sum moved up a binade and lost W's last bit, |delta| >> |W|,
+// -0.0, nan), the update, which still sees the original, records it. Two forms:
+//   sparse: (flat index, original bits) per miss, or whole rows where that is
+//     smaller. Cheap while misses are rare (small edits: 0.3% of elements at
+//     RMS(delta) = 0.1% of RMS(W)); each costs ~4 ns to find and store.
+//   dense: one int8 per element, code = bits(W) - bits(W') as integers (the
+//     distance in ulps, nearly always -1, 0 or 1), or -128 where it does not
+//     fit, and those few are listed sparsely. Real ROME edits have
+//     RMS(delta) = 14-18% of RMS(W) and ~10% misses; dense costs a quarter
+//     of W's fp32 bytes, written in the same pass with streaming stores.
+// A sample of rows, run first, picks the form (dense_above() says where).
+// The dense codes live in buffers that are kept for reuse when a record dies
+// (RecordPool): a fresh 45 MB buffer costs more in page faults than the update.
 //
 // Exactness needs the forward and undo to evaluate delta and the two roundings
 // identically: the same inline functions serve both, and the file is compiled
@@ -33,9 +37,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#endif
 
 // The row loops are memory-bound only with wide vectors: at SSE2 width the
 // update took 3.2x the CPU time of W.addr_ (4096 x 11008 fp32, one thread,
@@ -187,6 +199,97 @@ KN_INLINE void restore_row(typename T::bits_t* w, int64_t n, typename T::acc_t a
   }
 }
 
+// Copies a block's codes out of L1 with non-temporal stores where the target is
+// 16-byte aligned: the record is not read again soon, and a plain store would
+// first read each line of it (a fifth of the memory traffic in fp32).
+// Callers issue stream_fence() before the record is read.
+KN_INLINE void stream_out(int8_t* dst, const int8_t* src, int64_t len) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    int64_t q = 0;
+    for (; q + 16 <= len; q += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + q), _mm_load_si128(reinterpret_cast<const __m128i*>(src + q)));
+    std::memcpy(dst + q, src + q, len - q);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, len);
+}
+inline void stream_fence() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_sfence();
+#endif
+}
+
+// Dense form of update_row: every element also gets its int8 code, bits(W) -
+// bits(W') as integers (wrapping; exact for any bits), or -128 where that does
+// not fit in [-127, 127]; those are listed in the arena like sparse misses.
+template <class T, bool kRank1>
+KN_INLINE uint32_t update_row_dense(typename T::bits_t* w, int64_t n, typename T::acc_t au,
+                                    const typename T::acc_t* v, const typename T::acc_t* db, int8_t* code,
+                                    int64_t flat0, Arena& arena) {
+  using bits_t = typename T::bits_t;
+  using sbits_t = std::make_signed_t<bits_t>;
+  constexpr int64_t B = 256;
+  uint32_t sum = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += B) {
+    const int64_t len = std::min(B, n - j0);
+    bits_t* wb = w + j0;
+    alignas(64) int8_t cb[B];
+    bits_t orig[B];
+    uint8_t escaped = 0;
+    for (int64_t q = 0; q < len; ++q) {
+      const auto dl = kRank1 ? au * v[j0 + q] : db[j0 + q];
+      const bits_t o = wb[q];
+      const bits_t x = add_delta<T>(o, dl);
+      const bits_t d = bits_t(o - sub_delta<T>(x, dl));
+      const bool fits = bits_t(d + bits_t(127)) <= bits_t(254);
+      cb[q] = fits ? int8_t(sbits_t(d)) : int8_t(-128);
+      escaped |= uint8_t(!fits);
+      orig[q] = o;
+      wb[q] = x;
+      sum += T::fold(x);
+    }
+    stream_out(code + j0, cb, len);
+    if (escaped) {
+      for (int64_t q = 0; q < len; ++q) {
+        if (cb[q] == -128) {
+          arena.exc_idx.push_back(flat0 + j0 + q);
+          arena.exc_bits.push_back(orig[q]);
+        }
+      }
+    }
+  }
+  return sum;
+}
+
+// Undo of the dense form: W = bits(W') + code (the -128 ones are then
+// overwritten from the exception list).
+template <class T>
+KN_INLINE void restore_row_dense(typename T::bits_t* w, int64_t n, typename T::acc_t au,
+                                 const typename T::acc_t* v, const typename T::acc_t* db, const int8_t* code) {
+  using bits_t = typename T::bits_t;
+  using sbits_t = std::make_signed_t<bits_t>;
+  if (db == nullptr) {
+    for (int64_t j = 0; j < n; ++j) w[j] = bits_t(sub_delta<T>(w[j], au * v[j]) + bits_t(sbits_t(code[j])));
+  } else {
+    for (int64_t j = 0; j < n; ++j) w[j] = bits_t(sub_delta<T>(w[j], db[j]) + bits_t(sbits_t(code[j])));
+  }
+}
+
+// Misses (elements undo's recomputation would not give back) in one row,
+// without writing: the sample that picks the record's form.
+template <class T>
+KN_INLINE int64_t count_misses(const typename T::bits_t* w, int64_t n, typename T::acc_t au,
+                               const typename T::acc_t* v, const typename T::acc_t* db) {
+  int64_t misses = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const auto dl = db ? db[j] : au * v[j];
+    misses += sub_delta<T>(add_delta<T>(w[j], dl), dl) != w[j];
+  }
+  return misses;
+}
+
 template <class T>
 KN_INLINE uint32_t row_sum(const typename T::bits_t* w, int64_t n) {
   uint32_t sum = 0;
@@ -205,6 +308,20 @@ KN_INLINE uint32_t row_sum(const typename T::bits_t* w, int64_t n) {
                                        const T::acc_t* db) {                                       \
     restore_row<T>(w, n, au, v, db);                                                               \
   }                                                                                                \
+  KN_SIMD_CLONES uint32_t update_row_dense_simd(T, T::bits_t* w, int64_t n, T::acc_t au, const T::acc_t* v, \
+                                                const T::acc_t* db, int8_t* code, int64_t flat0,            \
+                                                Arena& arena) {                                             \
+    return db ? update_row_dense<T, false>(w, n, au, v, db, code, flat0, arena)                            \
+              : update_row_dense<T, true>(w, n, au, v, db, code, flat0, arena);                            \
+  }                                                                                                        \
+  KN_SIMD_CLONES void restore_row_dense_simd(T, T::bits_t* w, int64_t n, T::acc_t au, const T::acc_t* v,   \
+                                             const T::acc_t* db, const int8_t* code) {                     \
+    restore_row_dense<T>(w, n, au, v, db, code);                                                          \
+  }                                                                                                        \
+  KN_SIMD_CLONES int64_t count_misses_simd(T, const T::bits_t* w, int64_t n, T::acc_t au,                  \
+                                           const T::acc_t* v, const T::acc_t* db) {                        \
+    return count_misses<T>(w, n, au, v, db);                                                               \
+  }                                                                                                        \
   KN_SIMD_CLONES uint32_t row_sum_simd(T, const T::bits_t* w, int64_t n) { return row_sum<T>(w, n); }
 KN_ROW_KERNELS(F32)
 KN_ROW_KERNELS(F64)
@@ -221,6 +338,102 @@ at::ScalarType exception_index_type(const at::Tensor& W) {
 // Rows per parallel task: enough work to amortise a task (~64K elements).
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(n, 1)); }
 
+// Buffers of dense records, kept for reuse when their record dies: the next
+// edit of a same-sized weight then writes to memory that is already mapped
+// (a fresh 45 MB buffer costs ~11k page faults, more than the update itself).
+// Holds at most kPoolBuffers buffers and kPoolBytes bytes; rank1_pool_release()
+// frees them.
+class RecordPool {
+ public:
+  static RecordPool& get() {
+    static RecordPool* pool = new RecordPool;  // never destroyed: tensors may outlive static destructors
+    return *pool;
+  }
+  at::Tensor empty_codes(int64_t numel, const at::TensorOptions& opts) {
+    const size_t bytes = round_up(size_t(std::max<int64_t>(numel, 1)));
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = 0; i < free_.size(); ++i) {
+        if (free_[i].first == bytes) {
+          p = free_[i].second;
+          held_ -= bytes;
+          free_.erase(free_.begin() + i);
+          break;
+        }
+      }
+    }
+    if (p == nullptr) {
+      p = std::aligned_alloc(align_for(bytes), bytes);
+      TORCH_CHECK(p != nullptr, "rank1_update_: out of memory for a ", bytes, "-byte undo record");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      if (bytes >= (size_t(4) << 20)) madvise(p, bytes, MADV_HUGEPAGE);  // fewer faults on first touch
+#endif
+    }
+    return at::from_blob(p, {numel}, [bytes](void* q) { RecordPool::get().give_back(q, bytes); },
+                         opts.dtype(at::kChar));
+  }
+  int64_t release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const int64_t freed = int64_t(held_);
+    for (auto& b : free_) std::free(b.second);
+    free_.clear();
+    held_ = 0;
+    return freed;
+  }
+  int64_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return int64_t(held_);
+  }
+
+ private:
+  static constexpr size_t kHuge = size_t(2) << 20;  // large buffers are huge-page aligned
+  static constexpr size_t kPoolBuffers = 4;
+  static constexpr size_t kPoolBytes = size_t(1) << 30;
+  static size_t align_for(size_t b) { return b >= 2 * kHuge ? kHuge : 64; }
+  static size_t round_up(size_t b) { return (b + align_for(b) - 1) / align_for(b) * align_for(b); }
+  void give_back(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (free_.size() < kPoolBuffers && held_ + bytes <= kPoolBytes) {
+        free_.emplace_back(bytes, p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  std::mutex mu_;
+  std::vector<std::pair<size_t, void*>> free_;
+  size_t held_ = 0;
+};
+
+// The sampled miss fraction above which the dense form is used.
+// fp32/fp64: for speed. On the 2-core CPU (bench/bench_rank1.py, fp32 4096 x
+// 11008) the sparse form costs ~4 ns per miss: 1.4x a bare addr_ at 0.3% misses,
+// 1.8x at 2%, 2.4x at 10%; the dense form 1.25-1.5x at any rate.
+// 16-bit: torch's addr_ is slow there (0.5-0.8x for the sparse form at 10%
+// misses), so dense only where it is also smaller: 1 byte per element against
+// 6 bytes (int32 index + value) per miss.
+template <class T>
+double dense_above(int64_t idx_bytes) {
+  return sizeof(typename T::bits_t) == 2 ? 1.0 / double(idx_bytes + 2) : 0.005;
+}
+
+template <class T>
+bool prefer_dense(const typename T::bits_t* wp, int64_t m, int64_t n, const typename T::acc_t* up,
+                  const typename T::acc_t* vp, int64_t k, int64_t idx_bytes) {
+  // at least 16 rows and 64K elements (all of a small W), spread over W
+  const int64_t rows = std::min<int64_t>(m, std::max<int64_t>(16, ((int64_t(1) << 16) + n - 1) / n));
+  RowDelta<typename T::acc_t> rd{up, vp, k, n, {}};
+  int64_t misses = 0;
+  for (int64_t s = 0; s < rows; ++s) {
+    const int64_t i = s * m / rows;
+    misses += count_misses_simd(T{}, wp + i * n, n, k == 1 ? up[i] : typename T::acc_t(0), vp, rd.row(i));
+  }
+  return double(misses) > dense_above<T>(idx_bytes) * double(rows * n);
+}
+
 struct Piece {  // what one parallel task found: ranges of its thread's arena
   int64_t begin;
   Arena* arena;
@@ -229,8 +442,7 @@ struct Piece {  // what one parallel task found: ranges of its thread's arena
 };
 
 template <class T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_cpu(
-    at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
+Record update_cpu(at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
   using bits_t = typename T::bits_t;
   using acc_t = typename T::acc_t;
   const int64_t m = W.size(0), n = W.size(1), k = aU.size(1);
@@ -240,6 +452,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_cp
   bits_t* wp = reinterpret_cast<bits_t*>(W.data_ptr());
   const acc_t* up = aU.data_ptr<acc_t>();
   const acc_t* vp = VT.data_ptr<acc_t>();
+  const bool dense = prefer_dense<T>(wp, m, n, up, vp, k, idx_bytes);
+  at::Tensor code = dense ? RecordPool::get().empty_codes(m * n, W.options()) : at::empty({0}, W.options().dtype(at::kChar));
+  int8_t* cp = code.data_ptr<int8_t>();
 
   thread_local Arena thread_arena;  // each pool thread has its own
   std::vector<Arena*> used;
@@ -260,6 +475,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_cp
       bits_t* w = wp + i * n;
       const acc_t* db = rd.row(i);
       const acc_t au = k == 1 ? up[i] : acc_t(0);
+      if (dense) {
+        p.checksum += uint64_t(update_row_dense_simd(T{}, w, n, au, vp, db, cp + i * n, i * n, ar)) *
+                      uint64_t(2 * i + 1);
+        continue;
+      }
       const size_t before = ar.exc_idx.size();
       p.checksum += uint64_t(update_row_simd(T{}, w, n, au, vp, db, i * n, ar)) * uint64_t(2 * i + 1);
       const int64_t bad = ar.exc_idx.size() - before;
@@ -276,6 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_cp
         ar.exc_bits.resize(before);
       }
     }
+    if (dense) stream_fence();
     p.exc1 = ar.exc_idx.size();
     p.row1 = ar.row_idx.size();
     std::lock_guard<std::mutex> lock(mu);
@@ -312,22 +533,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_cp
     for (size_t q = p.row0 * n; q < p.row1 * n; ++q) *rv++ = bits_t(ar.row_bits[q]);
   }
   auto cs = at::scalar_tensor(int64_t(checksum), W.options().dtype(at::kLong));
-  return {exc_idx, exc_val, row_idx, row_val, cs};
+  return {code, exc_idx, exc_val, row_idx, row_val, cs};
 }
 
 template <class T>
-void restore_cpu(at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
+void restore_cpu(at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT, const at::Tensor& code) {
   using bits_t = typename T::bits_t;
   using acc_t = typename T::acc_t;
   const int64_t m = W.size(0), n = W.size(1), k = aU.size(1);
   bits_t* wp = reinterpret_cast<bits_t*>(W.data_ptr());
   const acc_t* up = aU.data_ptr<acc_t>();
   const acc_t* vp = VT.data_ptr<acc_t>();
+  const int8_t* cp = code.numel() > 0 ? code.data_ptr<int8_t>() : nullptr;
   at::parallel_for(0, m, grain_rows(n), [&](int64_t b, int64_t e) {
     RowDelta<acc_t> rd{up, vp, k, n, {}};
     for (int64_t i = b; i < e; ++i) {
       const acc_t* db = rd.row(i);
-      restore_row_simd(T{}, wp + i * n, n, k == 1 ? up[i] : acc_t(0), vp, db);
+      const acc_t au = k == 1 ? up[i] : acc_t(0);
+      if (cp != nullptr) {
+        restore_row_dense_simd(T{}, wp + i * n, n, au, vp, db, cp + i * n);
+      } else {
+        restore_row_simd(T{}, wp + i * n, n, au, vp, db);
+      }
     }
   });
 }
@@ -375,8 +602,7 @@ at::Tensor delta_generic(const at::Tensor& aU, const at::Tensor& VT) {
   return D;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_generic(
-    at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
+Record update_generic(at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
   const at::Tensor D = delta_generic(aU, VT);
   const at::Tensor Wnew = W.to(D.scalar_type()).add(D).to(W.scalar_type());
   const at::Tensor back = Wnew.to(D.scalar_type()).sub(D).to(W.scalar_type());
@@ -387,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_ge
   W.copy_(Wnew);
   auto row_idx = at::empty({0}, W.options().dtype(at::kLong));
   auto row_val = at::empty({0, W.size(1)}, W.options());
-  return {exc_idx, exc_val, row_idx, row_val, checksum_generic(W)};
+  return {at::empty({0}, W.options().dtype(at::kChar)), exc_idx, exc_val, row_idx, row_val, checksum_generic(W)};
 }
 
 // ---- argument handling shared by update and undo
@@ -436,8 +662,7 @@ auto dispatch_format(at::ScalarType t, F&& f) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_update_(
-    at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite) {
+Record rank1_update_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite) {
   check_w(W, "rank1_update_");
   auto [aU, VT] = factors(W, U, V, alpha, "rank1_update_");
   if (!W.is_cpu() || composite) return update_generic(W, aU, VT);
@@ -451,7 +676,7 @@ at::Tensor rank1_checksum(const at::Tensor& W, bool composite) {
   return at::scalar_tensor(int64_t(cs), W.options().dtype(at::kLong));
 }
 
-void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha,
+void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, const at::Tensor& code,
                  const at::Tensor& exc_idx, const at::Tensor& exc_val, const at::Tensor& row_idx,
                  const at::Tensor& row_val, const at::Tensor& checksum, bool composite) {
   check_w(W, "rank1_undo_");
@@ -461,6 +686,13 @@ void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double
                     W.scalar_type());
   TORCH_CHECK_VALUE(row_val.dim() == 2 && row_val.size(1) == W.size(1) && row_val.size(0) == row_idx.numel(),
                     "rank1_undo_: the record's rows [", row_val.sizes(), "] do not fit W ", W.sizes());
+  const bool dense = code.numel() > 0;
+  TORCH_CHECK_VALUE(!dense || (code.scalar_type() == at::kChar && code.is_contiguous() && code.numel() == W.numel() &&
+                               code.device() == W.device()),
+                    "rank1_undo_: the record's codes (", code.scalar_type(), ", ", code.numel(),
+                    " elements) do not fit W ", W.sizes());
+  TORCH_CHECK_VALUE(!dense || (W.is_cpu() && !composite),
+                    "rank1_undo_: a dense record is made and undone by the CPU kernel only");
   const at::Tensor now = rank1_checksum(W, composite);
   TORCH_CHECK(now.item<int64_t>() == checksum.item<int64_t>(),
               "rank1_undo_: W was modified after rank1_update_ (checksum mismatch); refusing to "
@@ -469,25 +701,27 @@ void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double
     const at::Tensor D = delta_generic(aU, VT);
     W.copy_(W.to(D.scalar_type()).sub(D).to(W.scalar_type()));
   } else {
-    dispatch_format(W.scalar_type(), [&](auto fmt) { restore_cpu<decltype(fmt)>(W, aU, VT); return 0; });
+    dispatch_format(W.scalar_type(), [&](auto fmt) { restore_cpu<decltype(fmt)>(W, aU, VT, code); return 0; });
   }
   if (exc_idx.numel() > 0) W.view({-1}).index_copy_(0, exc_idx.to(at::kLong), exc_val);
   if (row_idx.numel() > 0) W.index_copy_(0, row_idx, row_val);
 }
 
+int64_t rank1_pool_release() { return RecordPool::get().release(); }
+int64_t rank1_pool_held() { return RecordPool::get().held(); }
+
 namespace {
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_op(
-    at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite) {
+Record update_op(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite) {
   auto record = rank1_update_(W, U, V, alpha, composite);
   // Like ATen's in-place ops (torch's ADInplaceOrView fallback only bumps
   // returned tensors); the Python undo record checks W._version.
   W.unsafeGetTensorImpl()->bump_version();
   return record;
 }
-void undo_op(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha,
+void undo_op(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, const at::Tensor& code,
              const at::Tensor& exc_idx, const at::Tensor& exc_val, const at::Tensor& row_idx,
              const at::Tensor& row_val, const at::Tensor& checksum, bool composite) {
-  rank1_undo_(W, U, V, alpha, exc_idx, exc_val, row_idx, row_val, checksum, composite);
+  rank1_undo_(W, U, V, alpha, code, exc_idx, exc_val, row_idx, row_val, checksum, composite);
   W.unsafeGetTensorImpl()->bump_version();
 }
 at::Tensor checksum_op(const at::Tensor& W, bool composite) { return rank1_checksum(W, composite); }
@@ -496,11 +730,14 @@ at::Tensor checksum_op(const at::Tensor& W, bool composite) { return rank1_check
 TORCH_LIBRARY_FRAGMENT(kncore, m) {
   m.def(
       "rank1_update_(Tensor(a!) W, Tensor U, Tensor V, float alpha=1.0, bool composite=False) -> "
-      "(Tensor exc_idx, Tensor exc_val, Tensor row_idx, Tensor row_val, Tensor checksum)");
+      "(Tensor code, Tensor exc_idx, Tensor exc_val, Tensor row_idx, Tensor row_val, Tensor checksum)");
   m.def(
-      "rank1_undo_(Tensor(a!) W, Tensor U, Tensor V, float alpha, Tensor exc_idx, Tensor exc_val, "
+      "rank1_undo_(Tensor(a!) W, Tensor U, Tensor V, float alpha, Tensor code, Tensor exc_idx, Tensor exc_val, "
       "Tensor row_idx, Tensor row_val, Tensor checksum, bool composite=False) -> ()");
   m.def("rank1_checksum(Tensor W, bool composite=False) -> Tensor");
+  // the dense records' buffer pool (no tensors): bytes freed / bytes held
+  m.def("rank1_pool_release() -> int", &rank1_pool_release);
+  m.def("rank1_pool_held() -> int", &rank1_pool_held);
 }
 
 TORCH_LIBRARY_IMPL(kncore, CPU, m) {

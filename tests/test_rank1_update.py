@@ -64,11 +64,18 @@ def run(path, ext, W, u, v, alpha, transposed):
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_update_then_undo_is_bit_exact(ext, dtype, k, transposed, path):
+@pytest.mark.parametrize("size", ["large", "small"])
+def test_update_then_undo_is_bit_exact(ext, size, dtype, k, transposed, path):
+    # a large delta: most elements miss, so the kernel keeps the dense form;
+    # a small one: few miss, the sparse form
     out_f, in_f = 37, 123
-    W = weight(in_f, out_f, dtype) if transposed else weight(out_f, in_f, dtype)
+    shape = (in_f, out_f) if transposed else (out_f, in_f)
+    W = weight(*shape, dtype, special=size == "large")
     u = torch.randn(out_f, k).squeeze(1) if k == 1 else torch.randn(out_f, k)
     v = torch.randn(in_f, k).squeeze(1) if k == 1 else torch.randn(in_f, k)
+    if size == "small":  # RMS(delta) = 3e-4 RMS(W) (fp64 misses more: 1e-7), and a few special values
+        u = u * 0.05 * (1e-7 if dtype == torch.float64 else 3e-4) / k ** 0.5
+        W.view(-1)[[5, 50, 500, 1000]] = torch.tensor([-0.0, float("nan"), float("inf"), 1e-30]).to(dtype)
     alpha = float(torch.empty(()).uniform_(0.3, 2.0))
     W0 = W.clone()
     expect = W.clone()
@@ -77,6 +84,8 @@ def test_update_then_undo_is_bit_exact(ext, dtype, k, transposed, path):
     # the same numbers as the reference (nan where it has nan)
     torch.testing.assert_close(W, expect, rtol=0, atol=0, equal_nan=True)
     assert not same_bytes(W, W0)
+    if path == "kernel":
+        assert rec.code.numel() == (W.numel() if size == "large" else 0)
     rec.undo(W)
     assert same_bytes(W, W0)
 
@@ -121,14 +130,65 @@ def test_record_is_small_for_realistic_edits(ext):
     assert same_bytes(W, W0)
 
 
-def test_dense_rows_when_cheaper(ext):
-    # a delta that swamps tiny weights: nearly every element is an exception -> whole rows stored
-    W = (torch.randn(16, 40) * 1e-6).float()
+def test_sparse_form_stores_heavy_rows_whole(ext):
+    # a small edit (the sparse form) with two rows whose delta swamps the weights:
+    # nearly every element of those rows misses -> they are stored whole
+    W = (torch.randn(4096, 64) * 0.05).float()
+    u = torch.randn(4096) * 1e-7
+    u[[1, 2]] = 10.0  # rows the form's sample (64K elements: every 4th row) does not see
     W0 = W.clone()
-    rec = rank1_update_(W, torch.randn(16) * 10, torch.randn(40))
-    assert rec.row_idx.numel() > 0 and rec.nbytes <= 2 * W.numel() * W.element_size()
+    rec = rank1_update_(W, u, torch.randn(64))
+    assert rec.code.numel() == 0 and rec.row_idx.tolist() == [1, 2]
+    assert rec.nbytes <= 4096 * 4 + 64 * 4 + 2 * 64 * 4 + 1024
     rec.undo(W)
     assert same_bytes(W, W0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_record_form_for_rome_sized_edits(ext, dtype):
+    # RMS(delta) = 15% of RMS(W), as real ROME edits: ~10% of elements miss.
+    # fp32/fp64: the dense form, one int8 per element, the few that do not fit
+    # (|W| << |delta|, -0.0, nan) listed. 16-bit: the sparse form, which is
+    # smaller there (6 bytes per miss) and already faster than torch's addr_.
+    # Either way undo gives back every byte.
+    m, n = 96, 300
+    W = weight(m, n, dtype)
+    rms = W.double().nan_to_num(0, 0, 0).pow(2).mean().sqrt().item()
+    u, v = torch.randn(m) * (0.15 * rms) ** 0.5, torch.randn(n) * (0.15 * rms) ** 0.5
+    W0 = W.clone()
+    rec = rank1_update_(W, u, v)
+    if W.element_size() == 2:
+        assert rec.code.numel() == 0 and 0.02 < rec.exc_idx.numel() / W.numel() < 1 / 6
+        rec.undo(W)
+        assert same_bytes(W, W0)
+        return
+    assert rec.code.dtype == torch.int8 and rec.code.numel() == W.numel()
+    escaped = int((rec.code == -128).sum())
+    assert escaped == rec.exc_idx.numel() > 0 and rec.row_idx.numel() == 0
+    assert (rec.code.abs() <= 1).float().mean() > 0.95  # nearly all within one ulp
+    rec.undo(W)
+    assert same_bytes(W, W0)
+
+
+def test_dense_buffers_are_reused(ext):
+    W = (torch.randn(256, 2048) * 0.05).float()  # a 512 KiB code buffer
+    u, v = torch.randn(256) * 0.1, torch.randn(2048) * 0.1
+    mod.rank1_pool_release()
+    rec = rank1_update_(W, u, v)
+    ptr = rec.code.data_ptr()
+    rec.undo(W)
+    del rec  # its buffer goes to the pool ...
+    assert torch.ops.kncore.rank1_pool_held() >= W.numel()
+    rec = rank1_update_(W, u, v)  # ... and is taken again
+    assert rec.code.data_ptr() == ptr and torch.ops.kncore.rank1_pool_held() == 0
+    W2 = W.clone()
+    rec2 = rank1_update_(W2, u, v)  # two live records: two buffers
+    assert rec2.code.data_ptr() != ptr
+    rec2.undo(W2)
+    rec.undo(W)
+    del rec, rec2
+    assert mod.rank1_pool_release() >= 2 * W.numel()
+    assert torch.ops.kncore.rank1_pool_held() == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -167,7 +227,12 @@ def test_undo_refuses_modified_or_foreign_weights(ext):
     # the raw op refuses a wrong checksum as well
     out = ext.rank1_update_(W, u, v, 1.0)
     with pytest.raises(RuntimeError, match="checksum"):
-        ext.rank1_undo_(W, u, v, 1.0, *out[:4], out[4] + 1)
+        ext.rank1_undo_(W, u, v, 1.0, *out[:5], out[5] + 1)
+    with pytest.raises(ValueError, match="codes"):
+        ext.rank1_undo_(W, u, v, 1.0, out[0][:-1], *out[1:])
+    with pytest.raises(ValueError, match="dense record"):
+        ext.rank1_undo_(W, u, v, 1.0, *out, True)
+    ext.rank1_undo_(W, u, v, 1.0, *out)
 
 
 def test_errors_name_the_problem(ext):

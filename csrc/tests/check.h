@@ -2,12 +2,20 @@
 // KN_CHECK records a failure and goes on; main() returns the failure count.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 
 namespace kncore_test {
 inline int failures = 0;
+
+// Fixed by default so CI is deterministic; KNCORE_TEST_SEED=N tries other draws.
+inline uint64_t seed() {
+  const char* s = std::getenv("KNCORE_TEST_SEED");
+  return s ? std::strtoull(s, nullptr, 10) : 0;
+}
 
 #define KN_CHECK(cond)                                                                  \
   do {                                                                               \

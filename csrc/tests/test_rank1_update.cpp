@@ -25,13 +25,17 @@ at::Tensor weight(int64_t m, int64_t n, at::ScalarType dt) {
   return W.to(dt);
 }
 
-void check_exact(at::ScalarType dt, int64_t k, bool composite) {
+// scale sets the delta's size: 1 gives misses nearly everywhere (the dense
+// form on the CPU), 1e-9 few (the sparse form, for all but float64).
+void check_exact(at::ScalarType dt, int64_t k, bool composite, double scale) {
   const int64_t m = 37, n = 123;
   at::Tensor W = weight(m, n, dt);
   const at::Tensor W0 = W.clone();
-  const at::Tensor U = at::randn({m, k}), V = at::randn({n, k});
+  const at::Tensor U = at::randn({m, k}) * scale, V = at::randn({n, k});
   const double alpha = 0.75;
-  auto [ei, ev, ri, rv, cs] = kncore::rank1_update_(W, U, V, alpha, composite);
+  auto [code, ei, ev, ri, rv, cs] = kncore::rank1_update_(W, U, V, alpha, composite);
+  KN_CHECK(code.numel() == 0 || (!composite && code.numel() == m * n));
+  if (!composite && scale >= 1) KN_CHECK(code.numel() == m * n);
 
   // Same numbers as round(float(W) + sum_t (alpha U_t) V_t^T) (nan where that is nan).
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
@@ -43,31 +47,34 @@ void check_exact(at::ScalarType dt, int64_t k, bool composite) {
   KN_CHECK(same.all().item<bool>());
 
   KN_CHECK(kncore::rank1_checksum(W, false).item<int64_t>() == kncore::rank1_checksum(W, true).item<int64_t>());
-  kncore::rank1_undo_(W, U, V, alpha, ei, ev, ri, rv, cs, composite);
+  kncore::rank1_undo_(W, U, V, alpha, code, ei, ev, ri, rv, cs, composite);
   const bool exact = at::equal(bits(W), bits(W0));
-  if (!exact) std::fprintf(stderr, "%s k=%ld composite=%d: undo not bit-exact\n", c10::toString(dt), (long)k, composite);
+  if (!exact)
+    std::fprintf(stderr, "%s k=%ld composite=%d scale=%g: undo not bit-exact\n", c10::toString(dt), (long)k,
+                 composite, scale);
   KN_CHECK(exact);
 }
 
 }  // namespace
 
 int main() {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = kncore_test::seed();
   std::printf("seed %llu\n", (unsigned long long)seed);
   at::manual_seed(seed);
 
   for (auto dt : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble})
     for (int64_t k : {1, 3})
-      for (bool composite : {false, true}) check_exact(dt, k, composite);
+      for (bool composite : {false, true})
+        for (double scale : {1.0, 1e-9}) check_exact(dt, k, composite, scale);
 
   // A W changed after the update is refused, and left as it is.
   {
     at::Tensor W = weight(8, 9, at::kFloat);
     const at::Tensor u = at::randn({8}), v = at::randn({9});
-    auto [ei, ev, ri, rv, cs] = kncore::rank1_update_(W, u, v, 1.0);
+    auto [code, ei, ev, ri, rv, cs] = kncore::rank1_update_(W, u, v, 1.0);
     W[2][3] = 5.0;
     const at::Tensor before = W.clone();
-    check_throws<c10::Error>("modified W", [&] { kncore::rank1_undo_(W, u, v, 1.0, ei, ev, ri, rv, cs); }, "checksum");
+    check_throws<c10::Error>("modified W", [&] { kncore::rank1_undo_(W, u, v, 1.0, code, ei, ev, ri, rv, cs); }, "checksum");
     KN_CHECK(at::equal(bits(W), bits(before)));
   }
 

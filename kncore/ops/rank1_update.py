@@ -13,11 +13,16 @@ logical weight (GPT-2 ``Conv1D`` weights are ``[in, out]``): the update applied 
 ``W += alpha * v u^T``, so u still indexes the output features. W itself may be
 contiguous or the ``.t()`` view of a contiguous tensor; other strides are refused.
 
-**Undo record.** Not a copy of W (a fresh 180 MB clone costs ~12x the update
-on the 2-core CPU). The undo recomputes ``round(W_new - delta)``, which gives back
-W's bits for nearly every element; the update, which still sees the original,
-stores flat index + original value of the elements where it would not (or
-whole rows where that is smaller). ``Rank1Undo.nbytes`` says what was kept.
+**Undo record.** Not a copy of W (a fresh 180 MB clone costs ~7x the update
+on the 2-core CPU). The undo recomputes ``W' = round(W_new - delta)``, which
+gives back W's bits for most elements; the update, which still sees the
+original, records the rest in one of two forms, picked from a sample of rows:
+*sparse* (flat index + original value of each miss, or whole rows where that is
+smaller) for small edits, *dense* (``code``: one int8 per element, the distance
+``bits(W) - bits(W')``, with the few that do not fit listed sparsely) for edits
+of ROME's size, where 10-20% of elements miss. Dense codes are written in the
+same pass and their buffers are pooled for reuse (:func:`rank1_pool_release`
+frees them). ``Rank1Undo.nbytes`` says what was kept.
 Undo checks W's identity, shape, dtype, version counter and a checksum of its
 bits, and refuses (RuntimeError) a W modified in between.
 
@@ -32,7 +37,7 @@ import torch
 from .. import _ext
 
 __all__ = ["rank1_update_", "rank1_undo_", "rank1_update_ref", "rank1_checksum_ref", "Rank1Undo",
-           "supported_dtypes", "supported_devices", "not_supported_reasons"]
+           "rank1_pool_release", "supported_dtypes", "supported_devices", "not_supported_reasons"]
 
 supported_dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 supported_devices = ("cpu", "cuda")
@@ -45,6 +50,7 @@ class Rank1Undo:
     U: torch.Tensor  # [rows of the stored W, k], as passed to the op (W's storage orientation)
     V: torch.Tensor  # [cols of the stored W, k]
     alpha: float
+    code: torch.Tensor  # int8 [numel] (dense form) or empty (sparse form)
     exc_idx: torch.Tensor  # flat indices into the stored W (int32 below 2^31 elements)
     exc_val: torch.Tensor  # their original values (W's dtype)
     row_idx: torch.Tensor  # int64 rows stored whole
@@ -62,7 +68,7 @@ class Rank1Undo:
 
     @property
     def nbytes(self) -> int:
-        ts = (self.U, self.V, self.exc_idx, self.exc_val, self.row_idx, self.row_val, self.checksum,
+        ts = (self.U, self.V, self.code, self.exc_idx, self.exc_val, self.row_idx, self.row_val, self.checksum,
               self.original)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
@@ -149,9 +155,10 @@ def rank1_update_ref(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: f
 def _record(W, T, U, V, alpha, swapped, out, *, composite=False, original=None) -> Rank1Undo:
     if out is None:  # reference record
         e = torch.empty(0, dtype=torch.int64, device=T.device)
-        out = (e, T.new_empty(0), e, T.new_empty(0, T.shape[1]), rank1_checksum_ref(T))
-    return Rank1Undo(U=U.detach().clone(), V=V.detach().clone(), alpha=float(alpha), exc_idx=out[0],
-                     exc_val=out[1], row_idx=out[2], row_val=out[3], checksum=out[4], shape=tuple(W.shape),
+        out = (torch.empty(0, dtype=torch.int8, device=T.device), e, T.new_empty(0), e, T.new_empty(0, T.shape[1]),
+               rank1_checksum_ref(T))
+    return Rank1Undo(U=U.detach().clone(), V=V.detach().clone(), alpha=float(alpha), code=out[0], exc_idx=out[1],
+                     exc_val=out[2], row_idx=out[3], row_val=out[4], checksum=out[5], shape=tuple(W.shape),
                      dtype=W.dtype, device=W.device, data_ptr=W.data_ptr(), version=W._version,
                      swapped=swapped, composite=composite, original=original)
 
@@ -201,9 +208,16 @@ def rank1_undo_(W: torch.Tensor, record: Rank1Undo) -> None:
         T.copy_(record.original)
     else:
         _ext.require_ext()
-        torch.ops.kncore.rank1_undo_(T, record.U, record.V, record.alpha, record.exc_idx, record.exc_val,
+        torch.ops.kncore.rank1_undo_(T, record.U, record.V, record.alpha, record.code, record.exc_idx, record.exc_val,
                                      record.row_idx, record.row_val, record.checksum, record.composite)
     record.used = True
+
+
+def rank1_pool_release() -> int:
+    """Free the pooled buffers of dead dense records; returns the bytes freed."""
+    if not _ext.load():
+        return 0
+    return int(torch.ops.kncore.rank1_pool_release())
 
 
 def _register_fake() -> None:
@@ -211,13 +225,13 @@ def _register_fake() -> None:
     def _(W, U, V, alpha=1.0, composite=False):
         _factors(W, U, V, False)  # the kernel's argument errors, at trace time
         ctx = torch.library.get_ctx()
-        n_exc, n_rows = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+        n_code, n_exc, n_rows = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
         idx_dtype = torch.int32 if W.numel() < 2**31 else torch.int64
-        return (W.new_empty(n_exc, dtype=idx_dtype), W.new_empty(n_exc), W.new_empty(n_rows, dtype=torch.int64),
+        return (W.new_empty(n_code, dtype=torch.int8), W.new_empty(n_exc, dtype=idx_dtype), W.new_empty(n_exc), W.new_empty(n_rows, dtype=torch.int64),
                 W.new_empty(n_rows, W.shape[1]), W.new_empty((), dtype=torch.int64))
 
     @torch.library.register_fake("kncore::rank1_undo_")
-    def _(W, U, V, alpha, exc_idx, exc_val, row_idx, row_val, checksum, composite=False):
+    def _(W, U, V, alpha, code, exc_idx, exc_val, row_idx, row_val, checksum, composite=False):
         return None
 
     @torch.library.register_fake("kncore::rank1_checksum")
