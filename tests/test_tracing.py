@@ -267,8 +267,12 @@ def test_smollm_trace_matches_rome_loop(smollm):
         [(k, t, l) for k in res.kinds for t in range(len(res.tokens)) for l in range(smollm.n_layers)], 12)
     ref = trace_ref(smollm, prompt, subject, samples=4, cells=cells)
     assert ref.low == pytest.approx(res.low, rel=1e-5)
+    # relative error of the map (max-norm): a cell's own relative error is the
+    # absolute error of its log-probability, i.e. of fp32 logits after 30
+    # layers, ~1e-5 on its own (1.3e-5 seen on a cell at p = 0.0015)
+    scale = max([ref.high] + [abs(ref.scores[k][t, l].item()) for k, t, l in cells])
     for k, t, l in cells:
-        assert res.scores[k][t, l].item() == pytest.approx(ref.scores[k][t, l].item(), rel=1e-5), (k, t, l)
+        assert abs(res.scores[k][t, l].item() - ref.scores[k][t, l].item()) <= 1e-5 * scale, (k, t, l)
     # ROME's finding, at this scale too: the last subject token's early MLPs carry the fact
     _, e = res.subject_range
     assert res.scores["mlp"][e - 1, : smollm.n_layers // 2].max() > res.low + 0.5 * (res.high - res.low)
