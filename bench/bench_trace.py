@@ -6,7 +6,8 @@ restoring states (:func:`kncore.tracing.trace_ref`, the same code the tests
 hold the fast path to). Both run in this process on the same random GPT-2
 shaped model (word-level tokenizer, GPT-2's 50257-token head), the same
 10-token prompt with a 3-token subject at its start (no free cells before the
-subject), all three kinds, samples=10, window=10. Scores must agree to 1e-5
+subject; ``--subject-at middle``: from the 5th token), all three kinds,
+samples=10, window=10. Scores must agree to 1e-5
 relative.
 
     python bench/bench_trace.py --quick               # small model, seconds
@@ -47,7 +48,10 @@ CONFIGS = {
     "medium": dict(n_layers=24, d_model=1024, n_heads=16, vocab_size=50257),
     "xl": dict(n_layers=48, d_model=1600, n_heads=25, vocab_size=50257),
 }
-PROMPT, SUBJECT = "capital of canada is a city in the country of", "capital of canada"
+# subject at the start (the common case: 83% of known_1000 prompts) or from the
+# 5th token on, where the 4 cells x layers before it are free and shorter
+PROMPTS = {"start": ("capital of canada is a city in the country of", "capital of canada"),
+           "middle": ("a city in the capital of canada is the country", "capital of canada")}
 SAMPLES, WINDOW = 10, 10
 
 
@@ -163,6 +167,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--machine", default="cpu-2core")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subject-at", choices=sorted(PROMPTS), default="start",
+                    help="where the 3-token subject sits in the 10-token prompt (default: its start)")
     args = ap.parse_args()
     if args.quick:
         args.config = "quick"
@@ -170,6 +176,7 @@ def main():
         torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config]
     lm = build(cfg, args.seed)
+    PROMPT, SUBJECT = PROMPTS[args.subject_at]
     T = len(lm.tokenize(PROMPT))
     b, _ = lm.subject_span(PROMPT, SUBJECT)
     N = lm.n_layers
@@ -217,7 +224,8 @@ def main():
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"trace_{args.machine}_{commit()}"
-    row = dict(config=args.config, model=lm.name, n_layers=N, d_model=lm.d_model, tokens=T, samples=SAMPLES,
+    row = dict(config=args.config, model=lm.name, n_layers=N, d_model=lm.d_model, tokens=T,
+               subject_tokens=f"{b}-{b + 2}", samples=SAMPLES,
                window=WINDOW, kinds="+".join(KINDS), threads=torch.get_num_threads(),
                kncore_s=round(f_med, 3), kncore_runs=" ".join(f"{t:.3f}" for t in ft), kncore_peak_mib=round(fmem),
                naive_s=round(n_med, 2), naive_runs=" ".join(f"{t:.2f}" for t in naive_full),
@@ -234,17 +242,19 @@ def main():
             w.writeheader()
         w.writerow(row)
     md_path = stem.with_suffix(".md")
-    line = (f"| {args.config} ({N}x{lm.d_model}) | {f_med:.2f} s | {n_med:.1f} s{' (extrap.)' if extrap else ''} | "
+    line = (f"| {args.config} ({N}x{lm.d_model}) | {b}-{b + 2} | {f_med:.2f} s | {n_med:.1f} s{' (extrap.)' if extrap else ''} | "
             f"**{n_med / f_med:.1f}x** | {n_macs / f_macs:.1f}x | {max_rel:.1e} | {fmem:.0f} / {nmem:.0f} MiB | "
             f"not measured on GPU |\n")
     if not md_path.exists():
         md_path.write_text(
             f"# Causal tracing, {args.machine}, commit {commit()}\n\n"
             f"kncore.trace vs ROME's per-cell loop (HF forward + hooks, 1 clean + 10 corrupted rows), "
-            f"10-token prompt, subject = first 3 tokens, kinds hidden+mlp+attn, samples 10, window 10, "
-            f"random GPT-2-shaped fp32 models. Command: `python bench/bench_trace.py --config <cfg>`.\n\n"
-            "| config | kncore (median) | naive | speed-up | FLOP ratio | max rel. diff | peak mem (kncore / naive) | GPU |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+            f"10-token prompt with a 3-token subject, kinds hidden+mlp+attn, samples 10, window 10, "
+            f"random GPT-2-shaped fp32 models. Command: `python bench/bench_trace.py --config <cfg> "
+            f"[--subject-at start|middle]`.\n\n"
+            "| config | subject tokens | kncore (median) | naive | speed-up | FLOP ratio | max rel. diff | "
+            "peak mem (kncore / naive) | GPU |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     with open(md_path, "a") as f:
         f.write(line)
     print(f"wrote {csv_path} and {md_path}")
