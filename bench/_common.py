@@ -60,6 +60,31 @@ def run_once(fn):
     return time.perf_counter() - t, time.process_time() - c, out
 
 
+def peak_rss(fn, interval: float = 0.002):
+    """(fn's result, wall seconds, peak resident bytes above the level at the
+    call), the resident set sampled every ``interval`` seconds by a thread (on
+    the CPU torch keeps no allocator statistics)."""
+    start = rss()
+    peak = [start]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(interval)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        dt = time.perf_counter() - t0
+        stop.set()
+        t.join()
+    return out, dt, max(peak[0], rss()) - start
+
+
 def extra_mib(fn):
     """(MiB the call needs beyond its inputs, fn's result): max_memory_allocated on a GPU;
     on CPU the resident-set high-water mark sampled every 0.1 ms, in an untimed run."""
@@ -70,16 +95,5 @@ def extra_mib(fn):
         out = fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20, out
-    base, peak, done = rss(), [0], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.0001)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    out = fn()
-    done.set()
-    th.join()
-    return max(0, max(peak[0], rss()) - base) / 2**20, out
+    out, _, extra = peak_rss(fn, interval=0.0001)
+    return max(0, extra) / 2**20, out

@@ -28,7 +28,6 @@ import ctypes
 import io
 import statistics
 import sys
-import threading
 import time
 import types
 import warnings
@@ -37,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from bench._common import commit, machine, write_atomic, rss as _rss  # noqa: E402
+from bench._common import commit, machine, write_atomic, peak_rss  # noqa: E402
 
 from kncore.compat import KnowledgeNeurons  # noqa: E402
 from kncore.testing import tiny_model, tiny_tokenizer  # noqa: E402
@@ -83,27 +82,9 @@ def _trim():
 
 
 def measure(fn):
-    """(result, seconds, peak RSS above the start in bytes)."""
+    """(result, seconds, peak RSS above the start in bytes), after malloc_trim."""
     _trim()
-    start = _rss()
-    peak = [start]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    try:
-        out = fn()
-    finally:
-        dt = time.perf_counter() - t0
-        stop.set()
-        t.join()
-    return out, dt, max(peak[0], _rss()) - start
+    return peak_rss(fn)
 
 
 def matmul_rate() -> float:

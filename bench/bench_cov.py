@@ -102,41 +102,27 @@ def case_fp32(d, rows, reps, check_fp64):
     return res, out["agree"], out.get("errs", {})
 
 
-def case_bf16_fp64(d, rows, reps):
+def case_bf16(d, rows, reps, acc, check_fp64):
+    """bf16 inputs into an fp32 or fp64 accumulator, against upcast + addmm_ in the
+    accumulator's dtype (fp64: the best plain-torch way to the same accuracy)."""
     X = (torch.randn(rows, d, device=DEV) * 2 + 0.5).bfloat16()
-    C_t, C_o = (torch.zeros(d, d, dtype=torch.float64, device=DEV) for _ in range(2))
+    C_t, C_o = (torch.zeros(d, d, dtype=acc, device=DEV) for _ in range(2))
+    tag = "fp64" if acc == torch.float64 else "fp32"
+    peer, ours = f"torch upcast + addmm_ {tag}", f"kncore cov_accumulate_ bf16->{tag}"
 
     def plain():
-        X64 = X.double()
-        C_t.addmm_(X64.T, X64)
+        Xa = X.to(acc)
+        C_t.addmm_(Xa.T, Xa)
 
-    fns = {"torch upcast + addmm_ fp64": plain, "kncore cov_accumulate_ bf16->fp64": lambda: cov_accumulate_(C_o, X)}
-    out = {}
-
-    def check():
-        out["agree"] = rel(cov_mirror(C_o), C_t)
-
-    res = bench(fns, reps, check)
-    return res, out["agree"]
-
-
-def case_bf16_fp32(d, rows, reps, check_fp64):
-    X = (torch.randn(rows, d, device=DEV) * 2 + 0.5).bfloat16()
-    C_t, C_o = (torch.zeros(d, d, device=DEV) for _ in range(2))
-
-    def plain():
-        Xf = X.float()
-        C_t.addmm_(Xf.T, Xf)
-
-    fns = {"torch upcast + addmm_ fp32": plain, "kncore cov_accumulate_ bf16->fp32": lambda: cov_accumulate_(C_o, X)}
+    fns = {peer: plain, ours: lambda: cov_accumulate_(C_o, X)}
     out = {}
 
     def check():
         full = cov_mirror(C_o)
         out["agree"] = rel(full, C_t)
-        if check_fp64:
+        if check_fp64 and acc != torch.float64:  # an fp64 accumulator is its own reference
             ref = X.double().T @ X.double()
-            out["errs"] = {"torch upcast + addmm_ fp32": rel(C_t, ref), "kncore cov_accumulate_ bf16->fp32": rel(full, ref)}
+            out["errs"] = {peer: rel(C_t, ref), ours: rel(full, ref)}
 
     res = bench(fns, reps, check)
     return res, out["agree"], out.get("errs", {})
@@ -208,10 +194,9 @@ def main(argv=None):
             errs = {}
             if case == "fp32":
                 res, agree, errs = case_fp32(d, a.rows, reps, check_fp64)
-            elif case == "bf16->fp64":
-                res, agree = case_bf16_fp64(d, a.rows, reps)
-            elif case == "bf16->fp32":
-                res, agree, errs = case_bf16_fp32(d, a.rows, reps, check_fp64)
+            elif case in ("bf16->fp64", "bf16->fp32"):
+                acc = torch.float64 if case == "bf16->fp64" else torch.float32
+                res, agree, errs = case_bf16(d, a.rows, reps, acc, check_fp64)
             else:
                 res, agree, errs, kept = case_masked_fp32(d, a.rows, reps, check_fp64)
             useful = kept * d * (d + 1)  # FLOPs of the symmetric product (one triangle with its diagonal)

@@ -34,14 +34,13 @@ import io
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from bench._common import commit, machine, write_atomic, rss as _rss  # noqa: E402
+from bench._common import commit, machine, write_atomic, peak_rss as measure  # noqa: E402
 
 import kncore  # noqa: E402
 import kncore.data as D  # noqa: E402
@@ -49,29 +48,6 @@ from kncore import evaluation as E  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BATCH = 32
-
-
-def measure(fn):
-    """(result, seconds, peak RSS above the start in bytes)."""
-    start = _rss()
-    peak = [start]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    try:
-        out = fn()
-    finally:
-        dt = time.perf_counter() - t0
-        stop.set()
-        t.join()
-    return out, dt, max(peak[0], _rss()) - start
 
 
 def matmul_rate() -> float:

@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
+from bench._common import commit, machine, peak_rss  # noqa: E402
 from kncore import LM  # noqa: E402
 from kncore import experiments as X  # noqa: E402
 from kncore.testing import tiny_model, tiny_tokenizer  # noqa: E402
@@ -52,20 +52,6 @@ TEMPLATES = ["the capital of [X] is [Y] .", "the capital city of [X] is [Y] .", 
              "[X] has the capital city [Y] .", "[X] , the capital city is [Y] ."]
 FACTS = [("canada", "ottawa"), ("france", "paris")]
 STEPS = 20
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0).replace(" ", "-").lower()
-    return f"cpu-{os.cpu_count()}core"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "nogit"
-    except OSError:
-        return "nogit"
 
 
 # -- the peer: the paper's pipeline on the knowledge-neurons package ----------------------------
@@ -160,33 +146,6 @@ def check(peer, ours) -> int:
     return skipped
 
 
-class PeakRSS:
-    """Peak resident set above the level at entry, sampled every 2 ms (on the
-    CPU torch keeps no allocator statistics)."""
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = False
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _loop(self):
-        while not self._stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.mb = (max(self.peak, self._rss()) - self.base) / 2**20
-
-
 def timed(fn, runs):
     """(median seconds, all seconds) after a warm-up call."""
     fn()
@@ -227,12 +186,11 @@ def main():
     try:
         write_data(tmp / "data")
         if args.child:
-            with PeakRSS() as m:
-                if args.child == "peer":
-                    run_peer(model, tok, FACTS)
-                else:
-                    run_kncore(lm, tmp / "data", tmp / "run")
-            print(m.mb)
+            if args.child == "peer":
+                _, _, extra = peak_rss(lambda: run_peer(model, tok, FACTS))
+            else:
+                _, _, extra = peak_rss(lambda: run_kncore(lm, tmp / "data", tmp / "run"))
+            print(extra / 2**20)
             return
         peer = run_peer(model, tok, FACTS)
         ours = run_kncore(lm, tmp / "data", tmp / "run")

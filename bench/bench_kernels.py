@@ -22,7 +22,6 @@ its figures mean nothing.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import statistics

@@ -40,14 +40,13 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from bench._common import commit, machine, write_atomic, rss as _rss  # noqa: E402
+from bench._common import commit, machine, write_atomic, peak_rss as measure  # noqa: E402
 
 import kncore  # noqa: E402
 from kncore import rome  # noqa: E402
@@ -58,29 +57,6 @@ from kncore.rome.stats import _batches, _encode  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 DATA = Path(os.environ.get("KNCORE_DATA", ROOT.parent / "shared" / "data"))
 REQ = {"prompt": "The capital of {} is", "subject": "Canada", "target_new": "Rome"}
-
-
-def measure(fn):
-    """(result, seconds, peak RSS above the start in bytes)."""
-    start = _rss()
-    peak = [start]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    try:
-        out = fn()
-    finally:
-        dt = time.perf_counter() - t0
-        stop.set()
-        t.join()
-    return out, dt, max(peak[0], _rss()) - start
 
 
 WARMUP = True

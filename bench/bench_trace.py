@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import commit, peak_rss  # noqa: E402
 from kncore import LM  # noqa: E402
 from kncore.testing import tiny_model, tiny_tokenizer  # noqa: E402
 from kncore.tracing import KINDS, trace, trace_ref, window_layers  # noqa: E402
@@ -53,35 +51,6 @@ CONFIGS = {
 PROMPTS = {"start": ("capital of canada is a city in the country of", "capital of canada"),
            "middle": ("a city in the capital of canada is the country", "capital of canada")}
 SAMPLES, WINDOW = 10, 10
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 2 ms."""
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = False
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _poll(self):
-        while not self._stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def mib(self):
-        return (self.peak - self.base) / 2 ** 20
 
 
 def build(cfg: dict, seed: int = 0) -> LM:
@@ -139,19 +108,10 @@ def gemm_peak(d: int, rows: int = 2048, reps: int = 5) -> float:
 def timed(fn, repeats):
     times, mems, out = [], [], None
     for _ in range(repeats):
-        with PeakRSS() as m:
-            t = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t)
-        mems.append(m.mib)
+        out, t, extra = peak_rss(fn)
+        times.append(t)
+        mems.append(extra / 2**20)
     return out, times, max(mems)
-
-
-def commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "nogit"
 
 
 def main():
