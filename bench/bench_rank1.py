@@ -79,7 +79,7 @@ def case(m, n, dtype, scale, reps):
     # elements undo cannot recompute: in the dense form those with a nonzero code
     dense = rec.code.numel() > 0
     misses = int((rec.code != 0).sum()) if dense else rec.exc_idx.numel() + rec.row_idx.numel() * n
-    exc_rate = misses / W.numel()
+    miss_rate = misses / W.numel()
     del mine, theirs, outer
 
     def reset(k, out):
@@ -118,7 +118,7 @@ def case(m, n, dtype, scale, reps):
         del out
         cold.append(t)
     res = {k: (statistics.median(v), min(v), statistics.median(cpu[k]), mem[k]) for k, v in times.items()}
-    return res, dict(mismatch=mismatch, max_ulp=max_ulp, equal_outer=equal_outer, exact=exact, exc_rate=exc_rate,
+    return res, dict(mismatch=mismatch, max_ulp=max_ulp, equal_outer=equal_outer, exact=exact, miss_rate=miss_rate,
                      form="dense" if dense else "sparse", cold_ms=statistics.median(cold) * 1e3,
                      record_mib=rec.nbytes / 2**20,
                      w_mib=W.numel() * W.element_size() / 2**20, undo_ms=statistics.median(undo_t) * 1e3)
@@ -156,7 +156,7 @@ def main(argv=None):
                                  record_mib=info["record_mib"] if side.startswith("kncore") else
                                  (info["w_mib"] if side.startswith("clone") else 0.0),
                                  record_form=info["form"] if side.startswith("kncore") else "",
-                                 miss_rate=info["exc_rate"] if side.startswith("kncore") else float("nan"),
+                                 miss_rate=info["miss_rate"] if side.startswith("kncore") else float("nan"),
                                  first_edit_ms=info["cold_ms"] if side.startswith("kncore") else float("nan"),
                                  undo_ms=info["undo_ms"] if side.startswith("kncore") else float("nan"),
                                  undo_exact=info["exact"], mismatch_vs_torch=info["mismatch"],
@@ -166,7 +166,7 @@ def main(argv=None):
                       f"{med/base:5.2f}x addr_ (CPU time {cpu/base_cpu:5.2f}x)  +{mib:6.1f} MiB  "
                       f"record {r['record_mib']:6.1f} MiB  "
                       f"{r['frac_of_copy_bw']:.0%} of copy bw", flush=True)
-            print(f"    {info['form']} record, misses {info['exc_rate']:.3%}, first edit (fresh record buffer) "
+            print(f"    {info['form']} record, misses {info['miss_rate']:.3%}, first edit (fresh record buffer) "
                   f"{info['cold_ms']:.1f} ms, undo {info['undo_ms']:.1f} ms, exact={info['exact']}, "
                   f"elements differing from torch's addr_: {info['mismatch']} (max {info['max_ulp']:.2f} eps of abs(w)+abs(uv)), "
                   f"equal to W + outer(u, v): {info['equal_outer']}", flush=True)
