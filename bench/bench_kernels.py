@@ -44,12 +44,10 @@ elif SMOKE:
 sys.path.insert(0, str(ROOT))
 from bench._common import commit, machine, write_atomic  # noqa: E402
 
-try:
-    import kncore.kernels.ig_steps as IG  # noqa: E402
-    import kncore.kernels.mlp_capture as MC  # noqa: E402
-except ModuleNotFoundError:
-    import kernels.ig_steps as IG  # noqa: E402
-    import kernels.mlp_capture as MC  # noqa: E402
+from kncore.ops._kernels import kernel_module  # noqa: E402
+
+IG = kernel_module("ig_steps")
+MC = kernel_module("mlp_capture")
 
 SHAPES = {"llama2-7b": dict(d=4096, d_ff=11008, act="silu", gated=True, bias=False),
           "gpt-j": dict(d=4096, d_ff=16384, act="gelu_tanh", gated=False, bias=True)}

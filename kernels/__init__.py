@@ -1,0 +1,25 @@
+"""kncore's Triton kernels, imported as ``kncore.kernels`` (setup.py maps this folder there).
+
+Imported as top-level ``kernels`` (the repository root on ``sys.path``, as with
+``python -m pytest`` or ``python -m kncore`` run from the root), this folder
+would shadow the PyPI package ``kernels``, which ``transformers`` >= 5 imports
+(``transformers.integrations.hub_kernels``): every model import would fail.
+So under that name it hands over to the installed package, or, when none is
+installed, says so.
+"""
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _root = os.path.dirname(_here)
+    _path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None or _spec.origin is None or os.path.dirname(os.path.abspath(_spec.origin)) == _here:
+        raise ModuleNotFoundError("no package 'kernels' is installed (kncore's own kernels/ folder is "
+                                  "kncore.kernels, not top-level 'kernels')", name="kernels")
+    _mod = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _mod  # the import statement returns what sys.modules holds after this file
+    _spec.loader.exec_module(_mod)

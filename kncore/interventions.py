@@ -164,7 +164,13 @@ class NeuronPatch:
         emb = bound.get("inputs_embeds")
         mask = bound.get("attention_mask")
         n = ids.shape[1] if ids is not None else (emb.shape[1] if emb is not None else None)
-        self._calls.append((ids, mask, n, bound.get("past_key_values")))
+        past = bound.get("past_key_values", bound.get("cache"))  # transformers >= 5.2x calls it cache
+        extra = bound.get("kwargs") or {}
+        if past is None and isinstance(extra, dict):
+            past = extra.get("past_key_values", extra.get("cache"))
+        # read the cache's length now: the layers append this call's tokens to it as they run
+        past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+        self._calls.append((ids, mask, n, past_len))
 
     def _leave_forward(self, module, args, output):
         if self._calls:
@@ -172,7 +178,7 @@ class NeuronPatch:
 
     def _hf_sel(self, x):
         """[B, n, 1] bool of entries to patch for the forward in progress, or None (all)."""
-        ids, mask, n, past = self._calls[-1]
+        ids, mask, n, cached = self._calls[-1]
         B, T = x.shape[0], x.shape[1]
         if self.positions == "all":
             return None
@@ -182,11 +188,7 @@ class NeuronPatch:
             mask = mask[:, -T:].bool()
         if self.positions == "target":
             return self._target_cols(ids, mask, B, T, x.device)[..., None]
-        past_len = 0
-        if mask is not None:
-            past_len = self._calls[-1][1].shape[1] - T
-        elif past is not None and hasattr(past, "get_seq_length"):
-            past_len = int(past.get_seq_length())
+        past_len = self._calls[-1][1].shape[1] - T if mask is not None else cached
         cols = torch.arange(T, device=x.device) + past_len
         want = torch.tensor(self.positions, device=x.device)
         return (cols[:, None] == want).any(-1)[None, :, None].expand(B, T, 1)

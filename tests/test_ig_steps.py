@@ -5,10 +5,7 @@ and give the runtime's integrated gradients through the linearity trick.
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (set here
 before triton's first import, or by `make test`).
 """
-import importlib
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,15 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _kernel_module(name):
-    try:
-        return importlib.import_module(f"kncore.kernels.{name}")
-    except ModuleNotFoundError:  # source tree without the kncore.kernels mapping
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        return importlib.import_module(f"kernels.{name}")
+from kncore.ops._kernels import kernel_module  # noqa: E402
 
-
-K = _kernel_module("ig_steps")
+K = kernel_module("ig_steps")
 from kncore import Patch  # noqa: E402
 from kncore.ops import ig_steps as op  # noqa: E402
 from kncore.testing import tiny_lm  # noqa: E402

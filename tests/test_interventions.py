@@ -4,6 +4,7 @@ and leaves the model exactly as it was."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -163,15 +164,43 @@ def test_kv_cache_paths(arch):
     kns = _neurons(lm, g)
     with torch.no_grad():
         prefix_kv = lm.run(ids[:, :-1], return_kv=True, logits=None).kv  # unpatched prefix
-        prefix_hf = lm.model(ids[:, :-1], use_cache=True).past_key_values
+        prefix_hf = _hf_cache(lm.model(ids[:, :-1], use_cache=True))
         with kncore.patch_neurons(lm, kns, mode="scale", factor=3.0):
             full = lm.run(ids).logits[0, -1]
             suf = lm.run(ids[:, -1:], past=prefix_kv, logits="last").logits[0]
-            hf = lm.model(ids[:, -1:], past_key_values=prefix_hf).logits[0, -1]
+            hf = lm.model(ids[:, -1:], **{_hf_cache_kw(lm.model): prefix_hf}).logits[0, -1]
         base = lm.run(ids).logits[0, -1]
     assert (suf - full).abs().max().item() <= 1e-4 * _scale(full)
     assert (hf - full).abs().max().item() <= 1e-4 * _scale(full)
     assert (full - base).abs().max().item() > 1e-3 * _scale(base)
+
+
+def _hf_cache_kw(model) -> str:
+    # transformers >= 5.2x renamed past_key_values to cache
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _hf_cache(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
+def test_absolute_positions_in_an_incremental_hf_forward(arch):
+    """A patch at an absolute position hits the right token when Hugging Face
+    runs the suffix from its cache (the position is counted past the cache)."""
+    lm = kncore.testing.tiny_lm(arch, seed=int(torch.randint(0, 1000, ())))
+    g = _gen()
+    ids = _ids(lm, _prompt(lm, g, 9))
+    T = ids.shape[1]
+    kns = _neurons(lm, g)
+    with torch.no_grad():
+        prefix_hf = _hf_cache(lm.model(ids[:, :-2], use_cache=True))
+        with kncore.patch_neurons(lm, kns, mode="scale", factor=3.0, positions=[T - 2]):
+            full = lm.model(ids).logits[0, -2:]
+            hf = lm.model(ids[:, -2:], **{_hf_cache_kw(lm.model): prefix_hf}).logits[0]
+        base = lm.model(ids).logits[0, -2:]
+    assert (hf - full).abs().max().item() <= 1e-4 * _scale(full)
+    assert (full[0] - base[0]).abs().max().item() > 1e-3 * _scale(base)
 
 
 def test_as_patches_share_a_forward(tiny):

@@ -6,11 +6,8 @@ Without CUDA the kernel runs in Triton's interpreter on CPU tensors (set here
 before triton's first import, or by `make test`); with CUDA it also runs on the
 GPU, compiled unless TRITON_INTERPRET=1 was set.
 """
-import importlib
 import logging
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _kernel_module(name):
-    try:
-        return importlib.import_module(f"kncore.kernels.{name}")
-    except ModuleNotFoundError:  # source tree without the kncore.kernels mapping
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        return importlib.import_module(f"kernels.{name}")
+from kncore.ops._kernels import kernel_module  # noqa: E402
 
-
-K = _kernel_module("mlp_capture")
+K = kernel_module("mlp_capture")
 from kncore import Patch  # noqa: E402
 from kncore.ops import mlp_capture as op  # noqa: E402
 from kncore.testing import ARCHS, tiny_lm  # noqa: E402

@@ -47,6 +47,12 @@ class GPTJAdapter(Adapter):
         cos = torch.repeat_interleave(cos, 2, -1)[:, None]
         return t * cos + _rotate_every_two(t) * sin
 
+    def _sincos(self, attn):
+        # transformers < 5.2x keeps the table on every attention module, later
+        # versions once on the model (transformer.rotary_emb)
+        table = getattr(attn, "embed_positions", None)
+        return table if table is not None else self.tr.rotary_emb.embed_positions
+
     def qkv(self, L, x, position_ids):
         a = self.blocks[L].attn
         B, n, _ = x.shape
@@ -54,7 +60,7 @@ class GPTJAdapter(Adapter):
         q = a.q_proj(x).view(shape).transpose(1, 2)
         k = a.k_proj(x).view(shape).transpose(1, 2)
         v = a.v_proj(x).view(shape).transpose(1, 2)
-        sincos = a.embed_positions.to(x.device)[position_ids].to(k.dtype)  # [B, n, rot]
+        sincos = self._sincos(a).to(x.device)[position_ids].to(k.dtype)  # [B, n, rot]
         sin, cos = sincos.chunk(2, dim=-1)
         r = self.rotary_dim or self.head_dim
         q = torch.cat([self._rope(q[..., :r], sin, cos), q[..., r:]], dim=-1)
@@ -62,7 +68,9 @@ class GPTJAdapter(Adapter):
         return q, k, v
 
     def attn_scale(self, L):
-        return 1.0 / float(self.blocks[L].attn.scale_attn)
+        a = self.blocks[L].attn
+        scale_attn = getattr(a, "scale_attn", None)  # older transformers divide by sqrt(head_dim)
+        return 1.0 / float(scale_attn) if scale_attn is not None else float(a.scaling)
 
     def attn_upcast(self):
         return True  # HF GPT-J computes scores in fp32

@@ -26,23 +26,20 @@ works as for :mod:`kncore.ops.mlp_capture`.
 """
 from __future__ import annotations
 
-import importlib
 
 import torch
 
+from ._kernels import kernel_module
 from .mlp_capture import SUPPORTED_DEVICES, SUPPORTED_DTYPES, _log_fallback, kernel_mode
 
 _module = None
 
 
 def kernels():
-    """The kernel module (``kncore.kernels.ig_steps``, else top-level ``kernels.ig_steps``)."""
+    """The kernel module, ``kncore.kernels.ig_steps`` (``kernels/ig_steps.py``)."""
     global _module
     if _module is None:
-        try:
-            _module = importlib.import_module("kncore.kernels.ig_steps")
-        except ModuleNotFoundError:  # source tree without the kncore.kernels package mapping
-            _module = importlib.import_module("kernels.ig_steps")
+        _module = kernel_module("ig_steps")
     return _module
 
 

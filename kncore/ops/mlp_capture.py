@@ -15,11 +15,12 @@ MLP on CUDA, so every method gets the fused pass without asking for it.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 
 import torch
+
+from ._kernels import kernel_module
 
 log = logging.getLogger("kncore.ops")
 
@@ -41,13 +42,10 @@ def kernel_mode() -> str:
 
 
 def kernels():
-    """The kernel module (``kncore.kernels.mlp_capture``, else top-level ``kernels.mlp_capture``)."""
+    """The kernel module, ``kncore.kernels.mlp_capture`` (``kernels/mlp_capture.py``)."""
     global _module
     if _module is None:
-        try:
-            _module = importlib.import_module("kncore.kernels.mlp_capture")
-        except ModuleNotFoundError:  # source tree without the kncore.kernels package mapping
-            _module = importlib.import_module("kernels.mlp_capture")
+        _module = kernel_module("mlp_capture")
     return _module
 
 
