@@ -10,7 +10,9 @@ Peers, in the same process on the same inputs (``case`` label in brackets):
   * [masked] float32 X with a seeded random boolean row mask keeping ~70% of
     rows (ROME dropping padding): ``Xk = X[mask]; C.addmm_(Xk.T, Xk)`` (the
     index selection is timed with the peer); ours ``cov_accumulate_(C, X, mask=mask)``.
-The last two are the cases that matter for ROME statistics. Each case checks
+  * [tf32] (CUDA only) the fp32 case with TF32 tensor-core matmuls allowed on
+    both sides (``torch.backends.cuda.matmul.allow_tf32``), against the TF32 peak.
+The bf16->fp32 and masked cases are the ones that matter for ROME statistics. Each case checks
 that both sides agree, reports the median (and min) of several runs, the
 speed-up against its own torch row, the extra resident memory during the call,
 and the useful rate (rows*d*(d+1) FLOPs for the symmetric product, counting
@@ -82,12 +84,12 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def case_fp32(d, rows, reps, check_fp64):
+def case_fp32(d, rows, reps, check_fp64, tag="fp32"):
     X = torch.randn(rows, d, device=DEV) * 2 + 0.5
     C_t, C_r, C_o = (torch.zeros(d, d, device=DEV) for _ in range(3))
-    fns = {"torch addmm_ fp32": lambda: C_t.addmm_(X.T, X),
+    fns = {f"torch addmm_ {tag}": lambda: C_t.addmm_(X.T, X),
            "ROME mom2 += a.t().mm(a)": lambda: C_r.add_(X.t().mm(X)),  # runningstats.SecondMoment
-           "kncore cov_accumulate_ fp32": lambda: cov_accumulate_(C_o, X)}
+           f"kncore cov_accumulate_ {tag}": lambda: cov_accumulate_(C_o, X)}
     out = {}
 
     def check():  # each C holds exactly one accumulation now
@@ -95,8 +97,8 @@ def case_fp32(d, rows, reps, check_fp64):
         out["agree"] = rel(full, C_t)
         if check_fp64:
             ref = X.double().T @ X.double()
-            out["errs"] = {"torch addmm_ fp32": rel(C_t, ref), "ROME mom2 += a.t().mm(a)": rel(C_r, ref),
-                           "kncore cov_accumulate_ fp32": rel(full, ref)}
+            out["errs"] = {f"torch addmm_ {tag}": rel(C_t, ref), "ROME mom2 += a.t().mm(a)": rel(C_r, ref),
+                           f"kncore cov_accumulate_ {tag}": rel(full, ref)}
 
     res = bench(fns, reps, check)
     return res, out["agree"], out.get("errs", {})
@@ -160,7 +162,17 @@ def case_masked_fp32(d, rows, reps, check_fp64):
     return res, out["agree"], out.get("errs", {}), int(mask.sum())
 
 
-CASES = ("fp32", "bf16->fp64", "bf16->fp32", "masked")
+def case_tf32(d, rows, reps, check_fp64):
+    """The fp32 case with TF32 matmuls allowed on both sides (CUDA)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return case_fp32(d, rows, reps, check_fp64, tag="tf32")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+CASES = ("fp32", "bf16->fp64", "bf16->fp32", "masked", "tf32")
 
 
 def main(argv=None):
@@ -180,11 +192,18 @@ def main(argv=None):
         print(f"warning: kncore._C unavailable ({_ext.load_error()}); timing the reference path", file=sys.stderr)
 
     peak32, peak64 = matmul_peak(torch.float32), matmul_peak(torch.float64)
-    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s "
+    peak_tf32 = float("nan")
+    if CUDA:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peak_tf32 = matmul_peak(torch.float32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s, tf32 {peak_tf32:.0f} GFLOP/s "
           f"({DEV}, {torch.get_num_threads()} threads)", flush=True)
-    peak = {"fp32": peak32, "bf16->fp64": peak64, "bf16->fp32": peak32, "masked": peak32}
-    label = {"fp32": "fp32", "bf16->fp64": "bf16>fp64", "bf16->fp32": "bf16>fp32", "masked": "masked"}
-    cases = [c for c in CASES if c in a.cases]
+    peak = {"fp32": peak32, "bf16->fp64": peak64, "bf16->fp32": peak32, "masked": peak32, "tf32": peak_tf32}
+    label = {"fp32": "fp32", "bf16->fp64": "bf16>fp64", "bf16->fp32": "bf16>fp32", "masked": "masked", "tf32": "tf32"}
+    cases = [c for c in CASES if c in a.cases and (c != "tf32" or CUDA)]
+    if "tf32" in a.cases and not CUDA:
+        print("tf32 case skipped: TF32 is a CUDA tensor-core mode", flush=True)
     rows_out = []
     for d in dims:
         reps = reps_for(d)
@@ -194,6 +213,8 @@ def main(argv=None):
             errs = {}
             if case == "fp32":
                 res, agree, errs = case_fp32(d, a.rows, reps, check_fp64)
+            elif case == "tf32":
+                res, agree, errs = case_tf32(d, a.rows, reps, check_fp64)
             elif case in ("bf16->fp64", "bf16->fp32"):
                 acc = torch.float64 if case == "bf16->fp64" else torch.float32
                 res, agree, errs = case_bf16(d, a.rows, reps, acc, check_fp64)
@@ -223,7 +244,8 @@ def main(argv=None):
               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
               f"rows per update {a.rows}; median of `runs` interleaved timed runs per side, after an untimed first "
               f"call (which measures memory, cold); load average at the end: {load}.  \n"
-              f"Matmul peak measured in the same run: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s. "
+              f"Matmul peak measured in the same run: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s"
+              + (f", tf32 {peak_tf32:.0f} GFLOP/s. " if CUDA else ". ") +
               "`of peak` counts rows*d*(d+1) FLOPs for kncore (the symmetric product) and 2*rows*d^2 for the "
               "peers (what they compute), with rows = the kept rows in the `masked` case (mask keeps ~70%, seeded). "
               "Speed-ups are against each case's own torch row. CPU time (all threads of the process) is given "

@@ -17,6 +17,7 @@ relative.
         # and extrapolated to the full grid (stated in the output); equality is
         # checked on those cells.
     python bench/bench_trace.py --sweep               # max_tokens sweep for the default
+    python bench/bench_trace.py --device cuda         # both sides on the GPU (CUDA events)
 
 Writes bench/results/trace_<machine>_<commit>.{csv,md}. Run under
 ``flock /tmp/kncore-bench.lock`` on shared machines.
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import commit, peak_rss  # noqa: E402
+from bench._common import commit, machine, peak_rss, run_once  # noqa: E402
 from kncore import LM  # noqa: E402
 from kncore.testing import tiny_model, tiny_tokenizer  # noqa: E402
 from kncore.tracing import KINDS, trace, trace_ref, window_layers  # noqa: E402
@@ -93,22 +94,27 @@ def macs(lm: LM, T: int, b: int):
     return naive, fast
 
 
-def gemm_peak(d: int, rows: int = 2048, reps: int = 5) -> float:
+def gemm_peak(d: int, device: str, rows: int = 2048, reps: int = 5) -> float:
     """GFLOP/s of an fp32 [rows, d] x [d, 4d] matmul, the shape of an MLP's first layer."""
-    a, w = torch.randn(rows, d), torch.randn(d, 4 * d)
+    a, w = torch.randn(rows, d, device=device), torch.randn(d, 4 * d, device=device)
     a @ w
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ w
-        ts.append(time.perf_counter() - t)
+    ts = [run_once(lambda: a @ w)[0] for _ in range(reps)]
     return 2 * rows * d * 4 * d / statistics.median(ts) / 1e9
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, device: str):
+    """(fn's result, seconds of each run, peak extra MiB): CUDA events and the
+    allocator's high-water mark on a GPU, the host clock and sampled RSS on the CPU."""
     times, mems, out = [], [], None
     for _ in range(repeats):
-        out, t, extra = peak_rss(fn)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t, _, out = run_once(fn)
+            extra = torch.cuda.max_memory_allocated() - base
+        else:
+            out, t, extra = peak_rss(fn)
         times.append(t)
         mems.append(extra / 2**20)
     return out, times, max(mems)
@@ -125,7 +131,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=None, help="kncore.trace's max_tokens (default: its own)")
     ap.add_argument("--sweep", action="store_true", help="time the fast path for several max_tokens")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--machine", default="cpu-2core")
+    ap.add_argument("--machine", default=None, help="names the result files (default: the GPU's name or cpu-<n>core)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--subject-at", choices=sorted(PROMPTS), default="start",
                     help="where the 3-token subject sits in the 10-token prompt (default: its start)")
@@ -134,8 +141,13 @@ def main():
         args.config = "quick"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device")
+    if args.machine is None:
+        args.machine = machine() if args.device == "cuda" else f"cpu-{os.cpu_count()}core"
     cfg = CONFIGS[args.config]
     lm = build(cfg, args.seed)
+    lm.model.to(args.device)
     PROMPT, SUBJECT = PROMPTS[args.subject_at]
     T = len(lm.tokenize(PROMPT))
     b, _ = lm.subject_span(PROMPT, SUBJECT)
@@ -146,13 +158,15 @@ def main():
     if args.sweep:
         for mt in (512, 1024, 2048, 4096, 8192):
             _, ts, mem = timed(lambda: trace(lm, PROMPT, SUBJECT, samples=SAMPLES, window=WINDOW, max_tokens=mt),
-                               args.repeats)
+                               args.repeats, args.device)
             print(f"max_tokens={mt:5d}: median {statistics.median(ts):.2f}s (runs {[round(t, 2) for t in ts]}), "
                   f"peak +{mem:.0f} MiB", flush=True)
         return
 
+    if args.device == "cuda":  # first call: CUDA context, kernels' autotuning
+        trace(lm, PROMPT, SUBJECT, samples=SAMPLES, window=WINDOW, max_tokens=args.max_tokens)
     fast, ft, fmem = timed(lambda: trace(lm, PROMPT, SUBJECT, samples=SAMPLES, window=WINDOW,
-                                         max_tokens=args.max_tokens), args.repeats)
+                                         max_tokens=args.max_tokens), args.repeats, args.device)
     print(f"kncore.trace: {[round(t, 2) for t in ft]} s, peak +{fmem:.0f} MiB; "
           f"low {fast.low:.4g} high {fast.high:.4g}", flush=True)
 
@@ -162,7 +176,7 @@ def main():
     else:
         cells = all_cells
     ref, nt, nmem = timed(lambda: trace_ref(lm, PROMPT, SUBJECT, samples=SAMPLES, window=WINDOW, cells=cells),
-                          args.naive_repeats)
+                          args.naive_repeats, args.device)
     # the naive call is 1 forward for `low` plus one per cell (+ 1 clean forward)
     naive_full = [t * (len(all_cells) + 2) / (len(cells) + 2) for t in nt]
     errs = [abs(fast.scores[k][t, l].item() - ref.scores[k][t, l].item()) / abs(ref.scores[k][t, l].item())
@@ -170,7 +184,7 @@ def main():
     max_rel = max(errs + [abs(fast.low - ref.low) / ref.low])
     f_med, n_med = statistics.median(ft), statistics.median(naive_full)
     n_macs, f_macs = macs(lm, T, b)
-    peak = gemm_peak(lm.d_model)
+    peak = gemm_peak(lm.d_model, args.device)
     extrap = len(cells) < len(all_cells)
     naive_note = (f"extrapolated from {len(cells)} random cells of {len(all_cells)}" if extrap
                   else f"full grid of {len(all_cells)} cells")
@@ -180,6 +194,7 @@ def main():
           f"achieved {2 * n_macs / n_med / 1e9:.0f} vs {2 * f_macs / f_med / 1e9:.0f} GFLOP/s; "
           f"sgemm [2048,{lm.d_model}]x[{lm.d_model},{4 * lm.d_model}] {peak:.0f} GFLOP/s")
     ok = max_rel <= 1e-5
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (GPU not measured)"
 
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +208,7 @@ def main():
                max_rel_diff=f"{max_rel:.2e}", equal=ok, naive_tmacs=round(n_macs / 1e12, 3),
                kncore_tmacs=round(f_macs / 1e12, 3), flop_ratio=round(n_macs / f_macs, 2),
                kncore_gflops=round(2 * f_macs / f_med / 1e9, 1), naive_gflops=round(2 * n_macs / n_med / 1e9, 1),
-               sgemm_gflops=round(peak, 1), gpu="not measured on GPU")
+               sgemm_gflops=round(peak, 1), device=where)
     csv_path = stem.with_suffix(".csv")
     new = not csv_path.exists()
     with open(csv_path, "a", newline="") as f:
@@ -204,7 +219,7 @@ def main():
     md_path = stem.with_suffix(".md")
     line = (f"| {args.config} ({N}x{lm.d_model}) | {b}-{b + 2} | {f_med:.2f} s | {n_med:.1f} s{' (extrap.)' if extrap else ''} | "
             f"**{n_med / f_med:.1f}x** | {n_macs / f_macs:.1f}x | {max_rel:.1e} | {fmem:.0f} / {nmem:.0f} MiB | "
-            f"not measured on GPU |\n")
+            f"{where} |\n")
     if not md_path.exists():
         md_path.write_text(
             f"# Causal tracing, {args.machine}, commit {commit()}\n\n"
@@ -213,7 +228,7 @@ def main():
             f"random GPT-2-shaped fp32 models. Command: `python bench/bench_trace.py --config <cfg> "
             f"[--subject-at start|middle]`.\n\n"
             "| config | subject tokens | kncore (median) | naive | speed-up | FLOP ratio | max rel. diff | "
-            "peak mem (kncore / naive) | GPU |\n"
+            "peak mem (kncore / naive) | device |\n"
             "|---|---|---|---|---|---|---|---|---|\n")
     with open(md_path, "a") as f:
         f.write(line)

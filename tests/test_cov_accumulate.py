@@ -84,6 +84,25 @@ def test_matches_fp64(ext, d, xdtype, acc, composite):
         check_against_fp64(C, s, n, C0, s0, n0, X, m)
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("acc", ACC_DTYPES, ids=str)
+@pytest.mark.parametrize("xdtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("d", (7, 300, 1100))
+def test_cuda_matches_fp64(ext, d, xdtype, acc):
+    """The CUDA op (cuBLAS through ATen): same bars, torch's own error measured on the GPU."""
+    rows = int(torch.randint(200, 700, ()))
+    X = rand(rows, d, dtype=xdtype).cuda()
+    mask = (torch.rand(rows) > 0.3).cuda()
+    for m in (None, mask):
+        C0, s0, n0 = (t.cuda() for t in state(d, acc))
+        C, s, n = C0.clone(), s0.clone(), n0.clone()
+        assert cov_accumulate_(C, X, m, s=s, n=n) is C
+        check_against_fp64(C, s, n, C0, s0, n0, X, m)
+
+
 @pytest.mark.parametrize("acc", ACC_DTYPES, ids=str)
 def test_python_entry_and_large_d(ext, acc):
     # d above the 128-wide leaves, not a multiple of the split alignment, rows over a pack chunk

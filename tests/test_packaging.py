@@ -38,9 +38,10 @@ def test_top_level_kernels_is_not_our_folder():
     if _pypi_kernels_installed():
         assert r.returncode == 0, r.stderr
         assert Path(r.stdout.strip()).parent != ROOT / "kernels", r.stdout
-    else:
-        assert r.returncode != 0
-        assert "kncore.kernels" in r.stderr, r.stderr
+    else:  # our folder, empty and without a version: transformers reads "not available"
+        assert r.returncode == 0, r.stderr
+        r = _run_in_root("import kernels; print(getattr(kernels, '__version__', 'none'), dir(kernels))")
+        assert r.stdout.startswith("none"), r.stdout
 
 
 def test_transformers_models_import_from_the_repo_root():

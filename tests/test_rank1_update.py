@@ -90,6 +90,33 @@ def test_update_then_undo_is_bit_exact(ext, size, dtype, k, transposed, path):
     assert same_bytes(W, W0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", ["large", "small"])
+def test_cuda_update_then_undo_is_bit_exact(ext, size, dtype, k, transposed):
+    """CUDA runs the device-generic path: the CPU reference's bits, then W's own bytes back."""
+    out_f, in_f = 37, 1230
+    shape = (in_f, out_f) if transposed else (out_f, in_f)
+    W = weight(*shape, dtype, special=size == "large")
+    u = torch.randn(out_f, k).squeeze(1) if k == 1 else torch.randn(out_f, k)
+    v = torch.randn(in_f, k).squeeze(1) if k == 1 else torch.randn(in_f, k)
+    if size == "small":
+        u = u * 0.05 * (1e-7 if dtype == torch.float64 else 3e-4) / k ** 0.5
+    alpha = float(torch.empty(()).uniform_(0.3, 2.0))
+    expect = W.clone()
+    rank1_update_ref(expect, u, v, alpha, transposed=transposed)
+    Wc, uc, vc = W.cuda(), u.cuda(), v.cuda()
+    W0 = Wc.clone()
+    rec = rank1_update_(Wc, uc, vc, alpha, transposed=transposed)
+    assert rec.device.type == "cuda" and rec.original is None  # the op ran, not the copying fallback
+    # equal values (a GPU may give NaN another payload than the CPU)
+    torch.testing.assert_close(Wc.cpu(), expect, rtol=0, atol=0, equal_nan=True)
+    rec.undo(Wc)
+    assert same_bytes(Wc, W0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_error_vs_fp64_within_2x_of_torch(ext, dtype):
     W = weight(64, 300, dtype, special=False)
