@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_POST_LN
+from .base import Adapter, activation, BLOCK_POST_LN
 
 
 class BertAdapter(Adapter):
@@ -62,7 +62,7 @@ class BertAdapter(Adapter):
         return self.blocks[L].intermediate.dense(x), None
 
     def mlp_act(self, L, pre, aux):
-        return self.blocks[L].intermediate.intermediate_act_fn(pre)
+        return activation(self.blocks[L].intermediate.intermediate_act_fn, pre)
 
     def down_module(self, L):
         return self.blocks[L].output.dense

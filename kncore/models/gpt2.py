@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_SEQUENTIAL
+from .base import Adapter, activation, BLOCK_SEQUENTIAL
 
 
 class GPT2Adapter(Adapter):
@@ -58,7 +58,7 @@ class GPT2Adapter(Adapter):
         return self.blocks[L].mlp.c_fc(x), None
 
     def mlp_act(self, L, pre, aux):
-        return self.blocks[L].mlp.act(pre)
+        return activation(self.blocks[L].mlp.act, pre)
 
     def down_module(self, L):
         return self.blocks[L].mlp.c_proj

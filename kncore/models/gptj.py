@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_PARALLEL
+from .base import Adapter, activation, BLOCK_PARALLEL
 
 
 def _rotate_every_two(x):
@@ -82,7 +82,7 @@ class GPTJAdapter(Adapter):
         return self.blocks[L].mlp.fc_in(x), None
 
     def mlp_act(self, L, pre, aux):
-        return self.blocks[L].mlp.act(pre)
+        return activation(self.blocks[L].mlp.act, pre)
 
     def down_module(self, L):
         return self.blocks[L].mlp.fc_out
