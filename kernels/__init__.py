@@ -14,11 +14,11 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _here = os.path.dirname(os.path.abspath(__file__))
+    _here = os.path.dirname(os.path.realpath(__file__))
     _root = os.path.dirname(_here)
-    _path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _root]
+    _path = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is not None and _spec.origin is not None and os.path.dirname(os.path.abspath(_spec.origin)) != _here:
+    if _spec is not None and _spec.origin is not None and os.path.dirname(os.path.realpath(_spec.origin)) != _here:
         _mod = importlib.util.module_from_spec(_spec)
         sys.modules["kernels"] = _mod  # the import statement returns what sys.modules holds after this file
         _spec.loader.exec_module(_mod)
