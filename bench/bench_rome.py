@@ -1,6 +1,7 @@
 """ROME in kncore against plain ROME (kmeng01/rome's algorithm, run as it runs).
 
     flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_rome.py [--runs 3] [--texts 200] [--no-xl]
+    python bench/bench_rome.py --device cuda      # the xl section on a GPU (CUDA events)
 
 Neither ROME's repository nor EasyEdit installs here (no package on PyPI), so
 the peer is :mod:`kncore.rome.reference`: ROME's ``compute_u``/``compute_v``
@@ -29,7 +30,8 @@ Sections (SmolLM2-135M, the layer of kncore/rome/hparams/smollm2-135m.yaml):
 Reported: medians of ``--runs`` runs after a warm-up, ratios, peak resident
 memory above each call's start. Results: bench/results/bench_rome_<machine>_<commit>.{csv,md}.
 GPU targets (GPT-J statistics projected to 100k documents <= 30 min on an
-H100; one GPT-2 XL edit <= 1 s) are not measured here: no GPU.
+H100; one GPT-2 XL edit <= 1 s): ``--device cuda`` runs the xl section on the
+GPU (the others need SmolLM2's GGUF package, which a device image lacks).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from bench._common import commit, machine, write_atomic, peak_rss as measure  # noqa: E402
+from bench._common import commit, machine, peak_rss, run_once, write_atomic  # noqa: E402
 
 import kncore  # noqa: E402
 from kncore import rome  # noqa: E402
@@ -60,6 +62,19 @@ REQ = {"prompt": "The capital of {} is", "subject": "Canada", "target_new": "Rom
 
 
 WARMUP = True
+DEVICE = "cpu"
+
+
+def measure(fn):
+    """(fn's result, seconds, peak bytes above the start): CUDA events and the
+    allocator's high-water mark on the GPU, the host clock and sampled RSS on the CPU."""
+    if DEVICE != "cuda":
+        return peak_rss(fn)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dt, _, out = run_once(fn)
+    return out, dt, torch.cuda.max_memory_allocated() - base
 
 
 def timed(fn, runs: int):
@@ -75,14 +90,9 @@ def timed(fn, runs: int):
 
 
 def matmul_rate() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = torch.randn(2048, 2048, device=DEVICE), torch.randn(2048, 2048, device=DEVICE)
     a @ b
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t0)
-    return 2 * 2048 ** 3 / statistics.median(ts)
+    return 2 * 2048 ** 3 / statistics.median([run_once(lambda: a @ b)[0] for _ in range(5)])
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -229,14 +239,18 @@ def bench_mom2(lm, hp, stats, rows, n_records):
         print(rows[-1], flush=True)
 
 
-def bench_xl(runs, rows):
+def bench_xl(runs, rows, smoke=False):
     from kncore.testing import tiny_model, tiny_tokenizer
     t0 = time.perf_counter()
-    model = tiny_model("gpt2", d_model=1600, d_ff=6400, n_layers=48, n_heads=25, n_ctx=1024, vocab_size=50257)
+    # --smoke: 18 narrow layers (layer 17 is the edit layer), to check the code path only
+    d, d_ff, n_layers, n_heads = (64, 256, 18, 4) if smoke else (1600, 6400, 48, 25)
+    model = tiny_model("gpt2", d_model=d, d_ff=d_ff, n_layers=n_layers, n_heads=n_heads, n_ctx=1024,
+                       vocab_size=50257)
     for p in model.parameters():
         p.requires_grad_(False)
+    model.to(DEVICE)
     lm = kncore.LM(model, tiny_tokenizer(), name="gpt2-xl-shape-random")
-    print(f"built the GPT-2 XL-shape model in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"built the GPT-2 XL-shape model on {DEVICE} in {time.perf_counter() - t0:.0f} s", flush=True)
     hp = rome.load_hparams("gpt2-xl")
     g = torch.Generator().manual_seed(0)
     X = torch.randn(8192, lm.d_ff, generator=g)
@@ -245,7 +259,7 @@ def bench_xl(runs, rows):
     req = {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome"}
     first = measure(lambda: rome.edit(lm, req, hp, stats=stats).undo())
     _, t, pk = timed(lambda: rome.edit(lm, req, hp, stats=stats).undo(), max(1, runs - 1))
-    rows.append(dict(section="xl", case="GPT-2 XL shape (random weights, synthetic C), layer 17, 20 steps",
+    rows.append(dict(section="xl", case=f"GPT-2 XL shape (random weights, synthetic C), layer 17, 20 steps, {DEVICE}",
                      n="21 templates", kncore_s=round(t, 2), kncore_peak_mib=round(pk / 2 ** 20, 1),
                      check=f"first edit (templates + Cholesky of C) {first[1]:.1f} s; reference not run"))
     print(rows[-1], flush=True)
@@ -295,7 +309,18 @@ def main():
     ap.add_argument("--xl-only", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-warmup", action="store_true", help="time the first call (quick runs on a busy machine)")
+    ap.add_argument("--smoke", action="store_true", help="the xl section on a narrow 18-layer model; writes nothing")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: the xl section only, on the GPU")
     args = ap.parse_args()
+    if args.smoke:
+        args.xl_only = True
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device")
+        global DEVICE
+        DEVICE = "cuda"
+        args.xl_only, args.no_xl = True, False
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_warmup:
@@ -317,6 +342,9 @@ def main():
         bench_edit(lm, hp, stats, args.runs, rows)
         bench_mom2(lm, hp, stats, rows, args.records)
         del lm
+    if args.smoke:
+        bench_xl(1, rows, smoke=True)
+        return
     if not args.no_xl:
         bench_xl(args.runs, rows)
 
@@ -347,7 +375,8 @@ def main():
                   f"{r.get('kncore_tok_s', '')} | {r.get('peer_peak_mib', '')} / {r.get('kncore_peak_mib', '')} | "
                   f"{r.get('check', '')} |")
     md += ["", "GPU targets (GPT-J statistics over 100k documents <= 30 min on an H100; one GPT-2 XL edit "
-               "<= 1 s): not measured on GPU."]
+               "<= 1 s): " + (f"the xl edit measured on {torch.cuda.get_device_name()}; GPT-J statistics not "
+                              "measured." if DEVICE == "cuda" else "not measured on GPU.")]
     write_atomic(RESULTS / f"bench_rome_{tag}.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
