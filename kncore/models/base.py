@@ -21,9 +21,11 @@ BLOCK_POST_LN = "post_ln"        # post-LN: h = ln(h + attn h); h = ln(h + mlp h
 
 # Hugging Face's tanh-approximate GELUs, written as several elementwise ops in
 # Python (NewGELUActivation: pow, mul, add, tanh, mul, add, mul): one fused
-# F.gelu(approximate="tanh") pass computes the same function, within an ulp or
-# two. On GPT-2-medium-shaped causal tracing on the 2-core CPU the Python form
-# took 15% of the run (py-spy, bench/bench_trace.py).
+# F.gelu(approximate="tanh") pass computes the same function. The two fp32
+# evaluations differ by at most 4.8e-7 in absolute value (4M normal inputs of
+# std 3), as far as each is from an fp64 evaluation (4.3e-7). On
+# GPT-2-medium-shaped causal tracing on the 2-core CPU the Python form took
+# 15% of the run (py-spy, bench/bench_trace.py).
 _TANH_GELUS = ("NewGELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh")
 
 
