@@ -85,6 +85,18 @@ def peak_rss(fn, interval: float = 0.002):
     return out, dt, max(peak[0], rss()) - start
 
 
+def measure(fn, device: str = "cpu"):
+    """(fn's result, seconds, peak bytes above the call's start): on ``cuda`` CUDA
+    events and the allocator's high-water mark, on the CPU the host clock and the
+    sampled resident set (:func:`peak_rss`)."""
+    if device != "cuda":
+        return peak_rss(fn)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dt, _, out = run_once(fn)
+    return out, dt, torch.cuda.max_memory_allocated() - base
+
 def extra_mib(fn):
     """(MiB the call needs beyond its inputs, fn's result): max_memory_allocated on a GPU;
     on CPU the resident-set high-water mark sampled every 0.1 ms, in an untimed run."""

@@ -30,6 +30,7 @@ Results: bench/results/bench_cov_<machine>_<commit>.{csv,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import os
@@ -162,14 +163,21 @@ def case_masked_fp32(d, rows, reps, check_fp64):
     return res, out["agree"], out.get("errs", {}), int(mask.sum())
 
 
-def case_tf32(d, rows, reps, check_fp64):
-    """The fp32 case with TF32 matmuls allowed on both sides (CUDA)."""
+@contextlib.contextmanager
+def tf32():
+    """TF32 tensor-core matmuls allowed (CUDA) inside the block."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        return case_fp32(d, rows, reps, check_fp64, tag="tf32")
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def case_tf32(d, rows, reps, check_fp64):
+    """The fp32 case with TF32 matmuls allowed on both sides (CUDA)."""
+    with tf32():
+        return case_fp32(d, rows, reps, check_fp64, tag="tf32")
 
 
 CASES = ("fp32", "bf16->fp64", "bf16->fp32", "masked", "tf32")
@@ -194,9 +202,8 @@ def main(argv=None):
     peak32, peak64 = matmul_peak(torch.float32), matmul_peak(torch.float64)
     peak_tf32 = float("nan")
     if CUDA:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        peak_tf32 = matmul_peak(torch.float32)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        with tf32():
+            peak_tf32 = matmul_peak(torch.float32)
     print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, fp64 {peak64:.0f} GFLOP/s, tf32 {peak_tf32:.0f} GFLOP/s "
           f"({DEV}, {torch.get_num_threads()} threads)", flush=True)
     peak = {"fp32": peak32, "bf16->fp64": peak64, "bf16->fp32": peak32, "masked": peak32, "tf32": peak_tf32}

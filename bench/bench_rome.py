@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from bench._common import commit, machine, peak_rss, run_once, write_atomic  # noqa: E402
+from bench._common import commit, machine, measure, run_once, write_atomic  # noqa: E402
 
 import kncore  # noqa: E402
 from kncore import rome  # noqa: E402
@@ -65,25 +65,13 @@ WARMUP = True
 DEVICE = "cpu"
 
 
-def measure(fn):
-    """(fn's result, seconds, peak bytes above the start): CUDA events and the
-    allocator's high-water mark on the GPU, the host clock and sampled RSS on the CPU."""
-    if DEVICE != "cuda":
-        return peak_rss(fn)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    dt, _, out = run_once(fn)
-    return out, dt, torch.cuda.max_memory_allocated() - base
-
-
 def timed(fn, runs: int):
     """Warm-up, then (last result, median seconds, max peak bytes) over ``runs``."""
     if WARMUP:
         fn()
     ts, peaks, out = [], [], None
     for _ in range(runs):
-        out, dt, pk = measure(fn)
+        out, dt, pk = measure(fn, DEVICE)
         ts.append(dt)
         peaks.append(pk)
     return out, statistics.median(ts), max(peaks)
@@ -257,7 +245,7 @@ def bench_xl(runs, rows, smoke=False):
     C = X.T @ X / X.shape[0]  # synthetic second moment (random keys), well conditioned
     stats = {17: rome.LayerStats.from_tensor(17, C, n_tokens=X.shape[0])}
     req = {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome"}
-    first = measure(lambda: rome.edit(lm, req, hp, stats=stats).undo())
+    first = measure(lambda: rome.edit(lm, req, hp, stats=stats).undo(), DEVICE)
     _, t, pk = timed(lambda: rome.edit(lm, req, hp, stats=stats).undo(), max(1, runs - 1))
     rows.append(dict(section="xl", case=f"GPT-2 XL shape (random weights, synthetic C), layer 17, 20 steps, {DEVICE}",
                      n="21 templates", kncore_s=round(t, 2), kncore_peak_mib=round(pk / 2 ** 20, 1),

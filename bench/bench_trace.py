@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import commit, machine, peak_rss, run_once  # noqa: E402
+from bench._common import commit, machine, measure, run_once  # noqa: E402
 from kncore import LM  # noqa: E402
 from kncore.testing import tiny_model, tiny_tokenizer  # noqa: E402
 from kncore.tracing import KINDS, trace, trace_ref, window_layers  # noqa: E402
@@ -107,14 +107,7 @@ def timed(fn, repeats, device: str):
     allocator's high-water mark on a GPU, the host clock and sampled RSS on the CPU."""
     times, mems, out = [], [], None
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            t, _, out = run_once(fn)
-            extra = torch.cuda.max_memory_allocated() - base
-        else:
-            out, t, extra = peak_rss(fn)
+        out, t, extra = measure(fn, device)
         times.append(t)
         mems.append(extra / 2**20)
     return out, times, max(mems)

@@ -24,8 +24,6 @@ def kernel_module(name: str):
     except ModuleNotFoundError as e:
         if e.name not in ("kncore.kernels", full):
             raise  # the kernel itself failed to import something (triton, say): say that
-    if full in sys.modules:
-        return sys.modules[full]
     path = KERNELS_DIR / f"{name}.py"
     if not path.is_file():
         raise ModuleNotFoundError(f"no Triton kernel module {full} (looked for {path})", name=full)

@@ -26,7 +26,6 @@ works as for :mod:`kncore.ops.mlp_capture`.
 """
 from __future__ import annotations
 
-
 import torch
 
 from ._kernels import kernel_module
