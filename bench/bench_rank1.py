@@ -51,6 +51,14 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / min(ts) / 1e9
 
 
+def portable(f):
+    torch.ops.kncore.rank1_avx512(0)
+    try:
+        return f()
+    finally:
+        torch.ops.kncore.rank1_avx512(1)
+
+
 def case(m, n, dtype, scale, reps):
     W0 = (torch.randn(m, n, device=DEV) * 0.05).to(dtype)
     rms_w = W0.float().pow(2).mean().sqrt().item()
@@ -63,6 +71,9 @@ def case(m, n, dtype, scale, reps):
         "clone + addr_ (ROME's undo copy)": lambda: (W.clone(), W.addr_(u, v))[0],
         "kncore rank1_update_": lambda: rank1_update_(W, u.float(), v.float()),
     }
+    if dtype == torch.float32 and W.device.type == "cpu" and torch.ops.kncore.rank1_avx512():
+        # the same op with its fp32 AVX-512 rows switched off: what a CPU without them runs
+        sides["kncore rank1_update_ (portable rows)"] = lambda: portable(lambda: rank1_update_(W, u.float(), v.float()))
     # same numbers as torch's addr_, and an undo that gives back W's bytes
     bits = torch.int16 if W.element_size() == 2 else torch.int32
     mine = W0.clone()

@@ -52,6 +52,8 @@ void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double
 // Dense records' buffers are pooled for reuse; these free them / report their bytes.
 int64_t rank1_pool_release();
 int64_t rank1_pool_held();
+// Whether rank1_update_ uses its fp32 AVX-512 rows; enable: -1 asks, 0 off, 1 on.
+bool rank1_avx512(int64_t enable);
 
 // Checksum of W as rank1_update_ records it (0-dim int64).
 at::Tensor rank1_checksum(const at::Tensor& W, bool composite = false);

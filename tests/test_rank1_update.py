@@ -7,6 +7,8 @@ including -0.0, NaN, inf and elements whose low bits the addition destroys.
 from __future__ import annotations
 
 import logging
+import platform
+import sys
 
 import pytest
 import torch
@@ -52,7 +54,7 @@ def same_bytes(a, b) -> bool:
 def run(path, ext, W, u, v, alpha, transposed):
     if path == "ref":
         return rank1_update_ref(W, u, v, alpha, transposed=transposed)
-    if path == "kernel":
+    if path.startswith("kernel"):
         return rank1_update_(W, u, v, alpha, transposed=transposed)
     # the device-generic ATen path (what CUDA runs), forced on CPU
     T, U, V, swapped = mod._factors(W, u, v, transposed)
@@ -60,12 +62,16 @@ def run(path, ext, W, u, v, alpha, transposed):
     return mod._record(W, T, U, V, alpha, swapped, out, composite=True)
 
 
-@pytest.mark.parametrize("path", ["kernel", "generic", "ref"])
+@pytest.mark.parametrize("path", ["kernel", "kernel-portable", "generic", "ref"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", ["large", "small"])
-def test_update_then_undo_is_bit_exact(ext, size, dtype, k, transposed, path):
+def test_update_then_undo_is_bit_exact(request, ext, size, dtype, k, transposed, path):
+    if path == "kernel-portable":  # the portable row loops (fp32 has AVX-512 rows too)
+        if dtype != torch.float32:
+            pytest.skip("only fp32 has other rows")
+        request.getfixturevalue("portable")
     # a large delta: most elements miss, so the kernel keeps the dense form;
     # a small one: few miss, the sparse form
     out_f, in_f = 37, 123
@@ -195,6 +201,67 @@ def test_record_form_for_rome_sized_edits(ext, dtype):
     assert (rec.code.abs() <= 1).float().mean() > 0.95  # nearly all within one ulp
     rec.undo(W)
     assert same_bytes(W, W0)
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
+
+
+@pytest.fixture
+def portable(ext):
+    """Switches the fp32 AVX-512 rows off for the test (the portable loops run)."""
+    before = ext.rank1_avx512()
+    ext.rank1_avx512(0)
+    yield
+    ext.rank1_avx512(1 if before else 0)
+
+
+def test_avx512_rows_are_used_where_the_cpu_has_them(ext):
+    before = ext.rank1_avx512()
+    try:
+        if sys.platform == "linux" and platform.machine() == "x86_64":
+            assert before == cpu_has_avx512()
+        assert ext.rank1_avx512(0) is False and ext.rank1_avx512() is False
+        assert ext.rank1_avx512(1) == before
+        with pytest.raises(ValueError, match="enable must be"):
+            ext.rank1_avx512(2)
+    finally:
+        ext.rank1_avx512(1 if before else 0)
+
+
+@pytest.mark.skipif(not cpu_has_avx512(), reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("scale", [1e-6, 0.15, 30.0], ids=["sparse", "dense", "escapes"])
+@pytest.mark.parametrize("n", [16, 64, 203, 1024], ids=lambda n: f"n{n}")
+def test_avx512_rows_give_the_portable_records(ext, n, scale, k):
+    # the same W, factors and record bytes from both row kernels: rows of whole
+    # 16- and 64-lane chunks, ragged tails, both record forms, rank 1 and k, and
+    # deltas that swamp W (codes that escape to the exception list)
+    m = 48
+    W0 = weight(m, n, torch.float32)
+    U, V = torch.randn(m, k) * scale ** 0.5, torch.randn(n, k) * (0.05 * scale) ** 0.5
+    out = {}
+    before = ext.rank1_avx512()
+    try:
+        for fast in (1, 0):
+            assert ext.rank1_avx512(fast) == bool(fast)
+            W = W0.clone()
+            out[fast] = (W, ext.rank1_update_(W, U, V, 0.7))
+    finally:
+        ext.rank1_avx512(1 if before else 0)
+    (Wa, ra), (Wp, rp) = out[1], out[0]
+    assert same_bytes(Wa, Wp)
+    assert (ra[0].numel() > 0) == (scale > 1e-3)  # the form the scale aims at
+    for a, p in zip(ra, rp):
+        assert a.dtype == p.dtype and torch.equal(a, p)
+    if scale > 1:
+        assert ra[1].numel() > 0  # escapes were listed
+    ext.rank1_undo_(Wa, U, V, 0.7, *ra)
+    assert same_bytes(Wa, W0)
 
 
 def test_dense_buffers_are_reused(ext):

@@ -66,6 +66,15 @@ int main() {
     for (int64_t k : {1, 3})
       for (bool composite : {false, true})
         for (double scale : {1.0, 1e-9}) check_exact(dt, k, composite, scale);
+  // fp32 again with the portable rows where the AVX-512 ones ran above
+  const bool avx512 = kncore::rank1_avx512(-1);
+  if (avx512) {
+    KN_CHECK(!kncore::rank1_avx512(0));
+    for (int64_t k : {1, 3})
+      for (double scale : {1.0, 1e-9}) check_exact(at::kFloat, k, false, scale);
+    KN_CHECK(kncore::rank1_avx512(1));
+  }
+  std::printf("fp32 AVX-512 rows: %s\n", avx512 ? "tested against the portable ones" : "not on this CPU");
 
   // A W changed after the update is refused, and left as it is.
   {
