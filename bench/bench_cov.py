@@ -85,12 +85,24 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def per_block_gemms(f):
+    torch.ops.kncore.cov_avx512(0)
+    try:
+        return f()
+    finally:
+        torch.ops.kncore.cov_avx512(1)
+
+
 def case_fp32(d, rows, reps, check_fp64, tag="fp32"):
     X = torch.randn(rows, d, device=DEV) * 2 + 0.5
     C_t, C_r, C_o = (torch.zeros(d, d, device=DEV) for _ in range(3))
     fns = {f"torch addmm_ {tag}": lambda: C_t.addmm_(X.T, X),
            "ROME mom2 += a.t().mm(a)": lambda: C_r.add_(X.t().mm(X)),  # runningstats.SecondMoment
            f"kncore cov_accumulate_ {tag}": lambda: cov_accumulate_(C_o, X)}
+    if DEV == "cpu" and tag == "fp32" and torch.ops.kncore.cov_avx512():
+        # the same op with its AVX-512 triangle switched off: what a CPU without it runs
+        C_b = torch.zeros(d, d, device=DEV)
+        fns[f"kncore cov_accumulate_ {tag} (per-block gemms)"] = lambda: per_block_gemms(lambda: cov_accumulate_(C_b, X))
     out = {}
 
     def check():  # each C holds exactly one accumulation now

@@ -189,6 +189,239 @@ void pack_dispatch(const at::Tensor& X, const int64_t* rows, int64_t r0, int64_t
   }
 }
 
+// ---- fp32 accumulator: the triangle in AVX-512 (CPU)
+// On a CPU where MKL's sgemm runs at ~97% of the FMA peak (the 2-core Xeon of
+// bench/bench_cov.py, 2026-12), the per-block gemms above lose to it on every
+// small block (a 256 x 256 block ran at ~90% of a large gemm, a 64 x 64 leaf
+// at ~55%) and reached 1.58-1.65x addmm_ at d = 3072, under the 1.85x target.
+// This path computes the lower triangle with one register-blocked kernel
+// instead: tiles of 12 rows x 32 columns of C, so only the tiles that cross
+// the diagonal compute some upper elements (unspecified, as above).
+// * X is packed in chunks of kc rows, twice: J panels [kc][32] (32 columns of
+//   each row, the vector operand) and I panels [kc][12] (12 columns, the
+//   broadcast operand). Rows of row-major X are copied, not transposed; bf16
+//   and fp16 are widened and masked rows gathered in the same pass, which
+//   also adds the column sums to s.
+// * A tile keeps its 12 x 32 sums in 24 zmm registers over kc rows, then adds
+//   them to C. The I panel stays in L1, the J panels of a block of columns in
+//   L2 (kJBlockBytes), streamed in the kernel's inner loop.
+// * Work items (a block of columns x a few I panels) go to the threads
+//   largest first from a shared counter, as in triangle_parallel.
+// Measured on that CPU (2 threads, d = 3072, 4096 rows; a standalone loop,
+// then the op): the kernel alone runs at ~200 GFLOP/s per core in L1 and
+// ~91% of that over the whole triangle.
+// rows x cols of the sums are the usual fp32 dot products with FMA, summed
+// in chunks of kc: error as a blocked gemm's (tests: within 2x torch's).
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
+#define KN_COV_AVX512 1
+#define KN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+constexpr int64_t kMR = 12;                  // rows of a tile (broadcast operand)
+constexpr int64_t kNR = 32;                  // columns of a tile (two zmm)
+constexpr int64_t kKC = 256;                 // rows of X per kernel call
+constexpr int64_t kJBlockBytes = 1 << 20;    // J panels of a work item's columns: L2
+constexpr int64_t kItemPanels = 32;           // I panels per work item
+constexpr int64_t kPackMaxBytes = 8 << 20;  // both formats of one chunk of rows
+
+bool cov_cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+std::atomic<bool>& cov_avx512_on() {
+  static std::atomic<bool> on{cov_cpu_has_avx512()};
+  return on;
+}
+
+KN_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+KN_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {  // bf16 -> fp32 is a 16-bit shift
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+KN_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
+
+// Packs rows r0..r0+kb of X (through `rows` when masked), columns 96t to
+// 96t+95 (3 J panels, 8 I panels), into J and I, zero past column d, and adds
+// those columns' sums to s. Each block of kc rows is stored whole,
+// [kb/kc][nq][kc][32] and [kb/kc][np][kc][12], so the panels one kernel loop
+// streams are contiguous (with panels kb rows long, the loop's 32 panels sat
+// 128 KiB apart, in the same L2 sets: 1.67x addmm_, not 1.73x). Row by row:
+// each row's 96 columns are read from memory once (a panel at a time read
+// them 11 times, from 11 pages: the copy took 2x longer).
+constexpr int64_t kPackCols = 96;  // a multiple of kNR and kMR
+template <typename in_t>
+KN_AVX512 void pack_columns(const in_t* X, int64_t d, const int64_t* rows, int64_t r0, int64_t kb, float* J,
+                            float* I, float* s, int64_t t) {
+  constexpr int64_t kQ = kPackCols / kNR, kP = kPackCols / kMR;
+  const int64_t nq = (d + kNR - 1) / kNR, np = (d + kMR - 1) / kMR;
+  const int64_t c0 = t * kPackCols;
+  __mmask16 mj[2 * kQ], mi[kP];
+  for (int64_t v = 0; v < 2 * kQ; ++v) mj[v] = lanes(d - c0 - 16 * v);
+  for (int64_t v = 0; v < kP; ++v) mi[v] = lanes(std::min(kMR, d - c0 - kMR * v));
+  const int64_t nj = std::min(kQ, nq - t * kQ), ni = std::min(kP, np - t * kP);
+  __m512 sum[2 * kQ];
+  for (int64_t v = 0; v < 2 * kQ; ++v) sum[v] = _mm512_setzero_ps();
+  constexpr int64_t kAhead = 8;  // rows: their lines are fetched while this one is copied
+  for (int64_t k = 0; k < kb; ++k) {
+    const in_t* src = X + (rows ? rows[r0 + k] : r0 + k) * d + c0;
+    if (k + kAhead < kb) {
+      const char* next = reinterpret_cast<const char*>(X + (rows ? rows[r0 + k + kAhead] : r0 + k + kAhead) * d + c0);
+      const int64_t bytes = std::min(kPackCols, d - c0) * int64_t(sizeof(in_t));
+      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    }
+    const int64_t blk = k / kKC, kk = k % kKC;
+    float* oj = J + ((blk * nq + t * kQ) * kKC + kk) * kNR;
+    for (int64_t q = 0; q < nj; ++q) {
+      const __m512 a = load16(src + kNR * q, mj[2 * q]), b = load16(src + kNR * q + 16, mj[2 * q + 1]);
+      _mm512_store_ps(oj + q * kKC * kNR, a);
+      _mm512_store_ps(oj + q * kKC * kNR + 16, b);
+      sum[2 * q] = _mm512_add_ps(sum[2 * q], a);
+      sum[2 * q + 1] = _mm512_add_ps(sum[2 * q + 1], b);
+    }
+    float* oi = I + ((blk * np + t * kP) * kKC + kk) * kMR;
+    for (int64_t p = 0; p < ni; ++p)  // (the row's lines are in L1 now)
+      _mm512_mask_storeu_ps(oi + p * kKC * kMR, lanes(kMR), load16(src + kMR * p, mi[p]));
+  }
+  for (int64_t v = 0; v < 2 * nj; ++v)
+    _mm512_mask_storeu_ps(s + c0 + 16 * v, mj[v], _mm512_add_ps(_mm512_maskz_loadu_ps(mj[v], s + c0 + 16 * v), sum[v]));
+}
+
+// C[0:rows, 0:32] += sum_k A[k][0:12]^T B[k][0:32] (A: an I panel, B: a J panel).
+template <bool kFull>
+KN_AVX512 inline void tile_12x32(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int64_t rows,
+                                 __mmask16 m0, __mmask16 m1) {
+  __m512 c0[kMR], c1[kMR];
+  for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {  // C's lines arrive while the sums are made
+    _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc + 16), _MM_HINT_T0);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(B + k * kNR), b1 = _mm512_load_ps(B + k * kNR + 16);
+    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 32) * kNR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 32) * kNR + 16), _MM_HINT_T0);
+#pragma GCC unroll 12
+    for (int r = 0; r < kMR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[k * kMR + r]);
+      c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  if constexpr (kFull) {
+#pragma GCC unroll 12
+    for (int r = 0; r < kMR; ++r) {
+      float* c = C + r * ldc;
+      _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), c0[r]));
+      _mm512_storeu_ps(c + 16, _mm512_add_ps(_mm512_loadu_ps(c + 16), c1[r]));
+    }
+  } else {
+    for (int r = 0; r < kMR; ++r) {
+      if (r >= rows) break;
+      float* c = C + r * ldc;
+      _mm512_mask_storeu_ps(c, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), c0[r]));
+      _mm512_mask_storeu_ps(c + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + 16), c1[r]));
+    }
+  }
+}
+
+struct TriItem {  // I panels p0..p1 against the J panels q0..q1 (those at or left of the diagonal)
+  int64_t q0, q1, p0, p1;
+  int64_t tiles;
+};
+
+std::vector<TriItem> triangle_items(int64_t d) {
+  const int64_t nq = (d + kNR - 1) / kNR, np = (d + kMR - 1) / kMR;
+  const int64_t qb = std::max<int64_t>(1, kJBlockBytes / (kKC * kNR * int64_t(sizeof(float))));
+  std::vector<TriItem> items;
+  for (int64_t q0 = 0; q0 < nq; q0 += qb) {
+    const int64_t q1 = std::min(nq, q0 + qb);
+    for (int64_t p0 = (q0 * kNR) / kMR; p0 < np; p0 += kItemPanels) {
+      TriItem it{q0, q1, p0, std::min(np, p0 + kItemPanels), 0};
+      for (int64_t p = it.p0; p < it.p1; ++p) {
+        const int64_t last = std::min(d, (p + 1) * kMR) - 1;  // the panel's last row
+        it.tiles += std::max<int64_t>(0, std::min(q1 - 1, last / kNR) - q0 + 1);
+      }
+      if (it.tiles > 0) items.push_back(it);
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const TriItem& a, const TriItem& b) { return a.tiles > b.tiles; });
+  return items;
+}
+
+KN_AVX512 void triangle_item(float* C, int64_t d, const float* J, const float* I, int64_t kb, const TriItem& it) {
+  const int64_t nq = (d + kNR - 1) / kNR, np = (d + kMR - 1) / kMR;
+  for (int64_t k0 = 0; k0 < kb; k0 += kKC) {
+    const int64_t kc = std::min(kKC, kb - k0);
+    const float* Jk = J + (k0 / kKC) * nq * kKC * kNR;
+    const float* Ik = I + (k0 / kKC) * np * kKC * kMR;
+    for (int64_t p = it.p0; p < it.p1; ++p) {
+      const int64_t i0 = p * kMR, rows = std::min(kMR, d - i0);
+      const int64_t qlast = std::min(it.q1 - 1, (i0 + rows - 1) / kNR);
+      const float* A = Ik + p * kKC * kMR;
+      for (int64_t q = it.q0; q <= qlast; ++q) {
+        const int64_t j0 = q * kNR;
+        const float* B = Jk + q * kKC * kNR;
+        float* c = C + i0 * d + j0;
+        if (rows == kMR && j0 + kNR <= d) {
+          tile_12x32<true>(kc, A, B, c, d, rows, 0, 0);
+        } else {
+          tile_12x32<false>(kc, A, B, c, d, rows, lanes(d - j0), lanes(d - j0 - 16));
+        }
+      }
+    }
+  }
+}
+
+template <typename in_t>
+void cov_fp32_avx512(at::Tensor& C, at::Tensor& s, const at::Tensor& X, const int64_t* rows_ptr, int64_t rows) {
+  const int64_t d = C.size(0);
+  const int64_t nq = (d + kNR - 1) / kNR, np = (d + kMR - 1) / kMR;
+  const int64_t per_row = (nq * kNR + np * kMR) * int64_t(sizeof(float));
+  // rows per chunk: a multiple of kc, as many as kPackMaxBytes holds (at least kc), in equal chunks
+  const int64_t most = std::max(kKC, kPackMaxBytes / per_row / kKC * kKC);
+  const int64_t n_chunks = (rows + most - 1) / most;
+  const int64_t kb_max = std::min(rows, (rows + n_chunks - 1) / n_chunks);
+  const int64_t kb_pad = (kb_max + kKC - 1) / kKC * kKC;  // whole blocks of kc rows
+  at::Tensor buf = workspace((nq * kNR + np * kMR) * kb_pad + 64, at::kFloat);
+  float* base = buf.data_ptr<float>();
+  float* J = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+  const std::vector<TriItem> items = triangle_items(d);
+  const in_t* xp = X.data_ptr<in_t>();
+  for (int64_t r0 = 0; r0 < rows; r0 += kb_max) {
+    const int64_t kb = std::min(kb_max, rows - r0);
+    float* I = J + nq * kNR * kb_pad;  // (a multiple of 16 floats: I stays 64-byte aligned)
+    float* sp = s.data_ptr<float>();
+    at::parallel_for(0, (d + kPackCols - 1) / kPackCols, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) pack_columns(xp, d, rows_ptr, r0, kb, J, I, sp, t);
+    });
+    // the items go to the threads largest first, from a shared counter
+    float* cp = C.data_ptr<float>();
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, std::max(1, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      for (size_t t = next++; t < items.size(); t = next++) triangle_item(cp, d, J, I, kb, items[t]);
+    });
+  }
+}
+#pragma GCC diagnostic pop
+#undef KN_AVX512
+#else
+#define KN_COV_AVX512 0
+#endif  // fp32 triangle in AVX-512
+
+bool cov_avx512_enabled() {
+#if KN_COV_AVX512
+  return cov_avx512_on().load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
 void check_args(const at::Tensor& C, const at::Tensor& s, const at::Tensor& n, const at::Tensor& X,
                 const c10::optional<at::Tensor>& mask) {
   const auto ct = C.scalar_type(), xt = X.scalar_type();
@@ -256,6 +489,17 @@ void cov_accumulate_(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Tens
     return;
   }
 
+#if KN_COV_AVX512
+  if (C.scalar_type() == at::kFloat && cov_avx512_enabled()) {
+    const int64_t* rows_ptr = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+    switch (X.scalar_type()) {
+      case at::kFloat: return cov_fp32_avx512<float>(C, s, X, rows_ptr, rows);
+      case at::kBFloat16: return cov_fp32_avx512<c10::BFloat16>(C, s, X, rows_ptr, rows);
+      case at::kHalf: return cov_fp32_avx512<c10::Half>(C, s, X, rows_ptr, rows);
+      default: break;  // (float64 X needs a float64 accumulator: refused above)
+    }
+  }
+#endif
   const int64_t esz = C.element_size();
   const int64_t chunk = std::min(rows, std::max(kMinChunkRows, kPackBytes / (d * esz) / 64 * 64));
   at::Tensor buf = workspace(d * chunk, C.scalar_type());
@@ -283,7 +527,19 @@ void cov_accumulate_op(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Te
 }
 }  // namespace
 
+bool cov_avx512(int64_t enable) {
+  TORCH_CHECK_VALUE(enable >= -1 && enable <= 1, "cov_avx512: enable must be -1 (ask), 0 (off) or 1 (on), got ",
+                    enable);
+#if KN_COV_AVX512
+  if (enable >= 0) cov_avx512_on().store(enable == 1 && cov_cpu_has_avx512());
+#endif
+  return cov_avx512_enabled();
+}
+
 TORCH_LIBRARY_FRAGMENT(kncore, m) {
+  // the fp32 AVX-512 triangle: -1 asks, 0 switches it off (the per-block
+  // gemms run), 1 on (where the CPU has AVX-512); returns whether it is used
+  m.def("cov_avx512(int enable=-1) -> bool", &cov_avx512);
   m.def(
       "cov_accumulate_(Tensor(a!) C, Tensor(b!) s, Tensor(c!) n, Tensor X, Tensor? mask=None, "
       "bool composite=False) -> ()");

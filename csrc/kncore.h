@@ -25,6 +25,8 @@ namespace kncore {
 // CUDA runs) on CPU, so tests can cover it on a machine without a GPU.
 void cov_accumulate_(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Tensor& X,
                      const c10::optional<at::Tensor>& mask, bool composite = false);
+// Whether cov_accumulate_ uses its fp32 AVX-512 triangle; enable: -1 asks, 0 off, 1 on.
+bool cov_avx512(int64_t enable);
 
 // The undo record of rank1_update_: (code, exc_idx, exc_val, row_idx, row_val, checksum).
 using Record = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

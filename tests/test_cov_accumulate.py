@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import logging
+import platform
+import sys
 
 import pytest
 import torch
@@ -50,7 +52,7 @@ def torch_error(C0, X, mask) -> float:
     low = X.dtype
     Xk = X if mask is None else X[mask]
     exact = C0.double() + Xk.double().T @ Xk.double()
-    got = C0.to(low).addmm_(Xk.to(low).T, Xk.to(low))
+    got = C0.to(low, copy=True).addmm_(Xk.to(low).T, Xk.to(low))  # (a copy: C0 may already be `low`)
     return rel(got, exact)
 
 
@@ -69,11 +71,33 @@ def check_against_fp64(C, s, n, C0, s0, n0, X, mask):
     assert int(n) == int(n0) + Xk.shape[0]
 
 
-@pytest.mark.parametrize("composite", [False, True], ids=["cpu-kernel", "generic-aten"])
+def cpu_has_avx512() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
+
+
+@pytest.fixture
+def blocks(ext):
+    """Switches the fp32 AVX-512 triangle off for the test (the per-block gemms run)."""
+    before = ext.cov_avx512()
+    ext.cov_avx512(0)
+    yield
+    ext.cov_avx512(1 if before else 0)
+
+
+@pytest.mark.parametrize("path", ["cpu-kernel", "cpu-blocks", "generic-aten"])
 @pytest.mark.parametrize("acc", ACC_DTYPES, ids=str)
 @pytest.mark.parametrize("xdtype", X_DTYPES, ids=str)
 @pytest.mark.parametrize("d", DIMS)
-def test_matches_fp64(ext, d, xdtype, acc, composite):
+def test_matches_fp64(request, ext, d, xdtype, acc, path):
+    if path == "cpu-blocks":  # the fp32 accumulator's other CPU path
+        if acc != torch.float32:
+            pytest.skip("only the fp32 accumulator has the AVX-512 triangle")
+        request.getfixturevalue("blocks")
+    composite = path == "generic-aten"
     rows = int(torch.randint(200, 700, ()))
     X = rand(rows, d, dtype=xdtype)
     mask = torch.rand(rows) > 0.3
@@ -82,6 +106,45 @@ def test_matches_fp64(ext, d, xdtype, acc, composite):
         C, s, n = C0.clone(), s0.clone(), n0.clone()
         ext.cov_accumulate_(C, s, n, X, m, composite)
         check_against_fp64(C, s, n, C0, s0, n0, X, m)
+
+
+def test_avx512_triangle_is_used_where_the_cpu_has_it(ext):
+    before = ext.cov_avx512()
+    try:
+        if sys.platform == "linux" and platform.machine() == "x86_64":
+            assert before == cpu_has_avx512()
+        assert ext.cov_avx512(0) is False and ext.cov_avx512() is False
+        assert ext.cov_avx512(1) == before
+        with pytest.raises(ValueError, match="enable must be"):
+            ext.cov_avx512(-2)
+    finally:
+        ext.cov_avx512(1 if before else 0)
+
+
+@pytest.mark.skipif(not cpu_has_avx512(), reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("xdtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("d", (12, 13, 32, 33, 95, 96, 97, 401))
+def test_avx512_triangle_matches_the_blocks(ext, d, xdtype):
+    # tails of the 12-row and 32-column tiles and of the 96-column copy tasks;
+    # rows around the 256-row kernel blocks; a mask that gathers rows
+    before = ext.cov_avx512()
+    try:
+        for rows in (1, 255, 257, 700):
+            X = rand(rows, d, dtype=xdtype)
+            mask = torch.rand(rows) > 0.3
+            for m in (None, mask):
+                out = {}
+                C0, s0, n0 = state(d, torch.float32)
+                for fast in (1, 0):
+                    assert ext.cov_avx512(fast) == bool(fast)
+                    C, s, n = C0.clone(), s0.clone(), n0.clone()
+                    ext.cov_accumulate_(C, s, n, X, m, False)
+                    check_against_fp64(C, s, n, C0, s0, n0, X, m)
+                    out[fast] = (C.tril(), s, n)
+                (Ca, sa, na), (Cb, sb, nb) = out[1], out[0]
+                assert rel(Ca, Cb) <= 1e-6 and rel(sa, sb) <= 1e-6 and int(na) == int(nb)
+    finally:
+        ext.cov_avx512(1 if before else 0)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -57,6 +57,15 @@ int main() {
     for (auto xt : {at::kFloat, at::kBFloat16, at::kHalf})
       for (auto acc : {at::kFloat, at::kDouble})
         for (bool composite : {false, true}) check_case(d, xt, acc, composite, /*masked=*/d % 2 == 1);
+  // the fp32 accumulator again with the per-block gemms, where the AVX-512 triangle ran above
+  const bool avx512 = kncore::cov_avx512(-1);
+  if (avx512) {
+    KN_CHECK(!kncore::cov_avx512(0));
+    for (int64_t d : {1, 7, 123, 300})
+      for (auto xt : {at::kFloat, at::kBFloat16, at::kHalf}) check_case(d, xt, at::kFloat, false, d % 2 == 1);
+    KN_CHECK(kncore::cov_avx512(1));
+  }
+  std::printf("fp32 AVX-512 triangle: %s\n", avx512 ? "tested, and the per-block gemms too" : "not on this CPU");
 
   // Empty batches and all-false masks leave the state alone.
   {
