@@ -18,7 +18,12 @@
 // * The tiles are dealt to the threads (largest first), each running its
 //   gemms on one core, in one parallel region (see triangle_parallel).
 // Measured with one thread (CPU time, so other load on the machine does not
-// count): 1.85x addmm_ at d = 3072, 1.89x at d = 6400.
+// count): 1.85x addmm_ at d = 3072, 1.89x at d = 6400. On a later CPU (Xeon
+// with AVX-512, where MKL's sgemm reaches ~97% of the FMA peak) the same code
+// ran at 1.64x at d = 3072; so an fp32 accumulator on a CPU with AVX-512 now
+// takes "the triangle in AVX-512" below (1.85-2.03x at d = 3072-16384,
+// bench/results/bench_cov_cpu-2core_ea64be6.md). The per-block gemms serve
+// fp64 accumulators and CPUs without AVX-512.
 //
 // On CUDA (or with composite=true) the same recursion runs on a transposed
 // view of X, letting cuBLAS read it strided; there is no TLB problem to fix.
@@ -207,9 +212,9 @@ void pack_dispatch(const at::Tensor& X, const int64_t* rows, int64_t r0, int64_t
 //   L2 (kJBlockBytes), streamed in the kernel's inner loop.
 // * Work items (a block of columns x a few I panels) go to the threads
 //   largest first from a shared counter, as in triangle_parallel.
-// Measured on that CPU (2 threads, d = 3072, 4096 rows; a standalone loop,
-// then the op): the kernel alone runs at ~200 GFLOP/s per core in L1 and
-// ~91% of that over the whole triangle.
+// Measured on that CPU (2 threads, d = 3072, 4096 rows): the kernel alone
+// runs at ~200 GFLOP/s per core on data in L1 (a standalone loop), the op's
+// tiles at ~92% of that over the whole triangle, and the copying takes ~5%.
 // rows x cols of the sums are the usual fp32 dot products with FMA, summed
 // in chunks of kc: error as a blocked gemm's (tests: within 2x torch's).
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
