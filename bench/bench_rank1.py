@@ -71,7 +71,7 @@ def case(m, n, dtype, scale, reps):
         "clone + addr_ (ROME's undo copy)": lambda: (W.clone(), W.addr_(u, v))[0],
         "kncore rank1_update_": lambda: rank1_update_(W, u.float(), v.float()),
     }
-    if dtype == torch.float32 and W.device.type == "cpu" and torch.ops.kncore.rank1_avx512():
+    if dtype == torch.float32 and W.device.type == "cpu" and _ext.load() and torch.ops.kncore.rank1_avx512():
         # the same op with its fp32 AVX-512 rows switched off: what a CPU without them runs
         sides["kncore rank1_update_ (portable rows)"] = lambda: portable(lambda: rank1_update_(W, u.float(), v.float()))
     # same numbers as torch's addr_, and an undo that gives back W's bytes
