@@ -109,3 +109,11 @@ def extra_mib(fn):
         return (torch.cuda.max_memory_allocated() - base) / 2**20, out
     out, _, extra = peak_rss(fn, interval=0.0001)
     return max(0, extra) / 2**20, out
+
+
+def switched_off(op: str, fn):
+    """fn() with the AVX-512 path of the kncore op `op` ("rank1", "cov") off: a bench
+    side for what a CPU without AVX-512 runs."""
+    from kncore import _ext
+    with _ext.avx512_off(op):
+        return fn()

@@ -45,7 +45,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from bench._common import commit, machine, write_atomic, run_once, extra_mib  # noqa: E402
+from bench._common import commit, machine, write_atomic, run_once, extra_mib, switched_off  # noqa: E402
 
 from kncore import _ext  # noqa: E402
 from kncore.ops.cov_accumulate import cov_accumulate_, cov_mirror  # noqa: E402
@@ -85,14 +85,6 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def per_block_gemms(f):
-    torch.ops.kncore.cov_avx512(0)
-    try:
-        return f()
-    finally:
-        torch.ops.kncore.cov_avx512(1)
-
-
 def case_fp32(d, rows, reps, check_fp64, tag="fp32"):
     X = torch.randn(rows, d, device=DEV) * 2 + 0.5
     C_t, C_r, C_o = (torch.zeros(d, d, device=DEV) for _ in range(3))
@@ -102,7 +94,7 @@ def case_fp32(d, rows, reps, check_fp64, tag="fp32"):
     if DEV == "cpu" and tag == "fp32" and _ext.load() and torch.ops.kncore.cov_avx512():
         # the same op with its AVX-512 triangle switched off: what a CPU without it runs
         C_b = torch.zeros(d, d, device=DEV)
-        fns[f"kncore cov_accumulate_ {tag} (per-block gemms)"] = lambda: per_block_gemms(lambda: cov_accumulate_(C_b, X))
+        fns[f"kncore cov_accumulate_ {tag} (per-block gemms)"] = lambda: switched_off("cov", lambda: cov_accumulate_(C_b, X))
     out = {}
 
     def check():  # each C holds exactly one accumulation now

@@ -33,7 +33,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from bench._common import commit, machine, write_atomic, run_once, extra_mib  # noqa: E402
+from bench._common import commit, machine, write_atomic, run_once, extra_mib, switched_off  # noqa: E402
 
 from kncore import _ext  # noqa: E402
 from kncore.ops.rank1_update import rank1_pool_release, rank1_update_  # noqa: E402
@@ -51,14 +51,6 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / min(ts) / 1e9
 
 
-def portable(f):
-    torch.ops.kncore.rank1_avx512(0)
-    try:
-        return f()
-    finally:
-        torch.ops.kncore.rank1_avx512(1)
-
-
 def case(m, n, dtype, scale, reps):
     W0 = (torch.randn(m, n, device=DEV) * 0.05).to(dtype)
     rms_w = W0.float().pow(2).mean().sqrt().item()
@@ -73,7 +65,7 @@ def case(m, n, dtype, scale, reps):
     }
     if dtype == torch.float32 and W.device.type == "cpu" and _ext.load() and torch.ops.kncore.rank1_avx512():
         # the same op with its fp32 AVX-512 rows switched off: what a CPU without them runs
-        sides["kncore rank1_update_ (portable rows)"] = lambda: portable(lambda: rank1_update_(W, u.float(), v.float()))
+        sides["kncore rank1_update_ (portable rows)"] = lambda: switched_off("rank1", lambda: rank1_update_(W, u.float(), v.float()))
     # same numbers as torch's addr_, and an undo that gives back W's bytes
     bits = torch.int16 if W.element_size() == 2 else torch.int32
     mine = W0.clone()

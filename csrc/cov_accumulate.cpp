@@ -231,16 +231,6 @@ constexpr int64_t kJBlockBytes = 1 << 20;  // J panels of a work item's columns:
 constexpr int64_t kItemPanels = 32;        // I panels per work item (8 and 16 measured alike)
 constexpr int64_t kPackMaxBytes = 8 << 20;  // both formats of one chunk of rows (16 MiB: alike)
 
-bool cov_cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
-}
-std::atomic<bool>& cov_avx512_on() {
-  static std::atomic<bool> on{cov_cpu_has_avx512()};
-  return on;
-}
-
 KN_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 KN_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {  // bf16 -> fp32 is a 16-bit shift
   const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
@@ -421,13 +411,11 @@ void cov_fp32_avx512(at::Tensor& C, at::Tensor& s, const at::Tensor& X, const in
 #define KN_COV_AVX512 0
 #endif  // fp32 triangle in AVX-512
 
-bool cov_avx512_enabled() {
-#if KN_COV_AVX512
-  return cov_avx512_on().load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
+Avx512Switch& avx512_triangle() {
+  static Avx512Switch on;
+  return on;
 }
+bool cov_avx512_enabled() { return KN_COV_AVX512 && avx512_triangle().on(); }
 
 void check_args(const at::Tensor& C, const at::Tensor& s, const at::Tensor& n, const at::Tensor& X,
                 const c10::optional<at::Tensor>& mask) {
@@ -534,14 +522,7 @@ void cov_accumulate_op(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Te
 }
 }  // namespace
 
-bool cov_avx512(int64_t enable) {
-  TORCH_CHECK_VALUE(enable >= -1 && enable <= 1, "cov_avx512: enable must be -1 (ask), 0 (off) or 1 (on), got ",
-                    enable);
-#if KN_COV_AVX512
-  if (enable >= 0) cov_avx512_on().store(enable == 1 && cov_cpu_has_avx512());
-#endif
-  return cov_avx512_enabled();
-}
+bool cov_avx512(int64_t enable) { return avx512_triangle().set(enable, "cov_avx512") && KN_COV_AVX512; }
 
 TORCH_LIBRARY_FRAGMENT(kncore, m) {
   // the fp32 AVX-512 triangle: -1 asks, 0 switches it off (the per-block

@@ -9,9 +9,38 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <tuple>
 
 namespace kncore {
+
+// Whether this CPU (and its OS) runs AVX-512F/BW/VL code.
+inline bool cpu_has_avx512() {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+// The on/off switch of an op's AVX-512 path: on where the CPU has AVX-512;
+// tests and benches switch it off to run (and time) the portable path.
+class Avx512Switch {
+ public:
+  bool on() const { return on_.load(std::memory_order_relaxed); }
+  // enable: -1 asks, 0 switches off, 1 on (where the CPU has AVX-512); returns on().
+  bool set(int64_t enable, const char* op) {
+    TORCH_CHECK_VALUE(enable >= -1 && enable <= 1, op, ": enable must be -1 (ask), 0 (off) or 1 (on), got ",
+                      enable);
+    if (enable >= 0) on_.store(enable == 1 && cpu_has_avx512(), std::memory_order_relaxed);
+    return on();
+  }
+
+ private:
+  std::atomic<bool> on_{cpu_has_avx512()};
+};
 
 // C += X^T X over the rows of X that `mask` keeps (all rows when undefined),
 // s += column sums of those rows, n += their number.

@@ -53,7 +53,6 @@
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
 #define KN_AVX512_ROWS 1
 #include <immintrin.h>
-#include <atomic>
 #else
 #define KN_AVX512_ROWS 0
 #endif
@@ -358,16 +357,6 @@ KN_ROW_KERNELS(F16)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
-}
-std::atomic<bool>& avx512_rows_on() {
-  static std::atomic<bool> on{cpu_has_avx512()};
-  return on;
-}
-
 // The lanes of `lanes` go to the arena with their original bits from `o`.
 KN_AVX512 inline void record_lanes(uint32_t lanes, __m512i o, int64_t flat, Arena& arena) {
   alignas(64) uint32_t ob[16];
@@ -447,13 +436,11 @@ KN_AVX512 uint32_t update_row_dense_f32_avx512(uint32_t* w, int64_t n, float au_
 #undef KN_AVX512
 #endif  // KN_AVX512_ROWS
 
-bool avx512_rows_enabled() {
-#if KN_AVX512_ROWS
-  return avx512_rows_on().load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
+Avx512Switch& avx512_rows() {
+  static Avx512Switch on;
+  return on;
 }
+bool avx512_rows_enabled() { return KN_AVX512_ROWS && avx512_rows().on(); }
 
 // One row of the update: code == nullptr for the sparse form.
 template <class T>
@@ -858,14 +845,7 @@ void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double
 
 int64_t rank1_pool_release() { return RecordPool::get().release(); }
 
-bool rank1_avx512(int64_t enable) {
-  TORCH_CHECK_VALUE(enable >= -1 && enable <= 1, "rank1_avx512: enable must be -1 (ask), 0 (off) or 1 (on), got ",
-                    enable);
-#if KN_AVX512_ROWS
-  if (enable >= 0) avx512_rows_on().store(enable == 1 && cpu_has_avx512());
-#endif
-  return avx512_rows_enabled();
-}
+bool rank1_avx512(int64_t enable) { return avx512_rows().set(enable, "rank1_avx512") && KN_AVX512_ROWS; }
 int64_t rank1_pool_held() { return RecordPool::get().held(); }
 
 namespace {

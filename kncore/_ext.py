@@ -11,10 +11,13 @@ error at first use.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
 from typing import Callable
+
+import torch
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None}
@@ -104,3 +107,17 @@ def fallback(op: str, reasons: list[str]) -> None:
     level = logging.DEBUG if key in _logged else logging.WARNING
     _logged.add(key)
     log.log(level, "%s: using the plain PyTorch reference (slower): %s", op, "; ".join(reasons))
+
+
+@contextlib.contextmanager
+def avx512_off(op: str):
+    """Runs the block with the AVX-512 path of ``op`` ("rank1" or "cov") switched
+    off, so the portable path runs (tests compare the two, benches time both)."""
+    load()
+    switch = getattr(torch.ops.kncore, f"{op}_avx512")
+    before = switch()
+    switch(0)
+    try:
+        yield
+    finally:
+        switch(1 if before else 0)

@@ -82,3 +82,12 @@ def tiny_lm(arch: str, *, seed: int = 0, dtype=None, **kw) -> LM:
     if dtype is not None:
         model = model.to(dtype)
     return LM(model, tiny_tokenizer(mlm=(arch == "bert")), name=f"tiny-{arch}")
+
+
+def cpu_has_avx512() -> bool:
+    """Whether /proc/cpuinfo lists AVX-512F/BW/VL (the ops' AVX-512 paths need all three)."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kncore import _ext
+from kncore.testing import cpu_has_avx512
 from kncore.ops import cov_accumulate as mod
 from kncore.ops.cov_accumulate import CovAccumulator, cov_accumulate_, cov_accumulate_ref, cov_mirror
 
@@ -71,21 +72,11 @@ def check_against_fp64(C, s, n, C0, s0, n0, X, mask):
     assert int(n) == int(n0) + Xk.shape[0]
 
 
-def cpu_has_avx512() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
-
-
 @pytest.fixture
 def blocks(ext):
     """Switches the fp32 AVX-512 triangle off for the test (the per-block gemms run)."""
-    before = ext.cov_avx512()
-    ext.cov_avx512(0)
-    yield
-    ext.cov_avx512(1 if before else 0)
+    with _ext.avx512_off("cov"):
+        yield
 
 
 @pytest.mark.parametrize("path", ["cpu-kernel", "cpu-blocks", "generic-aten"])
@@ -127,24 +118,24 @@ def test_avx512_triangle_is_used_where_the_cpu_has_it(ext):
 def test_avx512_triangle_matches_the_blocks(ext, d, xdtype):
     # tails of the 12-row and 32-column tiles and of the 96-column copy tasks;
     # rows around the 256-row kernel blocks; a mask that gathers rows
-    before = ext.cov_avx512()
-    try:
-        for rows in (1, 255, 257, 700):
-            X = rand(rows, d, dtype=xdtype)
-            mask = torch.rand(rows) > 0.3
-            for m in (None, mask):
-                out = {}
-                C0, s0, n0 = state(d, torch.float32)
-                for fast in (1, 0):
-                    assert ext.cov_avx512(fast) == bool(fast)
-                    C, s, n = C0.clone(), s0.clone(), n0.clone()
-                    ext.cov_accumulate_(C, s, n, X, m, False)
-                    check_against_fp64(C, s, n, C0, s0, n0, X, m)
-                    out[fast] = (C.tril(), s, n)
-                (Ca, sa, na), (Cb, sb, nb) = out[1], out[0]
-                assert rel(Ca, Cb) <= 1e-6 and rel(sa, sb) <= 1e-6 and int(na) == int(nb)
-    finally:
-        ext.cov_avx512(1 if before else 0)
+    for rows in (1, 255, 257, 700):
+        X = rand(rows, d, dtype=xdtype)
+        mask = torch.rand(rows) > 0.3
+        for m in (None, mask):
+            C0, s0, n0 = state(d, torch.float32)
+
+            def run():
+                C, s, n = C0.clone(), s0.clone(), n0.clone()
+                ext.cov_accumulate_(C, s, n, X, m, False)
+                check_against_fp64(C, s, n, C0, s0, n0, X, m)
+                return C.tril(), s, n
+
+            assert ext.cov_avx512()
+            Ca, sa, na = run()
+            with _ext.avx512_off("cov"):
+                assert not ext.cov_avx512()
+                Cb, sb, nb = run()
+            assert rel(Ca, Cb) <= 1e-6 and rel(sa, sb) <= 1e-6 and int(na) == int(nb)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kncore import _ext
+from kncore.testing import cpu_has_avx512
 from kncore.ops import rank1_update as mod
 from kncore.ops.rank1_update import Rank1Undo, rank1_checksum_ref, rank1_undo_, rank1_update_, rank1_update_ref
 
@@ -203,21 +204,11 @@ def test_record_form_for_rome_sized_edits(ext, dtype):
     assert same_bytes(W, W0)
 
 
-def cpu_has_avx512() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
-
-
 @pytest.fixture
 def portable(ext):
     """Switches the fp32 AVX-512 rows off for the test (the portable loops run)."""
-    before = ext.rank1_avx512()
-    ext.rank1_avx512(0)
-    yield
-    ext.rank1_avx512(1 if before else 0)
+    with _ext.avx512_off("rank1"):
+        yield
 
 
 def test_avx512_rows_are_used_where_the_cpu_has_them(ext):
@@ -244,16 +235,12 @@ def test_avx512_rows_give_the_portable_records(ext, n, scale, k):
     m = 48
     W0 = weight(m, n, torch.float32)
     U, V = torch.randn(m, k) * scale ** 0.5, torch.randn(n, k) * (0.05 * scale) ** 0.5
-    out = {}
-    before = ext.rank1_avx512()
-    try:
-        for fast in (1, 0):
-            assert ext.rank1_avx512(fast) == bool(fast)
-            W = W0.clone()
-            out[fast] = (W, ext.rank1_update_(W, U, V, 0.7))
-    finally:
-        ext.rank1_avx512(1 if before else 0)
-    (Wa, ra), (Wp, rp) = out[1], out[0]
+    Wa, Wp = W0.clone(), W0.clone()
+    assert ext.rank1_avx512()
+    ra = ext.rank1_update_(Wa, U, V, 0.7)
+    with _ext.avx512_off("rank1"):
+        assert not ext.rank1_avx512()
+        rp = ext.rank1_update_(Wp, U, V, 0.7)
     assert same_bytes(Wa, Wp)
     assert (ra[0].numel() > 0) == (scale > 1e-3)  # the form the scale aims at
     for a, p in zip(ra, rp):
