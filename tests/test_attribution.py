@@ -13,7 +13,7 @@ import torch
 
 import kncore
 from kncore import InputError, Patch
-from kncore.attribution import (SCHEMES, Attribution, attribute, attribute_ref, build_items, expand_steps,
+from kncore.attribution import (SCHEMES, Attribution, attribute, attribute_ref, expand_steps,
                                 reduce_steps, scheme_points)
 from kncore.models.base import get_module
 from kncore.testing import tiny_lm

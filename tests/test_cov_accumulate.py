@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import platform
-import sys
 
 import pytest
 import torch
@@ -97,19 +95,6 @@ def test_matches_fp64(request, ext, d, xdtype, acc, path):
         C, s, n = C0.clone(), s0.clone(), n0.clone()
         ext.cov_accumulate_(C, s, n, X, m, composite)
         check_against_fp64(C, s, n, C0, s0, n0, X, m)
-
-
-def test_avx512_triangle_is_used_where_the_cpu_has_it(ext):
-    before = ext.cov_avx512()
-    try:
-        if sys.platform == "linux" and platform.machine() == "x86_64":
-            assert before == cpu_has_avx512()
-        assert ext.cov_avx512(0) is False and ext.cov_avx512() is False
-        assert ext.cov_avx512(1) == before
-        with pytest.raises(ValueError, match="enable must be"):
-            ext.cov_avx512(-2)
-    finally:
-        ext.cov_avx512(1 if before else 0)
 
 
 @pytest.mark.skipif(not cpu_has_avx512(), reason="the CPU has no AVX-512")

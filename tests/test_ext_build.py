@@ -6,6 +6,7 @@ The ctest run builds csrc/ against this environment's libtorch in build/ctest
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from kncore import _ext
+from kncore.testing import cpu_has_avx512
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +34,27 @@ def test_extension_loads_and_registers_ops():
     import kncore._C
 
     assert Path(kncore._C.__file__).resolve().parent == ROOT / "kncore"
+
+
+@pytest.mark.parametrize("op", ["rank1", "cov"])
+def test_avx512_paths_are_used_where_the_cpu_has_them(op):
+    # rank1_update_'s fp32 rows and cov_accumulate_'s fp32 triangle: on by
+    # default exactly where the CPU has AVX-512F/BW/VL; tests switch them off
+    if not _ext.load():
+        pytest.skip(f"kncore._C not built: {_ext.load_error()}")
+    switch = getattr(torch.ops.kncore, f"{op}_avx512")
+    before = switch()
+    try:
+        if sys.platform == "linux" and platform.machine() == "x86_64":
+            assert before == cpu_has_avx512()
+        with _ext.avx512_off(op):
+            assert switch() is False
+        assert switch() == before
+        assert switch(0) is False and switch(1) == before
+        with pytest.raises(ValueError, match="enable must be"):
+            switch(2)
+    finally:
+        switch(1 if before else 0)
 
 
 def test_require_ext_names_the_cause(monkeypatch):

@@ -7,8 +7,6 @@ including -0.0, NaN, inf and elements whose low bits the addition destroys.
 from __future__ import annotations
 
 import logging
-import platform
-import sys
 
 import pytest
 import torch
@@ -209,19 +207,6 @@ def portable(ext):
     """Switches the fp32 AVX-512 rows off for the test (the portable loops run)."""
     with _ext.avx512_off("rank1"):
         yield
-
-
-def test_avx512_rows_are_used_where_the_cpu_has_them(ext):
-    before = ext.rank1_avx512()
-    try:
-        if sys.platform == "linux" and platform.machine() == "x86_64":
-            assert before == cpu_has_avx512()
-        assert ext.rank1_avx512(0) is False and ext.rank1_avx512() is False
-        assert ext.rank1_avx512(1) == before
-        with pytest.raises(ValueError, match="enable must be"):
-            ext.rank1_avx512(2)
-    finally:
-        ext.rank1_avx512(1 if before else 0)
 
 
 @pytest.mark.skipif(not cpu_has_avx512(), reason="the CPU has no AVX-512")

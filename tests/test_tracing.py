@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import kncore
 from kncore import InputError
 from kncore.testing import _WORDS, tiny_lm
-from kncore.tracing import (GROUPS, TraceResult, average_indirect_effect, embedding_std, load_corpus, trace,
+from kncore.tracing import (TraceResult, average_indirect_effect, embedding_std, trace,
                             trace_corpus, trace_ref, window_layers)
 from kncore.tracing import core
 from kncore.tracing import corpus as corpus_mod
