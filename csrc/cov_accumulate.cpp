@@ -228,7 +228,7 @@ constexpr int64_t kMR = 12;                // rows of a tile (broadcast operand)
 constexpr int64_t kNR = 32;                // columns of a tile (two zmm)
 constexpr int64_t kKC = 256;               // rows of X per kernel call (192 and 384 measured alike)
 constexpr int64_t kJBlockBytes = 1 << 20;  // J panels of a work item's columns: L2
-constexpr int64_t kItemPanels = 32;        // I panels per work item (8 and 16 measured alike)
+constexpr int64_t kItemPanels = 8;         // I panels per work item (16 and 32 measured alike at d = 3072)
 constexpr int64_t kPackMaxBytes = 8 << 20;  // both formats of one chunk of rows (16 MiB: alike)
 
 KN_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
