@@ -299,10 +299,13 @@ KN_AVX512 inline void tile_12x32(int64_t kc, const float* A, const float* B, flo
     _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc + 16), _MM_HINT_T0);
   }
+  // B's rows 32 ahead (past the panel's end: the next panel, which follows it);
+  // an address, not a pointer, as it may lie past the buffer (prefetches never fault)
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(B) + 32 * kNR * sizeof(float);
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_load_ps(B + k * kNR), b1 = _mm512_load_ps(B + k * kNR + 16);
-    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 32) * kNR), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 32) * kNR + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + k * kNR * sizeof(float)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + k * kNR * sizeof(float) + 64), _MM_HINT_T0);
 #pragma GCC unroll 12
     for (int r = 0; r < kMR; ++r) {
       const __m512 a = _mm512_set1_ps(A[k * kMR + r]);
