@@ -53,6 +53,9 @@ def info() -> dict:
             "error": None if built else _ext.load_error(),
             "build_info": _ext.build_info() if built else None,
             "required": _ext.required(),
+            # the ops' fp32 AVX-512 paths, on where this CPU has AVX-512
+            "avx512": {op: bool(getattr(torch.ops.kncore, f"{op}_avx512")()) for op in ("cov", "rank1")}
+            if built else None,
         },
         "triton_mode": mode,
         "triton_mode_reason": why,
@@ -65,8 +68,11 @@ def _format(d: dict) -> str:
     ext = d["extension"]
     if ext["built"]:
         b = ext["build_info"]
+        avx = ext["avx512"]
         ext_line = (f"built (torch {b['torch']}, OpenMP {'on' if b['openmp'] else 'off'}, "
-                    f"CUDA sources {'yes' if b['cuda_sources'] else 'no'}, compiler {b['compiler']})")
+                    f"CUDA sources {'yes' if b['cuda_sources'] else 'no'}, compiler {b['compiler']}); "
+                    f"AVX-512 paths: cov_accumulate_ {'on' if avx['cov'] else 'off'}, "
+                    f"rank1_update_ {'on' if avx['rank1'] else 'off'}")
     else:
         ext_line = f"NOT built: {ext['error']}"
     cuda = d["cuda"]

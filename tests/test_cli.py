@@ -126,6 +126,9 @@ def test_info_and_demo_slots(capsys):
             assert main([cmd, "--json"]) == 0
             got = json.loads(capsys.readouterr().out)
             assert got["torch"] == torch.__version__ and got["kncore"] == kncore.__version__
+            if got["extension"]["built"]:  # which fp32 AVX-512 paths the C++ ops take here
+                assert set(got["extension"]["avx512"]) == {"cov", "rank1"}
+                assert got["extension"]["avx512"]["cov"] == torch.ops.kncore.cov_avx512()
 
 
 # -- commands against their backends ---------------------------------------------------------------
