@@ -204,9 +204,10 @@ void pack_dispatch(const at::Tensor& X, const int64_t* rows, int64_t r0, int64_t
 // the diagonal compute some upper elements (unspecified, as above).
 // * X is packed in chunks of rows (kPackMaxBytes, in blocks of kc rows),
 //   twice: J panels [kc][32] (32 columns of each row, the vector operand)
-//   and I panels [kc][12] (12 columns, the broadcast operand). Rows of row-major X are copied, not transposed; bf16
-//   and fp16 are widened and masked rows gathered in the same pass, which
-//   also adds the column sums to s.
+//   and I panels [kc][12] (12 columns, the broadcast operand). Rows of
+//   row-major X are copied, not transposed; bf16 and fp16 are widened and
+//   masked rows gathered in the same pass, which also adds the column sums
+//   to s.
 // * A tile keeps its 12 x 32 sums in 24 zmm registers over kc rows, then adds
 //   them to C. The I panel stays in L1, the J panels of a block of columns in
 //   L2 (kJBlockBytes), streamed in the kernel's inner loop.
@@ -239,7 +240,10 @@ KN_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {  // bf16 -
 KN_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
+// The first n of 16 lanes.
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
 
 // Packs rows r0..r0+kb of X (through `rows` when masked), columns 96t to
 // 96t+95 (3 J panels, 8 I panels), into J and I, zero past column d, and adds

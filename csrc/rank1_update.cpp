@@ -49,7 +49,7 @@
 #include <emmintrin.h>
 #endif
 // Hand-written AVX-512 rows for fp32 (below, "fp32 rows in AVX-512"): GCC or
-// clang on x86-64, picked at run time when the CPU has AVX-512F/BW.
+// clang on x86-64, picked at run time when the CPU has AVX-512F/BW/VL.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
 #define KN_AVX512_ROWS 1
 #include <immintrin.h>
@@ -345,7 +345,8 @@ KN_ROW_KERNELS(F16)
 // so a miss is recorded from the register that still holds the original, and
 // 64 codes are packed with two saturating packs and one permute. Measured on
 // the 2-core CPU (4096 x 11008, standalone loop): dense form 12.9 -> 11.4 ms,
-// sparse form at 0.1% misses 9.6 ms, against 8.3 ms for a bare update. The
+// sparse form at 0.1% misses 9.6 ms, against 8.3 ms for a bare update; the op
+// 1.32-1.46x -> 1.24-1.37x a bare addr_ (bench/results/bench_rank1_*_b9838a4.md). The
 // arithmetic is the same IEEE mul, add and sub, unfused, so the records equal
 // the portable loops' (tests/test_rank1_update.py runs both) and the portable
 // undo restores them. rank1_avx512(0) switches them off (tests, comparisons).
@@ -844,9 +845,8 @@ void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double
 }
 
 int64_t rank1_pool_release() { return RecordPool::get().release(); }
-
-bool rank1_avx512(int64_t enable) { return avx512_rows().set(enable, "rank1_avx512") && KN_AVX512_ROWS; }
 int64_t rank1_pool_held() { return RecordPool::get().held(); }
+bool rank1_avx512(int64_t enable) { return avx512_rows().set(enable, "rank1_avx512") && KN_AVX512_ROWS; }
 
 namespace {
 Record update_op(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite) {
