@@ -220,10 +220,12 @@ void pack_dispatch(const at::Tensor& X, const int64_t* rows, int64_t r0, int64_t
 // in chunks of kc: error as a blocked gemm's (tests: within 2x torch's).
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
 #define KN_COV_AVX512 1
-#define KN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define KN_AVX512 KN_AVX512_TARGET
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // (a GCC-only group)
+#endif
 
 constexpr int64_t kMR = 12;                // rows of a tile (broadcast operand)
 constexpr int64_t kNR = 32;                // columns of a tile (two zmm)

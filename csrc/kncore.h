@@ -14,6 +14,14 @@
 
 namespace kncore {
 
+// The target attribute of the AVX-512 code paths (clang 18+ wants evex512
+// named as well for 512-bit vectors; GCC implies it).
+#if defined(__clang__) && __clang_major__ >= 18
+#define KN_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,evex512")))
+#else
+#define KN_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+#endif
+
 // Whether this CPU (and its OS) runs AVX-512F/BW/VL code.
 inline bool cpu_has_avx512() {
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)

@@ -351,12 +351,14 @@ KN_ROW_KERNELS(F16)
 // the portable loops' (tests/test_rank1_update.py runs both) and the portable
 // undo restores them. rank1_avx512(0) switches them off (tests, comparisons).
 #if KN_AVX512_ROWS
-#define KN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define KN_AVX512 KN_AVX512_TARGET
 // GCC 12's headers initialise "undefined" vectors from themselves (permutexvar,
 // reduce_add): false -Wuninitialized warnings where they are inlined.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // (a GCC-only group)
+#endif
 
 // The lanes of `lanes` go to the arena with their original bits from `o`.
 KN_AVX512 inline void record_lanes(uint32_t lanes, __m512i o, int64_t flat, Arena& arena) {
