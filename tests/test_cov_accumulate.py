@@ -77,14 +77,17 @@ def blocks(ext):
         yield
 
 
-@pytest.mark.parametrize("path", ["cpu-kernel", "cpu-blocks", "generic-aten"])
-@pytest.mark.parametrize("acc", ACC_DTYPES, ids=str)
+# every accumulator on the CPU kernel and the generic ATen path; the fp32
+# accumulator also with its AVX-512 triangle off (the per-block gemms)
+PATHS = [(acc, path) for acc in ACC_DTYPES for path in ("cpu-kernel", "generic-aten")] + \
+    [(torch.float32, "cpu-blocks")]
+
+
+@pytest.mark.parametrize("acc,path", PATHS, ids=[f"{a}-{p}" for a, p in PATHS])
 @pytest.mark.parametrize("xdtype", X_DTYPES, ids=str)
 @pytest.mark.parametrize("d", DIMS)
 def test_matches_fp64(request, ext, d, xdtype, acc, path):
-    if path == "cpu-blocks":  # the fp32 accumulator's other CPU path
-        if acc != torch.float32:
-            pytest.skip("only the fp32 accumulator has the AVX-512 triangle")
+    if path == "cpu-blocks":
         request.getfixturevalue("blocks")
     composite = path == "generic-aten"
     rows = int(torch.randint(200, 700, ()))
