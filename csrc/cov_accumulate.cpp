@@ -218,14 +218,8 @@ void pack_dispatch(const at::Tensor& X, const int64_t* rows, int64_t r0, int64_t
 // tiles at ~92% of that over the whole triangle, and the copying takes ~5%.
 // rows x cols of the sums are the usual fp32 dot products with FMA, summed
 // in chunks of kc: error as a blocked gemm's (tests: within 2x torch's).
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
-#define KN_COV_AVX512 1
-#define KN_AVX512 KN_AVX512_TARGET
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#if !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // (a GCC-only group)
-#endif
+#if KN_AVX512_CODE
+KN_AVX512_WARNINGS_OFF
 
 constexpr int64_t kMR = 12;                // rows of a tile (broadcast operand)
 constexpr int64_t kNR = 32;                // columns of a tile (two zmm)
@@ -234,14 +228,18 @@ constexpr int64_t kJBlockBytes = 1 << 20;  // J panels of a work item's columns:
 constexpr int64_t kItemPanels = 8;         // I panels per work item (16 and 32 measured alike at d = 3072)
 constexpr int64_t kPackMaxBytes = 8 << 20;  // both formats of one chunk of rows (16 MiB: alike)
 
-KN_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-KN_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {  // bf16 -> fp32 is a 16-bit shift
+KN_AVX512_TARGET inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+KN_AVX512_TARGET inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {  // bf16 -> fp32 is a 16-bit shift
   const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
 }
-KN_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
+KN_AVX512_TARGET inline __m512 load16(const c10::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
+// Panels of a [d, d] triangle: J panels of kNR columns, I panels of kMR rows.
+inline int64_t j_panels(int64_t d) { return (d + kNR - 1) / kNR; }
+inline int64_t i_panels(int64_t d) { return (d + kMR - 1) / kMR; }
+
 // The first n of 16 lanes.
 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
@@ -259,11 +257,12 @@ inline __mmask16 lanes(int64_t n) {
 // went from 1.83-1.84x addmm_ to 1.86-1.89x, medians of 9 interleaved pairs).
 constexpr int64_t kPackCols = 96;  // a multiple of kNR and kMR
 template <typename in_t>
-KN_AVX512 void pack_columns(const in_t* X, int64_t d, const int64_t* rows, int64_t r0, int64_t kb, float* J,
-                            float* I, float* s, int64_t t) {
+KN_AVX512_TARGET void pack_columns(const in_t* X, int64_t d, const int64_t* rows, int64_t r0, int64_t kb,
+                                   float* J, float* I, float* s, int64_t t) {
   constexpr int64_t kQ = kPackCols / kNR, kP = kPackCols / kMR;
-  const int64_t nq = (d + kNR - 1) / kNR, np = (d + kMR - 1) / kMR;
+  const int64_t nq = j_panels(d), np = i_panels(d);
   const int64_t c0 = t * kPackCols;
+  auto row = [=](int64_t k) { return X + (rows ? rows[r0 + k] : r0 + k) * d + c0; };  // columns c0.. of row k
   __mmask16 mj[2 * kQ], mi[kP];
   for (int64_t v = 0; v < 2 * kQ; ++v) mj[v] = lanes(d - c0 - 16 * v);
   for (int64_t v = 0; v < kP; ++v) mi[v] = lanes(std::min(kMR, d - c0 - kMR * v));
@@ -272,9 +271,9 @@ KN_AVX512 void pack_columns(const in_t* X, int64_t d, const int64_t* rows, int64
   for (int64_t v = 0; v < 2 * kQ; ++v) sum[v] = _mm512_setzero_ps();
   constexpr int64_t kAhead = 8;  // rows: their lines are fetched while this one is copied
   for (int64_t k = 0; k < kb; ++k) {
-    const in_t* src = X + (rows ? rows[r0 + k] : r0 + k) * d + c0;
+    const in_t* src = row(k);
     if (k + kAhead < kb) {
-      const char* next = reinterpret_cast<const char*>(X + (rows ? rows[r0 + k + kAhead] : r0 + k + kAhead) * d + c0);
+      const char* next = reinterpret_cast<const char*>(row(k + kAhead));
       const int64_t bytes = std::min(kPackCols, d - c0) * int64_t(sizeof(in_t));
       for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
@@ -297,8 +296,8 @@ KN_AVX512 void pack_columns(const in_t* X, int64_t d, const int64_t* rows, int64
 
 // C[0:rows, 0:32] += sum_k A[k][0:12]^T B[k][0:32] (A: an I panel, B: a J panel).
 template <bool kFull>
-KN_AVX512 inline void tile_12x32(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int64_t rows,
-                                 __mmask16 m0, __mmask16 m1) {
+KN_AVX512_TARGET inline void tile_12x32(int64_t kc, const float* A, const float* B, float* C, int64_t ldc,
+                                        int64_t rows, __mmask16 m0, __mmask16 m1) {
   __m512 c0[kMR], c1[kMR];
   for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {  // C's lines arrive while the sums are made
@@ -342,7 +341,7 @@ struct TriItem {  // I panels p0..p1 against the J panels q0..q1 (those at or le
 };
 
 std::vector<TriItem> triangle_items(int64_t d) {
-  const int64_t nq = (d + kNR - 1) / kNR, np = (d + kMR - 1) / kMR;
+  const int64_t nq = j_panels(d), np = i_panels(d);
   const int64_t qb = std::max<int64_t>(1, kJBlockBytes / (kKC * kNR * int64_t(sizeof(float))));
   std::vector<TriItem> items;
   for (int64_t q0 = 0; q0 < nq; q0 += qb) {
@@ -360,8 +359,9 @@ std::vector<TriItem> triangle_items(int64_t d) {
   return items;
 }
 
-KN_AVX512 void triangle_item(float* C, int64_t d, const float* J, const float* I, int64_t kb, const TriItem& it) {
-  const int64_t nq = (d + kNR - 1) / kNR, np = (d + kMR - 1) / kMR;
+KN_AVX512_TARGET void triangle_item(float* C, int64_t d, const float* J, const float* I, int64_t kb,
+                                    const TriItem& it) {
+  const int64_t nq = j_panels(d), np = i_panels(d);
   for (int64_t k0 = 0; k0 < kb; k0 += kKC) {
     const int64_t kc = std::min(kKC, kb - k0);
     const float* Jk = J + (k0 / kKC) * nq * kKC * kNR;
@@ -387,7 +387,7 @@ KN_AVX512 void triangle_item(float* C, int64_t d, const float* J, const float* I
 template <typename in_t>
 void cov_fp32_avx512(at::Tensor& C, at::Tensor& s, const at::Tensor& X, const int64_t* rows_ptr, int64_t rows) {
   const int64_t d = C.size(0);
-  const int64_t nq = (d + kNR - 1) / kNR, np = (d + kMR - 1) / kMR;
+  const int64_t nq = j_panels(d), np = i_panels(d);
   const int64_t per_row = (nq * kNR + np * kMR) * int64_t(sizeof(float));
   // rows per chunk: a multiple of kc, as many as kPackMaxBytes holds (at least kc), in equal chunks
   const int64_t most = std::max(kKC, kPackMaxBytes / per_row / kKC * kKC);
@@ -397,34 +397,30 @@ void cov_fp32_avx512(at::Tensor& C, at::Tensor& s, const at::Tensor& X, const in
   at::Tensor buf = workspace((nq * kNR + np * kMR) * kb_pad + 64, at::kFloat);
   float* base = buf.data_ptr<float>();
   float* J = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+  float* I = J + nq * kNR * kb_pad;  // (a multiple of 16 floats: I stays 64-byte aligned)
   const std::vector<TriItem> items = triangle_items(d);
   const in_t* xp = X.data_ptr<in_t>();
+  float* sp = s.data_ptr<float>();
+  float* cp = C.data_ptr<float>();
   for (int64_t r0 = 0; r0 < rows; r0 += kb_max) {
     const int64_t kb = std::min(kb_max, rows - r0);
-    float* I = J + nq * kNR * kb_pad;  // (a multiple of 16 floats: I stays 64-byte aligned)
-    float* sp = s.data_ptr<float>();
     at::parallel_for(0, (d + kPackCols - 1) / kPackCols, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) pack_columns(xp, d, rows_ptr, r0, kb, J, I, sp, t);
     });
     // the items go to the threads largest first, from a shared counter
-    float* cp = C.data_ptr<float>();
     std::atomic<size_t> next{0};
     at::parallel_for(0, std::max(1, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       for (size_t t = next++; t < items.size(); t = next++) triangle_item(cp, d, J, I, kb, items[t]);
     });
   }
 }
-#pragma GCC diagnostic pop
-#undef KN_AVX512
-#else
-#define KN_COV_AVX512 0
+KN_AVX512_WARNINGS_ON
 #endif  // fp32 triangle in AVX-512
 
 Avx512Switch& avx512_triangle() {
   static Avx512Switch on;
   return on;
 }
-bool cov_avx512_enabled() { return KN_COV_AVX512 && avx512_triangle().on(); }
 
 void check_args(const at::Tensor& C, const at::Tensor& s, const at::Tensor& n, const at::Tensor& X,
                 const c10::optional<at::Tensor>& mask) {
@@ -493,8 +489,8 @@ void cov_accumulate_(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Tens
     return;
   }
 
-#if KN_COV_AVX512
-  if (C.scalar_type() == at::kFloat && cov_avx512_enabled()) {
+#if KN_AVX512_CODE
+  if (C.scalar_type() == at::kFloat && avx512_triangle().on()) {
     const int64_t* rows_ptr = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
     switch (X.scalar_type()) {
       case at::kFloat: return cov_fp32_avx512<float>(C, s, X, rows_ptr, rows);
@@ -531,7 +527,7 @@ void cov_accumulate_op(at::Tensor& C, at::Tensor& s, at::Tensor& n, const at::Te
 }
 }  // namespace
 
-bool cov_avx512(int64_t enable) { return avx512_triangle().set(enable, "cov_avx512") && KN_COV_AVX512; }
+bool cov_avx512(int64_t enable) { return avx512_triangle().set(enable, "cov_avx512"); }
 
 TORCH_LIBRARY_FRAGMENT(kncore, m) {
   // the fp32 AVX-512 triangle: -1 asks, 0 switches it off (the per-block

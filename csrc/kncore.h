@@ -14,17 +14,36 @@
 
 namespace kncore {
 
-// The target attribute of the AVX-512 code paths (clang 18+ wants evex512
-// named as well for 512-bit vectors; GCC implies it).
+// AVX-512 code paths (csrc/cov_accumulate.cpp, csrc/rank1_update.cpp): built by
+// GCC or clang on x86-64 (not by nvcc), each function marked KN_AVX512_TARGET,
+// and taken at run time where cpu_has_avx512() (see Avx512Switch).
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
+#define KN_AVX512_CODE 1
+#include <immintrin.h>
+// clang 18+ wants evex512 named as well for 512-bit vectors; GCC implies it.
 #if defined(__clang__) && __clang_major__ >= 18
 #define KN_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,evex512")))
 #else
 #define KN_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 #endif
+// Around AVX-512 code: GCC 12's headers initialise "undefined" vectors from
+// themselves (permutexvar, reduce_add), false -Wuninitialized warnings where
+// they are inlined (-Wmaybe-uninitialized is a GCC-only group).
+#if defined(__clang__)
+#define KN_AVX512_WARNINGS_OFF _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#else
+#define KN_AVX512_WARNINGS_OFF                                                                  \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wuninitialized\"") \
+      _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#endif
+#define KN_AVX512_WARNINGS_ON _Pragma("GCC diagnostic pop")
+#else
+#define KN_AVX512_CODE 0
+#endif
 
 // Whether this CPU (and its OS) runs AVX-512F/BW/VL code.
 inline bool cpu_has_avx512() {
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
+#if KN_AVX512_CODE
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");

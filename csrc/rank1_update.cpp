@@ -48,14 +48,6 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 #endif
-// Hand-written AVX-512 rows for fp32 (below, "fp32 rows in AVX-512"): GCC or
-// clang on x86-64, picked at run time when the CPU has AVX-512F/BW/VL.
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
-#define KN_AVX512_ROWS 1
-#include <immintrin.h>
-#else
-#define KN_AVX512_ROWS 0
-#endif
 
 // The row loops are memory-bound only with wide vectors: at SSE2 width the
 // update took 3.2x the CPU time of W.addr_ (4096 x 11008 fp32, one thread,
@@ -350,18 +342,11 @@ KN_ROW_KERNELS(F16)
 // arithmetic is the same IEEE mul, add and sub, unfused, so the records equal
 // the portable loops' (tests/test_rank1_update.py runs both) and the portable
 // undo restores them. rank1_avx512(0) switches them off (tests, comparisons).
-#if KN_AVX512_ROWS
-#define KN_AVX512 KN_AVX512_TARGET
-// GCC 12's headers initialise "undefined" vectors from themselves (permutexvar,
-// reduce_add): false -Wuninitialized warnings where they are inlined.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#if !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // (a GCC-only group)
-#endif
+#if KN_AVX512_CODE
+KN_AVX512_WARNINGS_OFF
 
 // The lanes of `lanes` go to the arena with their original bits from `o`.
-KN_AVX512 inline void record_lanes(uint32_t lanes, __m512i o, int64_t flat, Arena& arena) {
+KN_AVX512_TARGET inline void record_lanes(uint32_t lanes, __m512i o, int64_t flat, Arena& arena) {
   alignas(64) uint32_t ob[16];
   _mm512_store_si512(ob, o);
   for (; lanes; lanes &= lanes - 1) {
@@ -372,14 +357,14 @@ KN_AVX512 inline void record_lanes(uint32_t lanes, __m512i o, int64_t flat, Aren
 }
 
 template <bool kRank1>
-KN_AVX512 inline __m512 delta16(__m512 au, const float* v, const float* db, int64_t j) {
+KN_AVX512_TARGET inline __m512 delta16(__m512 au, const float* v, const float* db, int64_t j) {
   return kRank1 ? _mm512_mul_ps(au, _mm512_loadu_ps(v + j)) : _mm512_loadu_ps(db + j);
 }
 
 // update_row<F32> in AVX-512 (the portable row runs the tail, under 16 elements).
 template <bool kRank1>
-KN_AVX512 uint32_t update_row_f32_avx512(uint32_t* w, int64_t n, float au_s, const float* v, const float* db,
-                                         int64_t flat0, Arena& arena) {
+KN_AVX512_TARGET uint32_t update_row_f32_avx512(uint32_t* w, int64_t n, float au_s, const float* v,
+                                                const float* db, int64_t flat0, Arena& arena) {
   const __m512 au = _mm512_set1_ps(au_s);
   __m512i sum = _mm512_setzero_si512();
   int64_t j = 0;
@@ -399,8 +384,9 @@ KN_AVX512 uint32_t update_row_f32_avx512(uint32_t* w, int64_t n, float au_s, con
 
 // update_row_dense<F32> in AVX-512, 64 elements (one line of codes) at a time.
 template <bool kRank1>
-KN_AVX512 uint32_t update_row_dense_f32_avx512(uint32_t* w, int64_t n, float au_s, const float* v,
-                                               const float* db, int8_t* code, int64_t flat0, Arena& arena) {
+KN_AVX512_TARGET uint32_t update_row_dense_f32_avx512(uint32_t* w, int64_t n, float au_s, const float* v,
+                                                      const float* db, int8_t* code, int64_t flat0,
+                                                      Arena& arena) {
   const __m512 au = _mm512_set1_ps(au_s);
   const __m512i c127 = _mm512_set1_epi32(127), c254 = _mm512_set1_epi32(254);
   // the packs interleave 128-bit lanes; this permute puts the 64 codes back in order
@@ -435,22 +421,20 @@ KN_AVX512 uint32_t update_row_dense_f32_avx512(uint32_t* w, int64_t n, float au_
                                arena);
   return s;
 }
-#pragma GCC diagnostic pop
-#undef KN_AVX512
-#endif  // KN_AVX512_ROWS
+KN_AVX512_WARNINGS_ON
+#endif  // KN_AVX512_CODE
 
 Avx512Switch& avx512_rows() {
   static Avx512Switch on;
   return on;
 }
-bool avx512_rows_enabled() { return KN_AVX512_ROWS && avx512_rows().on(); }
 
 // One row of the update: code == nullptr for the sparse form.
 template <class T>
 KN_INLINE uint32_t update_row_any(bool avx512, typename T::bits_t* w, int64_t n, typename T::acc_t au,
                                   const typename T::acc_t* v, const typename T::acc_t* db, int8_t* code,
                                   int64_t flat0, Arena& arena) {
-#if KN_AVX512_ROWS
+#if KN_AVX512_CODE
   if constexpr (std::is_same_v<T, F32>) {
     if (avx512) {
       if (code != nullptr) {
@@ -591,7 +575,7 @@ Record update_cpu(at::Tensor& W, const at::Tensor& aU, const at::Tensor& VT) {
   const acc_t* up = aU.data_ptr<acc_t>();
   const acc_t* vp = VT.data_ptr<acc_t>();
   const bool dense = prefer_dense<T>(wp, m, n, up, vp, k, idx_bytes);
-  const bool avx512 = avx512_rows_enabled();
+  const bool avx512 = avx512_rows().on();
   at::Tensor code = dense ? RecordPool::get().empty_codes(m * n, W.options()) : at::empty({0}, W.options().dtype(at::kChar));
   int8_t* cp = code.data_ptr<int8_t>();
 
@@ -848,7 +832,7 @@ void rank1_undo_(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double
 
 int64_t rank1_pool_release() { return RecordPool::get().release(); }
 int64_t rank1_pool_held() { return RecordPool::get().held(); }
-bool rank1_avx512(int64_t enable) { return avx512_rows().set(enable, "rank1_avx512") && KN_AVX512_ROWS; }
+bool rank1_avx512(int64_t enable) { return avx512_rows().set(enable, "rank1_avx512"); }
 
 namespace {
 Record update_op(at::Tensor& W, const at::Tensor& U, const at::Tensor& V, double alpha, bool composite) {
