@@ -109,11 +109,16 @@ def fallback(op: str, reasons: list[str]) -> None:
     log.log(level, "%s: using the plain PyTorch reference (slower): %s", op, "; ".join(reasons))
 
 
+AVX512_OPS = ("rank1", "cov")  # the C++ ops with an AVX-512 path (torch.ops.kncore.<op>_avx512)
+
+
 @contextlib.contextmanager
 def avx512_off(op: str):
     """Runs the block with the AVX-512 path of ``op`` ("rank1" or "cov") switched
     off, so the portable path runs (tests compare the two, benches time both)."""
-    load()
+    if op not in AVX512_OPS:
+        raise ValueError(f"avx512_off: op must be one of {AVX512_OPS}, got {op!r}")
+    require_ext()
     switch = getattr(torch.ops.kncore, f"{op}_avx512")
     before = switch()
     switch(0)

@@ -36,7 +36,7 @@ def test_extension_loads_and_registers_ops():
     assert Path(kncore._C.__file__).resolve().parent == ROOT / "kncore"
 
 
-@pytest.mark.parametrize("op", ["rank1", "cov"])
+@pytest.mark.parametrize("op", _ext.AVX512_OPS)
 def test_avx512_paths_are_used_where_the_cpu_has_them(op):
     # rank1_update_'s fp32 rows and cov_accumulate_'s fp32 triangle: on by
     # default exactly where the CPU has AVX-512F/BW/VL; tests switch them off
@@ -55,6 +55,12 @@ def test_avx512_paths_are_used_where_the_cpu_has_them(op):
             switch(2)
     finally:
         switch(1 if before else 0)
+
+
+def test_avx512_off_names_a_wrong_op():
+    with pytest.raises(ValueError, match="op must be one of"):
+        with _ext.avx512_off("rank_one"):
+            pass
 
 
 def test_require_ext_names_the_cause(monkeypatch):
