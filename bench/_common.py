@@ -25,9 +25,9 @@ def commit() -> str:
         return "nogit"
 
 
-def machine() -> str:
-    """The GPU's name, or cpu-<cores>core."""
-    if torch.cuda.is_available():
+def machine(device: str | None = None) -> str:
+    """The GPU's name, or cpu-<cores>core (always for a bench run on ``device="cpu"``)."""
+    if device != "cpu" and torch.cuda.is_available():
         return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     return f"cpu-{os.cpu_count()}core"
 

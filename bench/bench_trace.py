@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import statistics
 import sys
@@ -137,7 +136,7 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
     if args.machine is None:
-        args.machine = machine() if args.device == "cuda" else f"cpu-{os.cpu_count()}core"
+        args.machine = machine(args.device)
     cfg = CONFIGS[args.config]
     lm = build(cfg, args.seed)
     lm.model.to(args.device)

@@ -188,7 +188,7 @@ class NeuronPatch:
             mask = mask[:, -T:].bool()
         if self.positions == "target":
             return self._target_cols(ids, mask, B, T, x.device)[..., None]
-        past_len = self._calls[-1][1].shape[1] - T if mask is not None else cached
+        past_len = mask.shape[1] - T if mask is not None else cached
         cols = torch.arange(T, device=x.device) + past_len
         want = torch.tensor(self.positions, device=x.device)
         return (cols[:, None] == want).any(-1)[None, :, None].expand(B, T, 1)
