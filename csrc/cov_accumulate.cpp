@@ -21,8 +21,8 @@
 // count): 1.85x addmm_ at d = 3072, 1.89x at d = 6400. On a later CPU (Xeon
 // with AVX-512, where MKL's sgemm reaches ~97% of the FMA peak) the same code
 // ran at 1.64x at d = 3072; so an fp32 accumulator on a CPU with AVX-512 now
-// takes "the triangle in AVX-512" below (1.86-1.94x at d = 3072-16384,
-// bench/results/bench_cov_cpu-2core_288e615.md). The per-block gemms serve
+// takes "the triangle in AVX-512" below (1.84-2.03x at d = 3072-16384 over
+// three runs, bench/results/bench_cov_cpu-2core_*.md). The per-block gemms serve
 // fp64 accumulators and CPUs without AVX-512.
 //
 // On CUDA (or with composite=true) the same recursion runs on a transposed
