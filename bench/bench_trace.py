@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from bench._common import commit, machine, measure, run_once  # noqa: E402
 from kncore import LM  # noqa: E402
 from kncore.testing import tiny_model, tiny_tokenizer  # noqa: E402
-from kncore.tracing import KINDS, trace, trace_ref, window_layers  # noqa: E402
+from kncore.tracing import KINDS, trace, trace_ref  # noqa: E402
+from kncore.tracing.core import _jobs  # noqa: E402
 
 CONFIGS = {
     "quick": dict(n_layers=6, d_model=256, n_heads=4, vocab_size=50257),
@@ -65,26 +66,20 @@ def build(cfg: dict, seed: int = 0) -> LM:
 def macs(lm: LM, T: int, b: int):
     """Multiply-accumulates of each side (weights only; attention over <= 10
     positions is < 1% here). A layer costs 12 d^2 per position (its QKV 3 d^2),
-    the head V*d. The kncore count follows kncore.trace's jobs: cells before the
-    subject are free, a window's first layer is one position, the last layer
-    computes only keys and values except at the last position."""
+    the head V*d. The kncore count walks kncore.trace's own jobs (one walk per
+    token): cells before the subject are free, a window's first layer is one
+    position, a window clipped at layer 0 starts at its hi from the longest
+    one's rows, the last layer computes only keys and values except at the
+    last position."""
     N, d, V = lm.n_layers, lm.d_model, lm.adapter.vocab_size
     layer, qkv, head = 12 * d * d, 3 * d * d, V * d
     cells = len(KINDS) * T * N
     naive = (cells + 1) * (SAMPLES + 1) * T * (N * layer + head) + T * (N * layer + head)
     fast = (1 + SAMPLES) * T * N * layer + (1 + SAMPLES) * head  # clean + corrupted runs
-    jobs, firsts = set(), set()
-    for k in KINDS:
-        for t in range(b, T):
-            for l in range(N):
-                if k == "hidden":
-                    jobs.add((t, k, l, l + 1))
-                else:
-                    r = window_layers(l, WINDOW, N)
-                    jobs.add((t, k, r.start, r.stop))
-                    firsts.add((t, k, r.start))
-    for (t, k, lo, hi) in jobs:
-        n, entry = T - t, (lo + 1)
+    jobs, _ = _jobs(KINDS, T, N, b, WINDOW, True)
+    firsts = {(j.t, j.code, j.lo) for j in jobs if j.code and j.parent is None}
+    for j in jobs:
+        n, entry = T - j.t, (j.entry if j.parent is None else j.hi)
         walk = 0
         if entry <= N - 1:
             walk = (N - 1 - entry) * n * layer + (layer + (n - 1) * qkv)

@@ -61,6 +61,27 @@ def test_trace_equals_rome_loop(tiny, monkeypatch):
         assert fast.scores[k].std() > 0
 
 
+def test_clipped_windows_start_from_the_longest(arch, monkeypatch):
+    """Windows clipped at layer 0 ([0, 2), [0, 3) beside [0, 4)) restore a prefix
+    of the longest one, so their rows start at their hi as copies of its rows;
+    the scores stay ROME's, also when a small state cap puts them in another
+    walk than their parent."""
+    lm = tiny_lm(arch, seed=int(torch.randint(0, 1000, ())), n_layers=6)
+    jobs, cells = core._jobs(("mlp", "attn"), 7, 6, 1, 4, lm.adapter.causal)
+    kids = [j for j in jobs if j.parent is not None]
+    assert sorted({(j.lo, j.hi) for j in kids}) == [(0, 2), (0, 3)]
+    assert all(j.parent.hi == 4 and (j.parent.t, j.parent.code, j.parent.lo) == (j.t, j.code, 0) for j in kids)
+    assert len(kids) == 2 * 2 * (7 if lm.is_mlm else 6)  # 2 kinds x 2 windows x the tokens from the subject on
+    rng = _rng()
+    prompt, subject = _prompt(lm, rng, 6)
+    ref = trace_ref(lm, prompt, subject, samples=3, window=4, kinds=("mlp", "attn"))
+    for cap in (core.STATE_BYTES, 3 * 8 * lm.d_model * 4):
+        monkeypatch.setattr(core, "STATE_BYTES", cap)
+        fast = trace(lm, prompt, subject, samples=3, window=4, kinds=("mlp", "attn"), max_tokens=17)
+        for k in ("mlp", "attn"):
+            assert _rel(fast.scores[k], ref.scores[k]) <= 1e-5, (k, cap)
+
+
 def test_restoration_identities(tiny):
     """Restoring the last token's block output at the last layer gives the
     clean probability; on decoders, tokens before the subject give the

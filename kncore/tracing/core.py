@@ -14,9 +14,12 @@ one token t share that prefix, so they are batched together: their rows are
 ordered by the layer at which they start and walk the layers one at a time,
 new rows joining the batch when their start layer comes (a row that restores
 the block output of layer l joins at layer l+1 with the clean state already in
-place; a window of MLP or attention outputs joins at its lowest layer). Every
-layer of the walk is one :func:`kncore.runtime.run` call per slice of at most
-``max_tokens`` row-positions.
+place; a window of MLP or attention outputs joins at its lowest layer, and a
+window clipped at layer 0, [0, hi), joins at hi as a copy of the rows of the
+longest window of its token and kind, whose restorations up to hi are the
+same). Every layer of the walk is one :func:`kncore.runtime.run` call per
+slice of at most ``max_tokens`` row-positions; the head runs once at the end
+over every row's last state.
 
 BERT (bidirectional) has no such prefix: its rows recompute every position
 from their start layer, still batched across cells.
@@ -27,7 +30,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -47,6 +50,8 @@ DEFAULT_MAX_TOKENS = 2048
 # Cap on the hidden states one walk keeps ([rows, positions, d_model]); more
 # jobs than fit are walked in several passes.
 STATE_BYTES = 1 << 30
+# Logits per head call in the walk's final pass (see _target_probs).
+HEAD_BYTES = 30 << 20
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -228,6 +233,10 @@ class _Job:
     lo: int
     hi: int
     entry: int  # the layer at which the job's rows join the walk
+    # A window clipped at layer 0 restores a prefix of a longer window of its
+    # token and kind: up to layer hi both have the same state, so in a walk
+    # that holds that job too the rows start at layer hi as a copy of its rows.
+    parent: "_Job | None" = None
 
 
 @torch.no_grad()
@@ -270,31 +279,16 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
     low = float(cor.logits.float().softmax(-1)[:, tgt].mean())
     inputs = [cor[("resid_pre", L)] for L in range(N)] + [cor.hidden]
 
-    # One job per distinct restoration; identical clipped windows are one job.
-    jobs: dict = {}
-    cell_job = {k: torch.full((T, N), -1, dtype=torch.long) for k in kinds}
-    for k in kinds:
-        for t in range(T):
-            if ad.causal and t < b:
-                continue  # the noise cannot reach a position before the subject: score == low
-            for l in range(N):
-                if k == "hidden":
-                    key = (t, 0, l, l + 1, l + 1)
-                else:
-                    # Decoders: at a window's first layer only token t changes (attention
-                    # there reads unchanged inputs), so the rows join one layer later
-                    # with that one position computed alone (_first_layer).
-                    r = window_layers(l, window, N)
-                    key = (t, _CODE[k], r.start, r.stop, r.start + 1 if ad.causal else r.start)
-                cell_job[k][t, l] = jobs.setdefault(key, len(jobs))
-    job_list = [_Job(*key) for key in jobs]
+    job_list, cell_job = _jobs(kinds, T, N, b, window, ad.causal)
     probs = torch.full((len(job_list),), float("nan"))
     groups: dict = {}
     for i, j in enumerate(job_list):
         groups.setdefault(j.t if ad.causal else 0, []).append(i)
     for p0, idx in groups.items():
-        # Jobs in entry order, split so that a walk's hidden states stay under STATE_BYTES.
-        idx.sort(key=lambda i: job_list[i].entry)
+        # Jobs in entry order, split so that a walk's hidden states stay under STATE_BYTES
+        # (the longest window of a start first, so that the shorter ones it parents
+        # tend to share its walk).
+        idx.sort(key=lambda i: (job_list[i].entry, -job_list[i].hi))
         cap = max(1, STATE_BYTES // (samples * (T - p0) * ad.d_model * inputs[0].element_size()))
         for c in range(0, len(idx), cap):
             part = idx[c:c + cap]
@@ -314,32 +308,72 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
                        samples=int(samples), noise=scale, seed=int(seed), model=str(lm.name))
 
 
+def _jobs(kinds, T: int, N: int, b: int, window: int, causal: bool) -> tuple[list, dict]:
+    """The distinct restorations of the grid, and for each kind [T, N] the index
+    of the job behind each cell (-1: the cell's score is the corrupted one).
+    Identical clipped windows are one job."""
+    jobs: dict = {}
+    cell_job = {k: torch.full((T, N), -1, dtype=torch.long) for k in kinds}
+    for k in kinds:
+        for t in range(T):
+            if causal and t < b:
+                continue  # the noise cannot reach a position before the subject: score == low
+            for l in range(N):
+                if k == "hidden":
+                    key = (t, 0, l, l + 1, l + 1)
+                else:
+                    # Decoders: at a window's first layer only token t changes (attention
+                    # there reads unchanged inputs), so the rows join one layer later
+                    # with that one position computed alone (_first_layer).
+                    r = window_layers(l, window, N)
+                    key = (t, _CODE[k], r.start, r.stop, r.start + 1 if causal else r.start)
+                cell_job[k][t, l] = jobs.setdefault(key, len(jobs))
+    job_list = [_Job(*key) for key in jobs]
+    longest: dict = {}  # (t, code, lo) -> the window job with the highest hi
+    for j in job_list:
+        if j.code and j.hi > longest.setdefault((j.t, j.code, j.lo), j).hi:
+            longest[(j.t, j.code, j.lo)] = j
+    for j in job_list:
+        p = longest.get((j.t, j.code, j.lo)) if j.code else None
+        if p is not None and p is not j and p.entry < j.hi:
+            j.parent = p
+    return job_list, cell_job
+
+
 def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, target: int, tpos: int,
           max_tokens: int) -> torch.Tensor:
     """Mean target probability of each job; all jobs compute positions p0.. .
 
     Row r belongs to job r // samples and reads corrupted sample r % samples.
-    Jobs are sorted by entry layer, so the rows alive at layer L are a prefix.
+    Jobs are sorted by the layer they join at (a job whose parent is in this
+    walk joins at its hi, as a copy of the parent's rows), so the rows alive at
+    layer L are a prefix.
+    The walk keeps each row's last hidden state at the target position; the
+    head runs once over all of them at the end (:func:`_target_probs`).
     """
     ad = lm.adapter
     N, causal = ad.n_layers, ad.causal
-    order = sorted(range(len(jobs)), key=lambda i: jobs[i].entry)
+    here = {id(j) for j in jobs}
+    branch = lambda j: j.parent is not None and id(j.parent) in here
+    joins = lambda j: j.hi if branch(j) else j.entry
+    order = sorted(range(len(jobs)), key=lambda i: joins(jobs[i]))
     jobs = [jobs[i] for i in order]
+    row_of = {id(j): k * samples for k, j in enumerate(jobs)}
     J, S = len(jobs), samples
     R = J * S
     n = inputs[0].shape[1] - p0
     dev = inputs[0].device
-    entry = torch.tensor([j.entry for j in jobs])
+    entry = torch.tensor([joins(j) for j in jobs])
     field_of = lambda name: torch.tensor([getattr(j, name) for j in jobs]).repeat_interleave(S)
     code, lo, hi, tt = field_of("code"), field_of("lo"), field_of("hi"), field_of("t")
     row_sample = torch.arange(S, device=dev).repeat(J)
     past = kv.truncate(p0) if (causal and p0 > 0) else None
     step = max(1, max_tokens // n)
-    final_pos = lambda rows: "last" if causal else torch.full((rows,), tpos, device=dev)
+    col = n - 1 if causal else tpos - p0  # the target position among the computed ones
 
     h = inputs[0].new_empty(R, n, inputs[0].shape[-1])
-    probs = torch.empty(R, dtype=torch.float32)
-    joined = scored = 0
+    final = inputs[0].new_empty(R, inputs[0].shape[-1])
+    joined = 0
     for L in range(int(entry[0]), N + 1):
         upto = int(torch.searchsorted(entry, L, right=True))  # jobs with entry <= L
         if upto > joined:
@@ -347,20 +381,20 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
             firsts = {}
             for j in range(joined, upto):
                 rows = slice(j * S, (j + 1) * S)
-                if jobs[j].code == 0:  # restored block output of layer L-1
+                if branch(jobs[j]):  # the parent's state before layer L = hi
+                    h[rows] = h[row_of[id(jobs[j].parent)]:][:S]
+                elif jobs[j].code == 0:  # restored block output of layer L-1
                     h[rows, jobs[j].t - p0] = clean[("resid_post", L - 1)][0, jobs[j].t]
                 elif causal:  # a window whose first layer, L-1, changed token t = p0 only
                     if jobs[j].code not in firsts:
                         firsts[jobs[j].code] = _first_layer(lm, L - 1, jobs[j].code, p0, inputs, clean, past, S)
                     h[rows, 0] = firsts[jobs[j].code]
+            if L == N:  # rows that joined after the last layer: only the head is left
+                final[joined * S: upto * S] = h[joined * S: upto * S, col]
             joined = upto
-        active = joined * S
-        if L == N:  # rows that joined after the last layer: only the head is left
-            for s in range(scored, active, step):
-                e = min(active, s + step)
-                logits = lm.run(hidden=h[s:e], start_layer=N, logits=final_pos(e - s)).logits
-                probs[s:e] = _target_prob(logits, target)
+        if L == N:
             break
+        active = joined * S
         for s in range(0, active, step):
             e = min(active, s + step)
             patches = _patches(L, code[s:e], lo[s:e], hi[s:e], tt[s:e], clean)
@@ -368,29 +402,31 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
             if L < N - 1:
                 h[s:e] = lm.run(hidden=h[s:e], start_layer=L, stop_layer=L + 1, past=past, past_rows=rows,
                                 patches=patches, logits=None).hidden
-                continue
             # _top_layer projects keys and values itself, so patches held on the
             # adapter (kncore.patch_neurons) send it the plain way
-            if causal and n > 1 and not getattr(ad, "persistent_patches", ()):
-                logits = _top_layer(lm, h[s:e], p0, past, rows, patches)
+            elif causal and n > 1 and not getattr(ad, "persistent_patches", ()):
+                final[s:e] = _top_layer(lm, h[s:e], p0, past, rows, patches)
             else:
-                logits = lm.run(hidden=h[s:e], start_layer=L, past=past, past_rows=rows, patches=patches,
-                                logits=final_pos(e - s)).logits
-            probs[s:e] = _target_prob(logits, target)
-        if L == N - 1:
-            scored = active
-    means = probs.view(J, S).mean(1)
+                final[s:e] = lm.run(hidden=h[s:e], start_layer=L, past=past, past_rows=rows, patches=patches,
+                                    logits=None).hidden[:, col]
+    means = _target_probs(ad, final, target).view(J, S).mean(1)
     out = torch.empty(J)
     out[torch.tensor(order)] = means
     return out
 
 
-def _target_prob(logits: torch.Tensor, target: int) -> torch.Tensor:
-    """softmax(logits)[:, target] without writing the [rows, vocab] softmax:
-    exp(logit - logsumexp). On the 6x256 bench model (vocab 50257) the head and
-    its softmax are most of the work."""
-    logits = logits.float()
-    return (logits[:, target] - torch.logsumexp(logits, -1)).exp().cpu()
+def _target_probs(ad, final: torch.Tensor, target: int) -> torch.Tensor:
+    """softmax(head(final))[:, target] for hidden states [R, d], without writing
+    a [R, vocab] softmax: exp(logit - logsumexp), HEAD_BYTES of logits per call.
+    One pass at the end of a walk: per slice, the head of a GPT-2-medium trace
+    ran at about half the matmul rate (calls of 10 rows; [rows, vocab] logits
+    over glibc's 32 MiB mmap threshold, fresh pages on every call)."""
+    step = max(1, HEAD_BYTES // (ad.vocab_size * 4))
+    out = torch.empty(final.shape[0], dtype=torch.float32)
+    for s in range(0, final.shape[0], step):
+        logits = ad.final(final[s:s + step]).float()
+        out[s:s + step] = (logits[:, target] - torch.logsumexp(logits, -1)).exp().cpu()
+    return out
 
 
 def _first_layer(lm: LM, L: int, code: int, t: int, inputs: list, clean, past, S: int) -> torch.Tensor:
@@ -403,7 +439,7 @@ def _first_layer(lm: LM, L: int, code: int, t: int, inputs: list, clean, past, S
 
 
 def _top_layer(lm: LM, h: torch.Tensor, p0: int, past, past_rows, patches) -> torch.Tensor:
-    """Logits of the last block at the last position only (decoders).
+    """Output of the last block at the last position only [B, d] (decoders).
 
     Nothing but the last position's output reaches the head, so the other
     positions need only their keys and values at this layer (ad.qkv: 3 of GPT-2's
@@ -418,7 +454,7 @@ def _top_layer(lm: LM, h: torch.Tensor, p0: int, past, past_rows, patches) -> to
         k = torch.cat([past.k[L][past_rows].to(k.dtype), k], dim=2)
         v = torch.cat([past.v[L][past_rows].to(v.dtype), v], dim=2)
     cache = KVCache([None] * L + [k], [None] * L + [v])
-    return lm.run(hidden=h[:, -1:], start_layer=L, past=cache, patches=patches, logits="last").logits
+    return lm.run(hidden=h[:, -1:], start_layer=L, past=cache, patches=patches, logits=None).hidden[:, 0]
 
 
 def _patches(L, code, lo, hi, tt, clean) -> list:
