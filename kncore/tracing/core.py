@@ -284,6 +284,7 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
     groups: dict = {}
     for i, j in enumerate(job_list):
         groups.setdefault(j.t if ad.causal else 0, []).append(i)
+    firsts: dict = {}  # (code, layer) -> _first_layers, shared by the walks of every token
     for p0, idx in groups.items():
         # Jobs in entry order, split so that a walk's hidden states stay under STATE_BYTES
         # (the longest window of a start first, so that the shorter ones it parents
@@ -293,7 +294,7 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
         for c in range(0, len(idx), cap):
             part = idx[c:c + cap]
             probs[part] = _walk(lm, [job_list[i] for i in part], p0, inputs, clean, cor.kv, samples, tgt, tpos,
-                                max_tokens)
+                                max_tokens, firsts)
 
     scores = {}
     for k in kinds:
@@ -324,7 +325,7 @@ def _jobs(kinds, T: int, N: int, b: int, window: int, causal: bool) -> tuple[lis
                 else:
                     # Decoders: at a window's first layer only token t changes (attention
                     # there reads unchanged inputs), so the rows join one layer later
-                    # with that one position computed alone (_first_layer).
+                    # with that one position computed alone (_first_layers).
                     r = window_layers(l, window, N)
                     key = (t, _CODE[k], r.start, r.stop, r.start + 1 if causal else r.start)
                 cell_job[k][t, l] = jobs.setdefault(key, len(jobs))
@@ -341,7 +342,7 @@ def _jobs(kinds, T: int, N: int, b: int, window: int, causal: bool) -> tuple[lis
 
 
 def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, target: int, tpos: int,
-          max_tokens: int) -> torch.Tensor:
+          max_tokens: int, firsts: dict) -> torch.Tensor:
     """Mean target probability of each job; all jobs compute positions p0.. .
 
     Row r belongs to job r // samples and reads corrupted sample r % samples.
@@ -378,7 +379,6 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
         upto = int(torch.searchsorted(entry, L, right=True))  # jobs with entry <= L
         if upto > joined:
             h[joined * S: upto * S] = inputs[L][:, p0:].repeat(upto - joined, 1, 1)
-            firsts = {}
             for j in range(joined, upto):
                 rows = slice(j * S, (j + 1) * S)
                 if branch(jobs[j]):  # the parent's state before layer L = hi
@@ -386,9 +386,10 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
                 elif jobs[j].code == 0:  # restored block output of layer L-1
                     h[rows, jobs[j].t - p0] = clean[("resid_post", L - 1)][0, jobs[j].t]
                 elif causal:  # a window whose first layer, L-1, changed token t = p0 only
-                    if jobs[j].code not in firsts:
-                        firsts[jobs[j].code] = _first_layer(lm, L - 1, jobs[j].code, p0, inputs, clean, past, S)
-                    h[rows, 0] = firsts[jobs[j].code]
+                    key = (jobs[j].code, L - 1)
+                    if key not in firsts:
+                        firsts[key] = _first_layers(lm, L - 1, jobs[j].code, inputs, clean)
+                    h[rows, 0] = firsts[key][:, p0]
             if L == N:  # rows that joined after the last layer: only the head is left
                 final[joined * S: upto * S] = h[joined * S: upto * S, col]
             joined = upto
@@ -429,13 +430,17 @@ def _target_probs(ad, final: torch.Tensor, target: int) -> torch.Tensor:
     return out
 
 
-def _first_layer(lm: LM, L: int, code: int, t: int, inputs: list, clean, past, S: int) -> torch.Tensor:
-    """Output of layer L at token t [S, d] with its mlp_out/attn_out restored, the
-    other positions being unchanged at that layer (decoders only)."""
+def _first_layers(lm: LM, L: int, code: int, inputs: list, clean) -> torch.Tensor:
+    """Output of layer L [S, T, d] where column t is token t's with its own
+    mlp_out/attn_out restored (decoders). A restoration at layer L changes
+    nothing but its own position there (it comes after attention), so one run
+    restoring every position at once serves the windows of every token that
+    start at L."""
     site = "mlp_out" if code == 1 else "attn_out"
-    out = lm.run(hidden=inputs[L][:, t:t + 1], start_layer=L, stop_layer=L + 1, past=past,
-                 patches=[Patch(site, L, positions=t, value=clean[(site, L)][0, t])], logits=None)
-    return out.hidden[:, 0]
+    x = inputs[L]
+    value = clean[(site, L)][0].repeat(x.shape[0], 1)  # [S*T, d], rows then positions
+    return lm.run(hidden=x, start_layer=L, stop_layer=L + 1, patches=[Patch(site, L, value=value)],
+                  logits=None).hidden
 
 
 def _top_layer(lm: LM, h: torch.Tensor, p0: int, past, past_rows, patches) -> torch.Tensor:
