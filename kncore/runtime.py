@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models.base import Adapter, BLOCK_PARALLEL, BLOCK_POST_LN, BLOCK_SEQUENTIAL
+from .models.base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL
 
 SITES = ("resid_pre", "attn_out", "pre_act", "act", "mlp_out", "resid_post")
 NEURON_SITES = ("pre_act", "act")
@@ -431,7 +431,7 @@ def run(
         else:  # post-LN
             h = ad.post_attn_norm(L, h + a)
             mlp_in = h
-        m = _mlp(ad, L, mlp_in, site, table)
+        m = _mlp(ad, L, mlp_in, site, table, keep_pre=("pre_act", L) in wanted)
         if ad.block_style == BLOCK_SEQUENTIAL:
             h = h + m
         elif ad.block_style == BLOCK_PARALLEL:
@@ -458,7 +458,7 @@ def run(
     return RunOutput(out_logits, h, captured, kv, position_ids)
 
 
-def _mlp(ad: Adapter, L: int, x, site, table):
+def _mlp(ad: Adapter, L: int, x, site, table, keep_pre: bool = False):
     # A full replacement of mlp_out (every row, every position, a value) makes
     # the MLP itself dead work: IG's step rows use this.
     full = table.get(("mlp_out", L))
@@ -480,6 +480,10 @@ def _mlp(ad: Adapter, L: int, x, site, table):
     else:
         pre, aux = ad.mlp_pre(L, x)
         pre = site("pre_act", L, pre)
-        act = ad.mlp_act(L, pre, aux)
+        # The activation may overwrite the pre-activation (one [tokens, d_ff]
+        # tensor less to allocate: -4% on a GPT-2-medium trace on the CPU) unless
+        # a capture holds it or autograd needs it.
+        inplace = not keep_pre and not (torch.is_grad_enabled() and pre.requires_grad)
+        act = ad.mlp_act(L, pre, aux, inplace=inplace)
     act = site("act", L, act)
     return site("mlp_out", L, ad.mlp_down(L, act))

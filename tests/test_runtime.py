@@ -83,6 +83,22 @@ def test_capture_equals_hf_hooks(tiny):
         assert torch.allclose(out[(site, L)], ref, atol=1e-5 * max(_scale(ref), 1)), site
 
 
+def test_inplace_activation_keeps_captured_pre_act(tiny):
+    """Without autograd the activation overwrites the pre-activation unless a
+    capture holds it: the same act and logits either way, and a captured
+    pre_act is still the activation's input."""
+    ids = _rand_batch(tiny)
+    L = 1
+    with torch.no_grad():
+        held = tiny.run(ids, capture=[("pre_act", L), ("act", L)])
+        fast = tiny.run(ids, capture=[("act", L)])
+    assert torch.equal(held[("act", L)], fast[("act", L)]) and torch.equal(held.logits, fast.logits)
+    pre = held[("pre_act", L)]
+    assert not torch.equal(pre, held[("act", L)])
+    if tiny.arch != "llama":  # LLaMA's act also needs the up-projection
+        assert torch.equal(tiny.adapter.mlp_act(L, pre, None), held[("act", L)])
+
+
 def test_capture_positions(tiny):
     ids = _rand_batch(tiny, B=2, T=9)
     with torch.no_grad():

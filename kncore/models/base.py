@@ -29,10 +29,19 @@ BLOCK_POST_LN = "post_ln"        # post-LN: h = ln(h + attn h); h = ln(h + mlp h
 _TANH_GELUS = ("NewGELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh")
 
 
-def activation(act, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)`` for a Hugging Face activation module, fused where it is a tanh GELU."""
-    if type(act).__name__ in _TANH_GELUS:
-        return nn.functional.gelu(x, approximate="tanh")
+_SILUS = ("SiLU", "SiLUActivation")
+
+
+def activation(act, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``act(x)`` for a Hugging Face activation module, fused where it is a tanh
+    GELU. ``inplace``: x may be overwritten (the runtime says so when no graph
+    and no capture holds it); done for tanh GELUs and SiLU, with the same
+    kernels, so the values are the same."""
+    name = type(act).__name__
+    if name in _TANH_GELUS:
+        return torch.ops.aten.gelu_(x, approximate="tanh") if inplace else nn.functional.gelu(x, approximate="tanh")
+    if inplace and name in _SILUS:
+        return nn.functional.silu(x, inplace=True)
     return act(x)
 
 
@@ -92,7 +101,8 @@ class Adapter:
         anything else the activation needs (LLaMA's up-projection)."""
         raise NotImplementedError
 
-    def mlp_act(self, L: int, pre: torch.Tensor, aux) -> torch.Tensor:
+    def mlp_act(self, L: int, pre: torch.Tensor, aux, inplace: bool = False) -> torch.Tensor:
+        """The activation [.., d_ff]; ``inplace``: ``pre`` may be overwritten."""
         raise NotImplementedError
 
     def down_weight(self, L: int) -> torch.Tensor:

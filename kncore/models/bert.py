@@ -61,8 +61,8 @@ class BertAdapter(Adapter):
     def mlp_pre(self, L, x):
         return self.blocks[L].intermediate.dense(x), None
 
-    def mlp_act(self, L, pre, aux):
-        return activation(self.blocks[L].intermediate.intermediate_act_fn, pre)
+    def mlp_act(self, L, pre, aux, inplace=False):
+        return activation(self.blocks[L].intermediate.intermediate_act_fn, pre, inplace)
 
     def down_module(self, L):
         return self.blocks[L].output.dense

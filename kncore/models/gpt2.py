@@ -1,8 +1,6 @@
 """GPT-2 adapter. Conv1D weights are stored as [in, out] (transposed)."""
 from __future__ import annotations
 
-import torch
-
 from .base import Adapter, activation, BLOCK_SEQUENTIAL
 
 
@@ -57,8 +55,8 @@ class GPT2Adapter(Adapter):
     def mlp_pre(self, L, x):
         return self.blocks[L].mlp.c_fc(x), None
 
-    def mlp_act(self, L, pre, aux):
-        return activation(self.blocks[L].mlp.act, pre)
+    def mlp_act(self, L, pre, aux, inplace=False):
+        return activation(self.blocks[L].mlp.act, pre, inplace)
 
     def down_module(self, L):
         return self.blocks[L].mlp.c_proj

@@ -81,8 +81,8 @@ class GPTJAdapter(Adapter):
     def mlp_pre(self, L, x):
         return self.blocks[L].mlp.fc_in(x), None
 
-    def mlp_act(self, L, pre, aux):
-        return activation(self.blocks[L].mlp.act, pre)
+    def mlp_act(self, L, pre, aux, inplace=False):
+        return activation(self.blocks[L].mlp.act, pre, inplace)
 
     def down_module(self, L):
         return self.blocks[L].mlp.fc_out

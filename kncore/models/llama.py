@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_SEQUENTIAL
+from .base import Adapter, BLOCK_SEQUENTIAL, activation
 
 
 def _rotate_half(x):
@@ -71,7 +71,9 @@ class LlamaAdapter(Adapter):
         m = self.blocks[L].mlp
         return m.gate_proj(x), m.up_proj(x)
 
-    def mlp_act(self, L, pre, aux):
+    def mlp_act(self, L, pre, aux, inplace=False):
+        if inplace:
+            return activation(self.blocks[L].mlp.act_fn, pre, True).mul_(aux)
         return self.blocks[L].mlp.act_fn(pre) * aux
 
     def down_module(self, L):
