@@ -54,7 +54,7 @@ def info() -> dict:
             "build_info": _ext.build_info() if built else None,
             "required": _ext.required(),
             # the ops' fp32 AVX-512 paths, on where this CPU has AVX-512
-            "avx512": {op: bool(getattr(torch.ops.kncore, f"{op}_avx512")()) for op in ("cov", "rank1")}
+            "avx512": {op: bool(getattr(torch.ops.kncore, f"{op}_avx512")()) for op in _ext.AVX512_OPS}
             if built else None,
         },
         "triton_mode": mode,

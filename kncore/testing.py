@@ -87,7 +87,8 @@ def tiny_lm(arch: str, *, seed: int = 0, dtype=None, **kw) -> LM:
 def cpu_has_avx512() -> bool:
     """Whether /proc/cpuinfo lists AVX-512F/BW/VL (the ops' AVX-512 paths need all three)."""
     try:
-        flags = open("/proc/cpuinfo").read().split()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
     except OSError:
         return False
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
