@@ -382,7 +382,8 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
             for j in range(joined, upto):
                 rows = slice(j * S, (j + 1) * S)
                 if branch(jobs[j]):  # the parent's state before layer L = hi
-                    h[rows] = h[row_of[id(jobs[j].parent)]:][:S]
+                    first = row_of[id(jobs[j].parent)]
+                    h[rows] = h[first:first + S]
                 elif jobs[j].code == 0:  # restored block output of layer L-1
                     h[rows, jobs[j].t - p0] = clean[("resid_post", L - 1)][0, jobs[j].t]
                 elif causal:  # a window whose first layer, L-1, changed token t = p0 only
