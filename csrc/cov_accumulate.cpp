@@ -223,7 +223,12 @@ KN_AVX512_WARNINGS_OFF
 
 constexpr int64_t kMR = 12;                // rows of a tile (broadcast operand)
 constexpr int64_t kNR = 32;                // columns of a tile (two zmm)
-constexpr int64_t kKC = 256;               // rows of X per kernel call (192 and 384 measured alike)
+// rows of X per kernel call: each tile sums kc products in a register before adding to C.
+// kc = 256 gave up to 2.2x the error of torch's addmm_ on a 2-core AMD EPYC with
+// AVX-512 (d = 12-33, 255-257 rows; MKL blocks k more finely there), past the
+// tests' bar of 2x; kc = 128 gave at most 0.70x of that bar over 20 draws of
+// every shape the test uses. (On the Xeon, 192 and 384 ran alike with 256.)
+constexpr int64_t kKC = 128;
 constexpr int64_t kJBlockBytes = 1 << 20;  // J panels of a work item's columns: L2
 constexpr int64_t kItemPanels = 8;         // I panels per work item (16 and 32 measured alike at d = 3072)
 constexpr int64_t kPackMaxBytes = 8 << 20;  // both formats of one chunk of rows (16 MiB: alike)
