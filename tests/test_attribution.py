@@ -34,6 +34,7 @@ def _rel(a, b):
     return ((a - b).abs().amax(dim=(-1, -2)) / b.abs().amax(dim=(-1, -2))).max().item()
 
 
+@pytest.mark.every_arch
 @pytest.mark.parametrize("site", ["act", "pre_act"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fast_equals_reference(tiny, site, scheme):

@@ -41,6 +41,7 @@ def _rel(a, b):
     return ((a - b).abs() / b.abs()).max().item()
 
 
+@pytest.mark.every_arch
 def test_trace_equals_rome_loop(tiny, monkeypatch):
     rng = _rng()
     prompt, subject = _prompt(tiny, rng, rng.randint(5, 8))
