@@ -121,11 +121,12 @@ class Adapter:
         raise NotImplementedError
 
     def down_weight(self, L: int) -> torch.Tensor:
-        """The down-projection weight as [d_ff, d_model] (a view, no copy)."""
-        raise NotImplementedError
+        """The down-projection weight as [d_ff, d_model] (a view, no copy);
+        by default that of an nn.Linear down_module."""
+        return self.down_module(L).weight.t()
 
     def down_bias(self, L: int):
-        raise NotImplementedError
+        return self.down_module(L).bias
 
     def down_module(self, L: int) -> nn.Module:
         """The module that holds the down-projection (ROME edits it)."""

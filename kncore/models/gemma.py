@@ -68,10 +68,17 @@ class Gemma3Adapter(Gemma2Adapter):
     def attn_softcap(self, L):
         return None  # Hugging Face's Gemma-3 attention does not soft-cap its scores
 
+    def __init__(self, model):
+        super().__init__(model)
+        rot = self.base.rotary_emb
+        # transformers 5: one module with a table per layer type; 4.x: a second
+        # module (rotary_emb_local) with the local base
+        self._rope_by_type = "layer_type" in inspect.signature(rot.forward).parameters
+
     def _rope(self, L, x, position_ids):
         rot = self.base.rotary_emb
         layer_type = self.config.layer_types[L]
-        if "layer_type" in inspect.signature(rot.forward).parameters:  # one module, a table per layer type
+        if self._rope_by_type:
             return rot(x, position_ids, layer_type)
-        local = getattr(self.base, "rotary_emb_local", None)  # transformers 4.x: a module per base
+        local = getattr(self.base, "rotary_emb_local", None)
         return (local if layer_type == "sliding_attention" and local is not None else rot)(x, position_ids)

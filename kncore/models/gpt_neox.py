@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL, activation
-from .llama import _rotate_half
+from .llama import rope
 
 
 class GPTNeoXAdapter(Adapter):
@@ -56,8 +56,8 @@ class GPTNeoXAdapter(Adapter):
         cos, sin = self.tr.rotary_emb(x, position_ids)  # [B, n, rotary dims]
         cos, sin = cos[:, None], sin[:, None]
         r = cos.shape[-1]
-        q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
-        k = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
+        q = torch.cat([rope(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+        k = torch.cat([rope(k[..., :r], cos, sin), k[..., r:]], dim=-1)
         return q, k, v
 
     def attn_scale(self, L):
@@ -74,12 +74,6 @@ class GPTNeoXAdapter(Adapter):
 
     def down_module(self, L):
         return self.blocks[L].mlp.dense_4h_to_h
-
-    def down_weight(self, L):
-        return self.blocks[L].mlp.dense_4h_to_h.weight.t()
-
-    def down_bias(self, L):
-        return self.blocks[L].mlp.dense_4h_to_h.bias
 
     def final(self, h):
         # the head is lm_head in transformers 5, embed_out in 4

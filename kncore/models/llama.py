@@ -20,6 +20,11 @@ def _rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def rope(t, cos, sin):
+    """Rotary embedding on half-split pairs (LLaMA, GPT-NeoX): cos/sin broadcast to t."""
+    return t * cos + _rotate_half(t) * sin
+
+
 class LlamaAdapter(Adapter):
     arch = "llama"
     causal = True
@@ -76,8 +81,7 @@ class LlamaAdapter(Adapter):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = self._rope(L, x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         return q, k, v
 
     def _rope(self, L, x, position_ids):
