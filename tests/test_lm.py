@@ -31,6 +31,14 @@ def test_unsupported_folder_names_supported(tmp_path):
         kncore.load(str(tmp_path))
 
 
+def test_bidirectional_gemma_is_refused():
+    import transformers as tf
+    cfg = tf.Gemma3TextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=8, vocab_size=50, use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="bidirectional attention"):
+        kncore.from_hf(tf.Gemma3ForCausalLM(cfg), None)
+
+
 @pytest.mark.parametrize("arch", ["gpt_neox", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_local_folder_loads_through_load(arch, tmp_path):
     """A saved Hugging Face folder of each new family loads through kncore.load

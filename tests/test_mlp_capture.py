@@ -231,6 +231,7 @@ def _ids(lm, B=2, T=9):
     return ids
 
 
+@pytest.mark.every_arch
 @pytest.mark.skipif("cpu" not in DEVICES, reason="needs the Triton interpreter on CPU")
 def test_runtime_fused_equals_plain(tiny, monkeypatch):
     ids = _ids(tiny)

@@ -60,9 +60,6 @@ class GPTNeoXAdapter(Adapter):
         k = torch.cat([rope(k[..., :r], cos, sin), k[..., r:]], dim=-1)
         return q, k, v
 
-    def attn_scale(self, L):
-        return self.blocks[L].attention.scaling
-
     def attn_proj(self, L, o):
         return self.blocks[L].attention.dense(o)
 
