@@ -80,6 +80,7 @@ def _hf_ig(lm, ids, pos, target, L, alphas, weights):
     return a * g.sum(0), base
 
 
+@pytest.mark.every_arch
 def test_reference_equals_hf_hooks(tiny):
     P, T = _data(tiny)
     prompt, target = P[0], T[0]
