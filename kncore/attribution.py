@@ -42,7 +42,7 @@ import torch
 
 from . import runtime
 from .lm import LM, InputError
-from .models.base import BLOCK_PARALLEL, BLOCK_SEQUENTIAL
+from .models.base import BLOCK_PARALLEL, BLOCK_SANDWICH, BLOCK_SEQUENTIAL
 from .runtime import KVCache, Patch
 
 log = logging.getLogger("kncore")
@@ -377,7 +377,7 @@ def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _B
     # its MLP output, so it enters the residual stream after layer L as
     # (resid_pre + attn_out) + mlp_out(alpha): layer L's attention and (for
     # act) its whole MLP are not recomputed.
-    inject = ad.causal and ad.block_style in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL)
+    inject = ad.causal and ad.block_style in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL, BLOCK_SANDWICH)
     caps = [(site, L) for L in layers] + [("resid_pre", L) for L in layers]
     if inject:
         caps += [("attn_out", L) for L in layers]
@@ -394,9 +394,14 @@ def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _B
         act[L] = a
         if inject:
             h = out[("resid_pre", L)][:, 0]
-            entry[L] = h + out[("attn_out", L)][:, 0]  # the runtime's h + a
+            a = out[("attn_out", L)][:, 0]
+            # the runtime's h + a (sandwich: h + post_attn_norm(a))
+            entry[L] = h + (ad.post_attn_norm(L, a) if ad.block_style == BLOCK_SANDWICH else a)
             if site == "pre_act":  # the MLP's input, as the runtime forms it
-                x = ad.ln2(L, entry[L]) if ad.block_style == BLOCK_SEQUENTIAL else ad.ln1(L, h)
+                if ad.block_style == BLOCK_PARALLEL:
+                    x = ad.ln1(L, h) if ad.mlp_norm_shared else ad.ln2(L, h)
+                else:
+                    x = ad.ln2(L, entry[L])
                 aux[L] = ad.mlp_pre(L, x)[1]
         elif ad.causal:
             entry[L] = out[("resid_pre", L)]  # [B, 1, d]
@@ -458,6 +463,8 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
             else:
                 ax = base.aux[L]
                 m = ad.mlp_down(L, ad.mlp_act(L, z, None if ax is None else ax.index_select(0, items_)))
+            if ad.block_style == BLOCK_SANDWICH:
+                m = ad.post_mlp_norm(L, m)
             h = (base.entry[L].index_select(0, items_) + m)[:, None]
             segs.append((L + 1, h, items_, None, None))
         else:

@@ -46,7 +46,9 @@ from .selection import KNSet
 MODES = ("suppress", "enhance", "scale")
 SITES = ("act", "pre_act")
 # Module (under block L) whose output is the pre-activation site, per architecture.
-_PRE_ACT = {"gpt2": "mlp.c_fc", "gptj": "mlp.fc_in", "llama": "mlp.gate_proj", "bert": "intermediate.dense"}
+_PRE_ACT = {"gpt2": "mlp.c_fc", "gptj": "mlp.fc_in", "llama": "mlp.gate_proj", "bert": "intermediate.dense",
+            "gpt_neox": "mlp.dense_h_to_4h", "qwen2": "mlp.gate_proj", "qwen3": "mlp.gate_proj",
+            "gemma2": "mlp.gate_proj", "gemma3_text": "mlp.gate_proj"}
 
 
 def _check_neurons(lm: LM, neurons) -> dict[int, list[int]]:

@@ -82,10 +82,10 @@ def _load_hf(path: str):
     except Exception as e:  # noqa: BLE001 - re-raised with a clear message
         where = "local folder" if local else "name (not a local folder; hub downloads need network)"
         raise ValueError(f"cannot load a model config from {path!r} ({where}): {e}") from None
-    from .models import ADAPTERS
+    from .models import ADAPTERS, FAMILIES
     if cfg.model_type not in ADAPTERS:
         raise ValueError(f"unsupported architecture {cfg.model_type!r} in {path!r}; supported: "
-                         f"{', '.join(sorted(ADAPTERS))}")
+                         f"{', '.join(sorted(ADAPTERS))} ({FAMILIES})")
     auto = AutoModelForMaskedLM if cfg.model_type == "bert" else AutoModelForCausalLM
     model = auto.from_pretrained(path, local_files_only=local)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local)

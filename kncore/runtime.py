@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models.base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL
+from .models.base import Adapter, BLOCK_PARALLEL, BLOCK_SANDWICH, BLOCK_SEQUENTIAL
 
 SITES = ("resid_pre", "attn_out", "pre_act", "act", "mlp_out", "resid_post")
 NEURON_SITES = ("pre_act", "act")
@@ -252,11 +252,33 @@ def _attention_shared(ad: Adapter, L: int, q, k, v, allowed, past_k, past_v, pas
     k_rep = k.repeat_interleave(rep, dim=1) if rep > 1 else k
     v_rep = v.repeat_interleave(rep, dim=1) if rep > 1 else v
     s_new = torch.matmul(qf, k_rep.to(cd).transpose(-1, -2))
-    s = torch.cat([s_past, s_new], dim=-1) * scale
+    s = _softcap(ad, L, torch.cat([s_past, s_new], dim=-1) * scale)
     w = s.masked_fill(~allowed[:, None], torch.finfo(cd).min).softmax(-1)
     o_past = from_slots(torch.matmul(to_slots(w[..., :P].reshape(B, Hkv, rep * n, P)), past_v.to(cd)))
     o = o_past.reshape(B, H, n, Dh) + torch.matmul(w[..., P:], v_rep.to(cd))
     return o.to(v.dtype)
+
+
+def _softcap(ad: Adapter, L: int, s):
+    c = ad.attn_softcap(L)
+    return s if c is None else torch.tanh(s / c) * c
+
+
+def _allowed(ad: Adapter, L: int, key_valid, pos_ids, P: int, n: int):
+    """[B, n, P + n] bool: which keys each new token attends to. Cached keys
+    sit at positions 0..P-1 of their row (the cache is right-padded), new ones
+    at ``pos_ids``; a sliding window keeps query_pos - key_pos < W."""
+    B = key_valid.shape[0]
+    allowed = key_valid[:, None, :].expand(B, n, P + n)
+    if ad.causal:
+        i = torch.arange(n, device=key_valid.device)[:, None]
+        j = torch.arange(P + n, device=key_valid.device)[None, :]
+        allowed = allowed & ((j < P) | (j - P <= i))[None]
+    W = ad.attn_window(L)
+    if W is not None:
+        kpos = torch.cat([torch.arange(P, device=pos_ids.device).expand(B, P), pos_ids], dim=1)
+        allowed = allowed & ((pos_ids[:, :, None] - kpos[:, None, :]) < W)
+    return allowed
 
 
 def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal_offset, shared=None):
@@ -271,11 +293,7 @@ def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal
     if shared is not None:
         B, H, n, Dh = q.shape
         P = past_k.shape[2]
-        allowed = key_valid[:, None, :].expand(B, n, P + n)
-        if ad.causal:
-            i = torch.arange(n, device=x.device)[:, None]
-            j = torch.arange(P + n, device=x.device)[None, :]
-            allowed = allowed & ((j < P) | (j - P <= i))[None]
+        allowed = _allowed(ad, L, key_valid, pos_ids, P, n)
         o = _attention_shared(ad, L, q, k, v, allowed, past_k, past_v, *shared)
         return ad.attn_proj(L, o.transpose(1, 2).reshape(B, n, H * Dh)), k, v
     if past_k is not None:
@@ -285,22 +303,19 @@ def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal
         k_all, v_all = k, v
     B, H, n, Dh = q.shape
     P = k_all.shape[2] - n
-    allowed = key_valid[:, None, :].expand(B, n, P + n)
-    if ad.causal:
-        i = torch.arange(n, device=x.device)[:, None]
-        j = torch.arange(P + n, device=x.device)[None, :]
-        allowed = allowed & ((j < P) | (j - P <= i))[None]
+    allowed = _allowed(ad, L, key_valid, pos_ids, P, n)
     rep = ad.n_heads // ad.n_kv_heads
     if rep > 1:
         k_rep, v_rep = k_all.repeat_interleave(rep, dim=1), v_all.repeat_interleave(rep, dim=1)
     else:
         k_rep, v_rep = k_all, v_all
     scale = ad.attn_scale(L)
-    if ad.attn_upcast() or q.dtype != torch.float32:
+    if ad.attn_upcast() or q.dtype != torch.float32 or ad.attn_softcap(L) is not None:
         # Scores and softmax in fp32 (as HF does for GPT-J, and as every HF
         # eager path does for the softmax); probabilities cast back to v's dtype.
+        # SDPA has no soft-capping: capped scores take this path too.
         up = torch.promote_types(q.dtype, torch.float32)  # fp64 stays fp64
-        s = torch.matmul(q.to(up), k_rep.to(up).transpose(-1, -2)) * scale
+        s = _softcap(ad, L, torch.matmul(q.to(up), k_rep.to(up).transpose(-1, -2)) * scale)
         s = s.masked_fill(~allowed[:, None], torch.finfo(s.dtype).min)
         o = torch.matmul(s.softmax(-1).to(v_rep.dtype), v_rep)
     else:
@@ -427,7 +442,10 @@ def run(
             h = h + a
             mlp_in = ad.ln2(L, h)
         elif ad.block_style == BLOCK_PARALLEL:
-            mlp_in = x
+            mlp_in = x if ad.mlp_norm_shared else ad.ln2(L, h)
+        elif ad.block_style == BLOCK_SANDWICH:
+            h = h + ad.post_attn_norm(L, a)
+            mlp_in = ad.ln2(L, h)
         else:  # post-LN
             h = ad.post_attn_norm(L, h + a)
             mlp_in = h
@@ -436,6 +454,8 @@ def run(
             h = h + m
         elif ad.block_style == BLOCK_PARALLEL:
             h = h + a + m
+        elif ad.block_style == BLOCK_SANDWICH:
+            h = h + ad.post_mlp_norm(L, m)
         else:
             h = ad.post_mlp_norm(L, h + m)
         h = site("resid_post", L, h)

@@ -7,7 +7,10 @@ import torch
 
 from .lm import LM
 
-ARCHS = ("gpt2", "gptj", "llama", "bert")
+# Every architecture with a tiny model. The test suite runs most tests on the
+# first four; tests marked ``every_arch`` run on all (tests/conftest.py).
+CORE_ARCHS = ("gpt2", "gptj", "llama", "bert")
+ARCHS = CORE_ARCHS + ("gpt_neox", "gpt_neox_seq", "qwen2", "qwen3", "gemma2", "gemma3")
 
 _WORDS = (
     "the capital of canada is ottawa france paris italy rome germany berlin japan tokyo "
@@ -40,8 +43,9 @@ def tiny_tokenizer(mlm: bool = False):
 
 
 def tiny_model(arch: str, *, seed: int = 0, d_model: int = 40, d_ff: int = 123, n_layers: int = 3,
-               n_heads: int = 4, n_ctx: int = 64, vocab_size: int | None = None):
-    """A randomly initialised HF model of the given architecture."""
+               n_heads: int = 4, n_ctx: int = 64, vocab_size: int | None = None, window: int = 5):
+    """A randomly initialised HF model of the given architecture. ``window``:
+    the sliding window of Qwen2's and Gemma's windowed layers."""
     import transformers as tf
 
     V = vocab_size or (len(SPECIAL) + len(dict.fromkeys(_WORDS)))
@@ -60,6 +64,39 @@ def tiny_model(arch: str, *, seed: int = 0, d_model: int = 40, d_ff: int = 123, 
                              num_key_value_heads=max(1, n_heads // 2), intermediate_size=d_ff, vocab_size=V,
                              max_position_embeddings=n_ctx, bos_token_id=5, eos_token_id=6, pad_token_id=0)
         model = tf.LlamaForCausalLM(cfg)
+    elif arch in ("gpt_neox", "gpt_neox_seq"):  # Pythia's parallel residual, and off
+        cfg = tf.GPTNeoXConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                               intermediate_size=d_ff, vocab_size=V, max_position_embeddings=n_ctx,
+                               rotary_pct=0.6, use_parallel_residual=(arch == "gpt_neox"),
+                               bos_token_id=5, eos_token_id=6)
+        model = tf.GPTNeoXForCausalLM(cfg)
+    elif arch in ("qwen2", "qwen3"):
+        common = dict(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                      num_key_value_heads=max(1, n_heads // 2), intermediate_size=d_ff, vocab_size=V,
+                      max_position_embeddings=n_ctx, bos_token_id=5, eos_token_id=6, pad_token_id=0,
+                      tie_word_embeddings=False)
+        if arch == "qwen2":  # biases on q, k, v; a 5-token window on the layers from 1 up
+            cfg = tf.Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=1, **common)
+            model = tf.Qwen2ForCausalLM(cfg)
+        else:  # q and k norms per head
+            cfg = tf.Qwen3Config(head_dim=d_model // n_heads, **common)
+            model = tf.Qwen3ForCausalLM(cfg)
+    elif arch in ("gemma2", "gemma3"):
+        # A 5-token window, so 17-token tests cross it; caps low enough to bite
+        # on these weights; query_pre_attn_scalar != head_dim.
+        common = dict(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                      num_key_value_heads=max(1, n_heads // 2), head_dim=d_model // n_heads,
+                      intermediate_size=d_ff, vocab_size=V, max_position_embeddings=n_ctx,
+                      query_pre_attn_scalar=d_model // n_heads + 3, sliding_window=window,
+                      final_logit_softcapping=8.0, bos_token_id=5, eos_token_id=6, pad_token_id=0,
+                      layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                   for i in range(n_layers)])
+        if arch == "gemma2":
+            cfg = tf.Gemma2Config(attn_logit_softcapping=4.0, **common)
+            model = tf.Gemma2ForCausalLM(cfg)
+        else:
+            cfg = tf.Gemma3TextConfig(**common)
+            model = tf.Gemma3ForCausalLM(cfg)
     elif arch == "bert":
         cfg = tf.BertConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
                             intermediate_size=d_ff, vocab_size=V, max_position_embeddings=n_ctx, pad_token_id=0)
@@ -72,6 +109,8 @@ def tiny_model(arch: str, *, seed: int = 0, d_model: int = 40, d_ff: int = 123, 
         for n, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.6 / p.shape[-1] ** 0.5 * 2)
+            elif arch not in CORE_ARCHS:
+                p.add_(torch.randn_like(p), alpha=0.1)  # HF zeroes biases and Gemma's norm weights
     return model.eval()
 
 

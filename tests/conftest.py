@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kncore.testing import ARCHS, tiny_lm
+from kncore.testing import ARCHS, CORE_ARCHS, tiny_lm
 
 # Every test starts from its own fixed seed (a hash of its id), so CI is
 # deterministic and a failure is reproduced by running that one test.
@@ -44,9 +44,27 @@ def _seed(request):
     yield
 
 
-@pytest.fixture(params=ARCHS)
+@pytest.fixture
 def arch(request):
     return request.param
+
+
+def _names(mark):
+    names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+    return [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+
+
+def pytest_generate_tests(metafunc):
+    """``arch`` (and ``tiny``, which follows it) runs over CORE_ARCHS, or over
+    every tiny architecture (GPT-NeoX, Qwen, Gemma too) for tests marked
+    ``every_arch``: the methods' tests, kept few to keep the suite's time.
+    A test's own parametrisation of ``arch`` wins."""
+    if "arch" not in metafunc.fixturenames:
+        return
+    if any("arch" in _names(m) for m in metafunc.definition.iter_markers("parametrize")):
+        return
+    every = metafunc.definition.get_closest_marker("every_arch") is not None
+    metafunc.parametrize("arch", ARCHS if every else CORE_ARCHS, indirect=True)
 
 
 @pytest.fixture

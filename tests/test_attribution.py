@@ -34,6 +34,7 @@ def _rel(a, b):
     return ((a - b).abs().amax(dim=(-1, -2)) / b.abs().amax(dim=(-1, -2))).max().item()
 
 
+@pytest.mark.every_arch
 @pytest.mark.parametrize("site", ["act", "pre_act"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fast_equals_reference(tiny, site, scheme):
@@ -79,6 +80,7 @@ def _hf_ig(lm, ids, pos, target, L, alphas, weights):
     return a * g.sum(0), base
 
 
+@pytest.mark.every_arch
 def test_reference_equals_hf_hooks(tiny):
     P, T = _data(tiny)
     prompt, target = P[0], T[0]

@@ -48,6 +48,7 @@ def _no_hooks(model):
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+@pytest.mark.every_arch
 @pytest.mark.parametrize("site", ["act", "pre_act"])
 @pytest.mark.parametrize("mode", ["suppress", "scale"])
 def test_runtime_equals_hf_forward(tiny, site, mode):

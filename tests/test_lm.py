@@ -16,8 +16,41 @@ def test_unsupported_architecture_names_supported():
     import transformers as tf
     m = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
                                        vocab_size=50, word_embed_proj_dim=16))
-    with pytest.raises(ValueError, match="unsupported architecture 'opt'.*gpt2.*llama"):
+    with pytest.raises(ValueError, match="unsupported architecture 'opt'") as err:
         kncore.from_hf(m, None)
+    from kncore.models import ADAPTERS
+    assert all(repr(mt)[1:-1] in str(err.value) for mt in ADAPTERS)  # every supported model_type
+    assert "T5" in str(err.value)  # and what is not yet supported
+
+
+def test_unsupported_folder_names_supported(tmp_path):
+    import transformers as tf
+    tf.OPTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                 vocab_size=50, word_embed_proj_dim=16).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported architecture 'opt'.*gemma2.*gpt_neox.*qwen3"):
+        kncore.load(str(tmp_path))
+
+
+def test_bidirectional_gemma_is_refused():
+    import transformers as tf
+    cfg = tf.Gemma3TextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=8, vocab_size=50, use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="bidirectional attention"):
+        kncore.from_hf(tf.Gemma3ForCausalLM(cfg), None)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen2", "qwen3", "gemma2", "gemma3"])
+def test_local_folder_loads_through_load(arch, tmp_path):
+    """A saved Hugging Face folder of each new family loads through kncore.load
+    (AutoModel, AutoTokenizer, the adapter) with the same logits."""
+    lm = tiny_lm(arch, seed=int(torch.randint(0, 1000, ())))
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    got = kncore.load(str(tmp_path))
+    assert type(got.adapter) is type(lm.adapter) and got.n_layers == lm.n_layers
+    ids = torch.tensor([got.tokenize("the capital of canada is ottawa and the capital of france is")])
+    with torch.no_grad():
+        assert torch.equal(got.run(ids).logits, lm.run(ids).logits)
 
 
 def test_load_missing_path():

@@ -209,8 +209,11 @@ def test_mlp_params_reproduce_the_adapter(arch):
     ad = lm.adapter
     p, why = op.mlp_params(ad, 1)
     assert why is None
-    assert p["act"] == {"gpt2": "gelu_tanh", "gptj": "gelu_tanh", "bert": "gelu", "llama": "silu"}[arch]
-    assert (p["w_up"] is not None) == (arch == "llama")
+    assert p["act"] == {"gpt2": "gelu_tanh", "gptj": "gelu_tanh", "bert": "gelu", "llama": "silu",
+                        "gpt_neox": "gelu", "gpt_neox_seq": "gelu", "qwen2": "silu", "qwen3": "silu",
+                        "gemma2": "gelu_tanh", "gemma3": "gelu_tanh"}[arch]
+    gated = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+    assert (p["w_up"] is not None) == (arch in gated)
     x = torch.randn(7, ad.d_model)
     pre, aux = ad.mlp_pre(1, x)
     act = ad.mlp_act(1, pre, aux)
@@ -228,6 +231,7 @@ def _ids(lm, B=2, T=9):
     return ids
 
 
+@pytest.mark.every_arch
 @pytest.mark.skipif("cpu" not in DEVICES, reason="needs the Triton interpreter on CPU")
 def test_runtime_fused_equals_plain(tiny, monkeypatch):
     ids = _ids(tiny)

@@ -30,6 +30,7 @@ def test_logits_match_hf(tiny):
     assert (ref - out).abs().max().item() <= 1e-4 * _scale(ref)
 
 
+@pytest.mark.every_arch
 @pytest.mark.parametrize("T", [1, 17])
 def test_logits_match_hf_lengths(tiny, T):
     ids = _rand_batch(tiny, B=2, T=T)
@@ -39,6 +40,22 @@ def test_logits_match_hf_lengths(tiny, T):
     assert (ref - out).abs().max().item() <= 1e-4 * _scale(ref)
 
 
+@pytest.mark.every_arch
+def test_bf16_error_at_most_twice_plain_bf16(arch):
+    """bf16 logits: the runtime's error against the fp32 Hugging Face forward is
+    at most twice that of the Hugging Face forward run in bf16."""
+    from kncore.testing import tiny_lm
+    seed = int(torch.randint(0, 10_000, ()))
+    lm32, lm16 = tiny_lm(arch, seed=seed), tiny_lm(arch, seed=seed, dtype=torch.bfloat16)
+    ids = _rand_batch(lm32)
+    with torch.no_grad():
+        ref = lm32.model(ids).logits
+        plain = lm16.model(ids).logits.float()
+        ours = lm16.run(ids).logits.float()
+    assert (ours - ref).abs().max() <= 2 * (plain - ref).abs().max()
+
+
+@pytest.mark.every_arch
 def test_right_padding_matches_unpadded(tiny):
     ids = _rand_batch(tiny, B=2, T=11)
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -63,6 +80,7 @@ def _hf_hooks(lm, L, store):
     return hs
 
 
+@pytest.mark.every_arch
 def test_capture_equals_hf_hooks(tiny):
     import kncore.models.base  # noqa: F401
     ids = _rand_batch(tiny)
@@ -155,6 +173,7 @@ def test_patch_value_and_fn(tiny):
     assert torch.allclose(twice[("mlp_out", 2)], 2 * plain[("mlp_out", 2)])
 
 
+@pytest.mark.every_arch
 @pytest.mark.parametrize("L", [0, 1, 2])
 def test_cached_suffix_equals_full_recompute(tiny, L):
     if tiny.is_mlm:
@@ -168,6 +187,7 @@ def test_cached_suffix_equals_full_recompute(tiny, L):
     assert torch.allclose(part.logits, full.logits[:, p:], atol=1e-5 * _scale(full.logits))
 
 
+@pytest.mark.every_arch
 def test_cached_suffix_broadcast_prefix_and_patches(tiny):
     """One prefix row serves many rows, each with its own patch: what IG does."""
     if tiny.is_mlm:

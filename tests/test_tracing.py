@@ -41,6 +41,17 @@ def _rel(a, b):
     return ((a - b).abs() / b.abs()).max().item()
 
 
+@pytest.mark.every_arch
+def test_embedding_std_is_that_of_the_embedding_output(tiny):
+    """The noise scale ("3sd") is measured on what the noise is added to: the
+    embedding module's output (Gemma's scales its rows by sqrt(d_model))."""
+    emb = tiny.adapter.embedding_module()
+    with torch.no_grad():
+        out = emb(torch.arange(emb.weight.shape[0]))
+    assert core.embedding_std(tiny) == pytest.approx(float(out.float().std()), rel=1e-5)
+
+
+@pytest.mark.every_arch
 def test_trace_equals_rome_loop(tiny, monkeypatch):
     rng = _rng()
     prompt, subject = _prompt(tiny, rng, rng.randint(5, 8))

@@ -17,6 +17,10 @@ from torch import nn
 BLOCK_SEQUENTIAL = "sequential"  # pre-LN: h += attn(ln1 h); h += mlp(ln2 h)   (GPT-2, LLaMA)
 BLOCK_PARALLEL = "parallel"      # pre-LN: h += attn(ln1 h) + mlp(ln1 h)        (GPT-J)
 BLOCK_POST_LN = "post_ln"        # post-LN: h = ln(h + attn h); h = ln(h + mlp h) (BERT)
+# pre- and post-norm around each sublayer: h += pn1(attn(ln1 h)); h += pn2(mlp(ln2 h)) (Gemma-2/3).
+# attn_out and mlp_out are the sublayer outputs before their post-norms (the
+# Hugging Face attention and MLP module outputs, the value space ROME edits).
+BLOCK_SANDWICH = "sandwich"
 
 
 # Hugging Face's tanh-approximate GELUs, written as several elementwise ops in
@@ -52,6 +56,9 @@ class Adapter:
     causal: bool = True
     block_style: str = BLOCK_SEQUENTIAL
     adds_bos: bool = False
+    # BLOCK_PARALLEL: the MLP reads ln1's output (GPT-J) or, False, its own
+    # norm ln2 of the block input (GPT-NeoX's post_attention_layernorm).
+    mlp_norm_shared: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -88,6 +95,14 @@ class Adapter:
     def attn_scale(self, L: int) -> float:
         return self.head_dim ** -0.5
 
+    def attn_softcap(self, L: int) -> float | None:
+        """c where scores are soft-capped, c * tanh(s / c), before the mask (Gemma-2)."""
+        return None
+
+    def attn_window(self, L: int) -> int | None:
+        """W where block L attends only to keys with query_pos - key_pos < W."""
+        return None
+
     def attn_upcast(self) -> bool:
         """Whether scores are computed in fp32 whatever the model dtype."""
         return False
@@ -106,11 +121,12 @@ class Adapter:
         raise NotImplementedError
 
     def down_weight(self, L: int) -> torch.Tensor:
-        """The down-projection weight as [d_ff, d_model] (a view, no copy)."""
-        raise NotImplementedError
+        """The down-projection weight as [d_ff, d_model] (a view, no copy);
+        by default that of an nn.Linear down_module."""
+        return self.down_module(L).weight.t()
 
     def down_bias(self, L: int):
-        raise NotImplementedError
+        return self.down_module(L).bias
 
     def down_module(self, L: int) -> nn.Module:
         """The module that holds the down-projection (ROME edits it)."""
@@ -121,10 +137,12 @@ class Adapter:
         b = self.down_bias(L)
         return out if b is None else out + b
 
-    def post_attn_norm(self, L: int, h: torch.Tensor) -> torch.Tensor:  # post-LN only
+    def post_attn_norm(self, L: int, h: torch.Tensor) -> torch.Tensor:
+        """Post-LN: the norm of h + attn_out; sandwich: the norm of attn_out."""
         raise NotImplementedError
 
-    def post_mlp_norm(self, L: int, h: torch.Tensor) -> torch.Tensor:  # post-LN only
+    def post_mlp_norm(self, L: int, h: torch.Tensor) -> torch.Tensor:
+        """Post-LN: the norm of h + mlp_out; sandwich: the norm of mlp_out."""
         raise NotImplementedError
 
     def final(self, h: torch.Tensor) -> torch.Tensor:

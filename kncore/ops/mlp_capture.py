@@ -166,22 +166,24 @@ def _in_out_weight(mod):
 def mlp_params(ad, L: int):
     """``(params, reason)``: the up-projection of block L as kernel arguments
     ``dict(act, w, b, w_up, b_up)``, or None and why the fused path cannot take it."""
-    from ..models import bert, gpt2, gptj, llama
+    from ..models import bert, gpt2, gpt_neox, gptj, llama
 
-    known = {"gpt2": gpt2.GPT2Adapter, "gptj": gptj.GPTJAdapter, "bert": bert.BertAdapter,
-             "llama": llama.LlamaAdapter}
-    cls = known.get(ad.arch)
+    # LlamaAdapter's subclasses (Qwen2/3, Gemma-2/3) share its MLP
+    cls = next((c for c in (gpt2.GPT2Adapter, gptj.GPTJAdapter, bert.BertAdapter, llama.LlamaAdapter,
+                            gpt_neox.GPTNeoXAdapter) if isinstance(ad, c)), None)
     if cls is None:
         return None, f"architecture {ad.arch!r} has no fused-MLP mapping"
     if type(ad).mlp_pre is not cls.mlp_pre or type(ad).mlp_act is not cls.mlp_act:
         return None, f"{type(ad).__name__} overrides mlp_pre/mlp_act"
     blk = ad.blocks[L]
-    if ad.arch == "llama":
+    if cls is llama.LlamaAdapter:
         up, fn, gate_up = blk.mlp.gate_proj, blk.mlp.act_fn, blk.mlp.up_proj
-    elif ad.arch == "bert":
+    elif cls is bert.BertAdapter:
         up, fn, gate_up = blk.intermediate.dense, blk.intermediate.intermediate_act_fn, None
+    elif cls is gpt_neox.GPTNeoXAdapter:
+        up, fn, gate_up = blk.mlp.dense_h_to_4h, blk.mlp.act, None
     else:  # gpt2: c_fc (Conv1D); gptj: fc_in (Linear)
-        up, fn, gate_up = (blk.mlp.c_fc if ad.arch == "gpt2" else blk.mlp.fc_in), blk.mlp.act, None
+        up, fn, gate_up = (blk.mlp.c_fc if cls is gpt2.GPT2Adapter else blk.mlp.fc_in), blk.mlp.act, None
     act = activation_name(fn)
     if act is None:
         return None, f"activation {type(fn).__name__} has no kernel"

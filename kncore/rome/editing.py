@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lm import InputError
-from ..models.base import BLOCK_PARALLEL, BLOCK_SEQUENTIAL
+from ..models.base import BLOCK_PARALLEL, BLOCK_SANDWICH, BLOCK_SEQUENTIAL
 from ..runtime import KVCache
 from .hparams import ROMEHparams, hparams_for, load_hparams
 from .stats import LayerStats, StatsCacheMismatch, layer_stats, load_stats
@@ -277,6 +277,13 @@ def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
     h_suf = resid.gather(1, col.clamp(max=T - 1)[..., None].expand(-1, -1, resid.shape[-1]))
     onehot = torch.zeros(B, S, 1, dtype=resid.dtype, device=dev)
     onehot[torch.arange(B, device=dev), look - look_eff] = 1
+    # ROME's delta is added to the MLP output (the down-projection's, whose
+    # weight it edits). Where a norm follows the MLP (BLOCK_SANDWICH) the
+    # residual stream changes by post(m + delta) - post(m) at the lookup token.
+    post = ad.post_mlp_norm if ad.block_style == BLOCK_SANDWICH else None
+    if post is not None:
+        m_look = pre[("mlp_out", layer)][torch.arange(B, device=dev), look][:, None]  # [B, 1, d]
+        post_m = post(layer, m_look)
     del pre, resid
 
     # Scored positions: each target token of each rewriting row, then the KL rows' lookup.
@@ -305,7 +312,10 @@ def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
     max_norm = hparams.clamp_norm_factor * v_init.norm()
     start = layer + 1
     for it in range(hparams.v_num_grad_steps):
-        h_in = h_suf + onehot * delta.to(h_suf.dtype)
+        if post is None:
+            h_in = h_suf + onehot * delta.to(h_suf.dtype)
+        else:
+            h_in = h_suf + onehot * (post(layer, m_look + delta.to(m_look.dtype)) - post_m)
         if cache is None:
             o = lm.run(hidden=h_in, start_layer=start, attention_mask=suf_mask, logits=None) if start < N else None
         else:
@@ -456,7 +466,7 @@ def edit(lm, request, hparams=None, *, stats=None, cache_dir=None) -> Edit:
     """
     if lm.is_mlm:
         raise InputError("ROME edits causal LMs; this is a masked LM")
-    if lm.adapter.block_style not in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL):
+    if lm.adapter.block_style not in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL, BLOCK_SANDWICH):
         raise InputError(f"ROME needs a residual MLP output; block style {lm.adapter.block_style!r} is not supported")
     hp = hparams_for(lm) if hparams is None else load_hparams(hparams)
     hp.validate()

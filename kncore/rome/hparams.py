@@ -234,6 +234,8 @@ _BY_MODEL = {
     "llama-2-7b": "llama-2-7b",
     "llama-2-7b-hf": "llama-2-7b",
     "smollm2-135m": "smollm2-135m",
+    "gpt-neox-20b": "gpt-neox-20b",
+    "qwen2.5-7b": "qwen2.5-7b",
 }
 
 

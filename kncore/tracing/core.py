@@ -71,7 +71,10 @@ def embedding_std(lm: LM, subjects: Sequence[str] | None = None) -> float:
     """
     emb = lm.adapter.embedding_module()
     if subjects is None:
-        return float(emb.weight.detach().float().std())
+        # Gemma's embedding module (transformers >= 5) multiplies its rows by
+        # embed_scale = sqrt(d_model): its output's std is the rows' std times that.
+        scale = getattr(emb, "embed_scale", None)
+        return float(emb.weight.detach().float().std()) * (1.0 if scale is None else float(scale))
     if isinstance(subjects, str):
         raise InputError("noise_subjects must be a list of subject strings, not one string")
     ids = []
