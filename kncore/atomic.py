@@ -129,6 +129,15 @@ def recorded_digest(path) -> str:
     return digest
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptFile(path, "is missing") from None
+    except OSError as e:
+        raise CorruptFile(path, f"cannot be read ({e.strerror})") from None
+
+
 def check_bytes(path, data: bytes, digest: str) -> bytes:
     if sha256_bytes(data) != digest:
         raise CorruptFile(path, f"checksum mismatch ({len(data)} bytes on disk): the file was truncated or "
@@ -144,13 +153,7 @@ def read_verified(path, digest: str | None = None) -> bytes:
         if not path.exists():
             raise CorruptFile(path, "is missing")
         digest = recorded_digest(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CorruptFile(path, "is missing") from None
-    except OSError as e:
-        raise CorruptFile(path, f"cannot be read ({e.strerror})") from None
-    return check_bytes(path, data, digest)
+    return check_bytes(path, _read(path), digest)
 
 
 def verify(path, digest: str | None = None) -> None:
@@ -226,14 +229,7 @@ def loads_checked(path, text: str | bytes, *, required: bool = True) -> dict:
 
 
 def read_json_checked(path, *, required: bool = True) -> dict:
-    path = Path(path)
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise CorruptFile(path, "is missing") from None
-    except OSError as e:
-        raise CorruptFile(path, f"cannot be read ({e.strerror})") from None
-    return loads_checked(path, text, required=required)
+    return loads_checked(path, _read(Path(path)), required=required)
 
 
 def write_json_checked(path, obj: dict, *, indent=None) -> str:

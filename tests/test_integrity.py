@@ -29,13 +29,7 @@ from kncore.tracing import corpus as corpus_mod
 HOW = ("truncate", "flip", "delete")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seed():
@@ -93,7 +87,12 @@ def attribute_run(tmp_path_factory):
     args = ["attribute", "--model", f"tiny-gpt2:{int(rng.integers(100))}", "--data", str(data), "--steps", "3",
             "--chunk", "1", "--save-dense", "--batch-size", "4", "--no-progress"]
     clean = tmp / "clean"
-    assert main([*args, "--out", str(clean)]) == 0
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture, which a module fixture runs before
+    try:
+        assert main([*args, "--out", str(clean)]) == 0
+    finally:
+        torch.set_num_threads(n)
     return args, clean
 
 
@@ -170,32 +169,42 @@ def test_saved_tensors_are_checked(tmp_path):
 
 # -- commit by time ---------------------------------------------------------------------------
 def test_run_items_commits_by_time_as_well_as_count(tmp_path):
-    """Items that take 4 s each under commit_seconds=10: one item to measure,
-    then blocks of 2 (never more than chunk), so a kill loses at most ~10 s."""
+    """Items that take 4 s each under commit_seconds=10: the first item alone
+    (timed), then cells of 2 on a fixed grid over the items, so a kill loses
+    at most ~10 s; a resumed run reuses the recorded size and grid, whatever
+    its own timing, so it batches exactly as the uninterrupted run."""
     now, sizes = [0.0], []
 
-    def work_costing(seconds):
+    def work_costing(seconds, fail_at=None):
         def work(chunk):
-            sizes.append(len(chunk))
+            if fail_at is not None and len(sizes) == fail_at:
+                raise KeyboardInterrupt
+            sizes.append([k for k, _ in chunk])
             now[0] += seconds * len(chunk)
             return {"t": [{"key": k, "v": v} for k, v in chunk]}
         return work
 
     items = [(f"{i:03d}", (f"{i:03d}", i)) for i in range(9)]
+    kw = dict(table="t", chunk=8, commit_seconds=10, clock=lambda: now[0])
     rd = RunDir.open(tmp_path / "r", {})
-    assert run_items(rd, items, work_costing(4.0), table="t", chunk=8, commit_seconds=10,
-                     clock=lambda: now[0]) == 9
-    assert sizes == [1, 2, 2, 2, 2]
-    assert len(list((tmp_path / "r" / "commits").glob("*.json"))) == 5
-    # fast items: blocks grow to chunk, not beyond
+    assert run_items(rd, items, work_costing(4.0), **kw) == 9
+    whole = list(sizes)
+    assert [len(b) for b in whole] == [1, 1, 2, 2, 2, 1]
+    assert len(list((tmp_path / "r" / "commits").glob("*.json"))) == 6 and rd.block_size("t") == 2
     sizes.clear()
     rd2 = RunDir.open(tmp_path / "r2", {})
-    assert run_items(rd2, items, work_costing(0.01), table="t", chunk=3, commit_seconds=10,
-                     clock=lambda: now[0]) == 9
-    assert sizes == [1, 3, 3, 2]
+    with pytest.raises(KeyboardInterrupt):
+        run_items(rd2, items, work_costing(4.0, fail_at=3), **kw)
+    assert run_items(rd2, items, work_costing(0.01), **kw) == 5  # fast now: the grid is kept
+    assert sizes == whole
     assert [r["v"] for r in rd2.read("t").to_pylist()] == list(range(9))
+    # fast items: blocks grow to chunk, not beyond
+    sizes.clear()
+    rd3 = RunDir.open(tmp_path / "r3", {})
+    assert run_items(rd3, items, work_costing(0.01), **{**kw, "chunk": 3}) == 9
+    assert [len(b) for b in sizes] == [1, 2, 3, 3]
     with pytest.raises(kncore.InputError, match="commit_seconds"):
-        run_items(rd2, items, work_costing(1), table="t", commit_seconds=0)
+        run_items(rd3, items, work_costing(1), table="t", commit_seconds=0)
 
 
 # -- layer statistics: the cache file and the checkpoint ----------------------------------------------
