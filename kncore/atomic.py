@@ -190,7 +190,10 @@ def set_aside(path, where: Path | None = None) -> Path | None:
         while dest.exists():
             dest = base.with_name(f"{base.name}.{n}")
             n += 1
-        os.replace(p, dest)
+        try:
+            os.replace(p, dest)
+        except FileNotFoundError:  # another process (a rank) set it aside first
+            continue
         moved = moved or dest
     return moved
 
