@@ -289,6 +289,10 @@ def test_damaged_trace_record_is_named_and_traced_again(tmp_path, caplog):
             corpus_mod.trace_corpus(lm, recs, run, **kw)
         assert how == "delete" or _warned(caplog, victim)
         assert files(run) == want
+    # the same model under another name or path resumes the directory (identity is the fingerprint)
+    lm.name = "/another/folder/same-model"
+    corpus_mod.trace_corpus(lm, recs, tmp_path / "clean", **kw)
+    assert files(tmp_path / "clean") == want
     run = tmp_path / "truncate"
     _damage(run / "config.json", "flip")
     with pytest.raises(CorruptFile, match="config.json"):

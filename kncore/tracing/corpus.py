@@ -119,7 +119,8 @@ def trace_corpus(lm: LM, records, out_dir, *, kinds: Iterable[str] = KINDS, samp
             old = read_json_checked(cfg_path, required=False)  # no checksum: written by an older kncore
         except CorruptFile as e:
             raise CorruptFile(e.path, e.problem, f"use a new directory, or delete {out} to start over") from None
-        diff = sorted(k for k in config if old.get(k) != config[k])
+        # the model's name or path is a label: its identity is the fingerprint
+        diff = sorted(k for k in config if k != "model" and old.get(k) != config[k])
         if diff:
             raise InputError(f"{out} was made with other settings ({', '.join(diff)}): "
                              f"use a new directory or the same settings")
