@@ -918,7 +918,8 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--limit", type=int, help="only the first N items (per relation for localise)")
-    g.add_argument("--chunk", type=int, default=8, help="items per commit to the run directory (default: %(default)s)")
+    g.add_argument("--chunk", type=int, default=8, help="at most N items per commit to the run directory; a "
+                   "commit also comes after ~30 s of work, so a kill loses at most that (default: %(default)s)")
     g.add_argument("--max-tensor-gb", type=float, help="refuse dense tensors above this size (default 2)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks")

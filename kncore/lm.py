@@ -45,6 +45,7 @@ class LM:
         else:
             self.pad_id = tokenizer.pad_token_id
         self._fingerprint = None
+        self._tok_fingerprint = None
 
     # -- facts ---------------------------------------------------------------
     @property
@@ -95,6 +96,26 @@ class LM:
                 h.update(flat[idx].float().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    def tokenizer_fingerprint(self) -> str:
+        """A hash of what decides the token ids: the vocabulary (with added
+        tokens), the BPE merges, the special-token ids and the BOS policy;
+        never the folder the tokenizer was loaded from."""
+        if self._tok_fingerprint is None:
+            tok = self.tokenizer
+            merges = []
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is not None:
+                raw = json.loads(backend.to_str()).get("model", {}).get("merges") or []
+                # tokenizers writes a merge as "a b" or, in newer versions, ["a", "b"]
+                merges = [m if isinstance(m, str) else " ".join(m) for m in raw]
+            elif getattr(tok, "bpe_ranks", None):
+                merges = [" ".join(p) for p, _ in sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])]
+            special = {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "mask")}
+            ident = {"vocab": sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0])), "merges": merges,
+                     "special": special, "bos": self.bos}
+            self._tok_fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        return self._tok_fingerprint
 
     # -- tokenisation ----------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

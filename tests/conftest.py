@@ -85,3 +85,14 @@ def data_dir():
     if not DATA.is_dir():
         pytest.skip(f"shared data folder {DATA} is absent")
     return DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine
+    spinning OpenMP threads made each tiny matmul ~200x slower (measured in
+    tests/test_rundir.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

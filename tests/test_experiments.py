@@ -179,7 +179,8 @@ def test_localise_resumes_after_crash(data, tmp_path, monkeypatch):
     monkeypatch.setattr(A, "attribute", flaky)
     with pytest.raises(KeyboardInterrupt):
         X.localise(lm, [BLIMP, "P36"], tmp_path / "cut", **kw)
-    assert len(RunDir.load(tmp_path / "cut").done_keys("prompts")) == 6  # three chunks of two committed
+    # committed blocks survive (the first item alone, then blocks of at most `chunk`)
+    assert 0 < len(RunDir.load(tmp_path / "cut").done_keys("prompts")) < len(whole["prompts"])
     monkeypatch.setattr(A, "attribute", real)
     resumed = X.localise(lm, [BLIMP, "P36"], tmp_path / "cut", **kw)
     for t in ("localisation", "facts", "kn"):

@@ -118,15 +118,15 @@ def test_layer_stats_cache(tmp_path):
     b = rome.layer_stats(lm, [2, 1], texts, **kw)
     assert not calls, "the second call reads the cache"
     assert torch.equal(a[1].second_moment, b[1].second_moment) and torch.equal(a[2].mean, b[2].mean)
-    # The same name with other weights: refused, naming the fingerprint; recompute=True replaces it.
+    # The same name with other weights: the cache is addressed by content, so they get their
+    # own file and both stay cached; a file of one model given to the other is refused.
     other = tiny_lm("llama", seed=seed + 1)
-    with pytest.raises(rome.StatsCacheMismatch, match="fingerprint"):
-        rome.layer_stats(other, [1], texts, **kw)
-    c = rome.layer_stats(other, [1], texts, recompute=True, **kw)
-    assert rome.read_meta(path)["fingerprint"] == other.fingerprint()
+    c = rome.layer_stats(other, [1], texts, **kw)
+    assert c[1].path != path and rome.read_meta(c[1].path)["fingerprint"] == other.fingerprint()
+    assert rome.read_meta(path)["fingerprint"] == lm.fingerprint()
     assert not torch.equal(c[1].second_moment, a[1].second_moment)
     with pytest.raises(rome.StatsCacheMismatch, match="not this one"):
-        rome.load_stats(path, lm, 1)
+        rome.load_stats(path, other, 1)
 
 
 def test_layer_stats_resume_after_interrupt(tmp_path):

@@ -166,10 +166,10 @@ def test_run_items_resumes_without_duplicates(tmp_path):
     items_idx = [(k, (int(k), v)) for k, v in items]
     rd = RunDir.open(tmp_path / "r", {})
     with pytest.raises(KeyboardInterrupt):
-        run_items(rd, items_idx, lambda c: work(c, fail_at=3), table="t", chunk=5)
+        run_items(rd, items_idx, lambda c: work(c, fail_at=3), table="t", chunk=5, commit_seconds=None)
     assert len(rd.done_keys("t")) == 10
     calls.clear()
-    assert run_items(rd, items_idx, work, table="t", chunk=5) == 13
+    assert run_items(rd, items_idx, work, table="t", chunk=5, commit_seconds=None) == 13
     assert calls == [5, 5, 3]
     got = rd.read("t").to_pylist()
     assert [r["key"] for r in got] == [k for k, _ in items]

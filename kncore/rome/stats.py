@@ -15,9 +15,15 @@ model's context, 1024 for GPT-2 XL and 2048 for GPT-J; here
 
 Results are cached (one safetensors file per layer, JSON metadata in its
 header: model fingerprint, layer, corpus identity, n_samples, max_length,
-dtype, tokenizer). A cached file whose metadata does not match the request is
-refused with :class:`StatsCacheMismatch` (naming the fields that differ)
-unless ``recompute=True``, which overwrites it. Every write is atomic.
+dtype, tokenizer). The cache is addressed by content, never by a path: the
+file's folder is the model fingerprint and the corpus digest, and its name
+ends in a hash of the whole identity (fingerprint, a hash of the tokenizer's
+vocabulary and merges, corpus kind and SHA-256, settings), so the same
+request finds the same file whichever path the model, tokenizer or corpus
+was loaded from, and a different one never collides with it. Every file is
+written atomically with a SHA-256 sidecar (:mod:`kncore.atomic`) and
+verified when read: a damaged or unmatched cache file is set aside and
+recomputed, with a warning naming it. ``recompute=True`` recomputes anyway.
 
 A long run checkpoints its partial sums every ``checkpoint_every`` batches
 (one atomic file per rank); calling :func:`layer_stats` again with the same
@@ -33,9 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +47,14 @@ from typing import Callable, Sequence
 import torch
 
 from .. import distributed as dist
+from ..atomic import CorruptFile, atomic_write, read_verified, set_aside, sidecar_path
 from ..lm import InputError
 from .corpus import Corpus, open_corpus, take
 
 log = logging.getLogger("kncore")
 
-FORMAT = 1
+# 2: content-addressed file names, tokenizer identified by a hash, SHA-256 sidecars
+FORMAT = 2
 _META_KEY = "kncore_rome_stats"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Not tuned yet: ROME batches 3 x n_ctx tokens (3072 for GPT-2); 4096 keeps a
@@ -85,8 +90,7 @@ class LayerStats:
     @property
     def key(self) -> str:
         """A hash of what the statistics were computed from (for in-memory caches)."""
-        ident = {k: v for k, v in self.meta.items() if k not in ("n_tokens", "n_texts", "seconds")}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return _digest(_identity(self.meta))
 
     @classmethod
     def from_tensor(cls, layer: int, C: torch.Tensor, n_tokens: int | None = None) -> "LayerStats":
@@ -102,57 +106,91 @@ def cache_dir_default() -> Path:
     return cache_root() / "rome_stats"
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_.")[:60] or "model"
-
-
 def _tokenizer_id(lm) -> dict:
-    tok = lm.tokenizer
-    return {"name": getattr(tok, "name_or_path", "") or type(tok).__name__, "vocab": len(tok), "bos": lm.bos}
+    """The tokenizer's content identity (see :meth:`kncore.lm.LM.tokenizer_fingerprint`)."""
+    return {"sha256": lm.tokenizer_fingerprint(), "vocab": len(lm.tokenizer), "bos": lm.bos}
+
+
+# Fields that describe a result (counts, timing) or label it (the model's name or
+# path, the corpus's path): recorded, never part of the identity.
+_NOT_IDENTITY = ("model", "n_tokens", "n_texts", "seconds", "position", "done")
+
+
+def _identity(meta: dict) -> dict:
+    """What a statistics file's numbers depend on: its metadata less labels and results."""
+    out = {k: v for k, v in meta.items() if k not in _NOT_IDENTITY}
+    if isinstance(out.get("corpus"), dict):
+        out["corpus"] = {k: v for k, v in out["corpus"].items() if k != "name"}
+    return out
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _atomic_save(tensors: dict, meta: dict, path: Path) -> None:
+    """Write a statistics or checkpoint file through kncore's one atomic,
+    checksummed write (a ``.sha256`` sidecar beside it)."""
     from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={_META_KEY: json.dumps(meta, sort_keys=True)}),
+                 sidecar=True)
 
 
-def read_meta(path) -> dict:
-    """The JSON metadata of a statistics (or checkpoint) file."""
-    from safetensors import safe_open
+def _meta_of(path, header_bytes: bytes) -> dict:
+    """The kncore metadata in a safetensors header (``header_bytes``: the file's start)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-    except Exception as e:  # noqa: BLE001 - a broken file gets one clear message
+        n = int.from_bytes(header_bytes[:8], "little")
+        header = json.loads(header_bytes[8:8 + n])
+        raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not a readable kncore statistics file: {e}") from None
     if raw is None:
         raise InputError(f"{path} is not a kncore ROME statistics file (no {_META_KEY} metadata)")
     return json.loads(raw)
 
 
+def read_meta(path) -> dict:
+    """The JSON metadata of a statistics (or checkpoint) file (header only, not verified)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            return _meta_of(path, head + f.read(int.from_bytes(head, "little") if len(head) == 8 else 0))
+    except OSError as e:
+        raise InputError(f"cannot read statistics file {path}: {e.strerror}") from None
+
+
+def _read_checked(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a statistics or checkpoint file, after checking its
+    bytes against its sidecar's SHA-256 (CorruptFile naming it otherwise)."""
+    from safetensors.torch import load
+    data = read_verified(path)
+    meta = _meta_of(path, data)
+    try:
+        return meta, load(data)
+    except Exception as e:  # noqa: BLE001 - a file whose checksum matches but safetensors refuses
+        raise CorruptFile(path, f"is not a readable safetensors file ({e})") from None
+
+
 def _diff(found: dict, want: dict) -> list[str]:
+    found, want = _identity(found), _identity(want)
     keys = sorted(set(found) | set(want))
-    return [f"{k}: file has {found.get(k)!r}, wanted {want.get(k)!r}" for k in keys
-            if k not in ("n_tokens", "n_texts", "seconds") and found.get(k) != want.get(k)]
+    return [f"{k}: file has {found.get(k)!r}, wanted {want.get(k)!r}" for k in keys if found.get(k) != want.get(k)]
 
 
 def load_stats(path, lm=None, layer: int | None = None) -> LayerStats:
-    """Load a statistics file; with ``lm`` (and ``layer``) check that it was
-    computed on this model (same fingerprint) and layer."""
-    from safetensors.torch import load_file
+    """Load a statistics file (verified against its checksum); with ``lm``
+    (and ``layer``) check that it was computed on this model (same weights
+    and tokenizer content) and layer."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"statistics file {path} does not exist")
-    meta = read_meta(path)
+    try:
+        meta, t = _read_checked(path)
+    except CorruptFile as e:
+        raise CorruptFile(e.path, e.problem, "delete it and compute the statistics again (kncore stats, or "
+                                             "kncore.rome.layer_stats, which also rebuilds a damaged cache file)"
+                          ) from None
     if meta.get("kind") != "stats":
         raise InputError(f"{path} is a {meta.get('kind')!r} file, not layer statistics")
     if lm is not None:
@@ -160,10 +198,10 @@ def load_stats(path, lm=None, layer: int | None = None) -> LayerStats:
         bad = [d for d in _diff({k: meta.get(k) for k in want}, want)]
         if bad:
             raise StatsCacheMismatch(f"statistics file {path} was computed for model {meta.get('model')!r}, "
-                                     f"not this one ({lm.name!r}): " + "; ".join(bad))
+                                     f"not this one ({lm.name!r}): " + "; ".join(bad) + "; compute statistics "
+                                     "for this model (kncore stats --model ..., or layer_stats) and pass those")
     if layer is not None and meta.get("layer") != layer:
         raise StatsCacheMismatch(f"statistics file {path} is for layer {meta.get('layer')}, not layer {layer}")
-    t = load_file(str(path))
     return LayerStats(meta["layer"], t["second_moment"], t["mean"], meta["n_tokens"], meta["n_texts"], meta, path)
 
 
@@ -258,8 +296,9 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
     ``n_samples``: number of texts (None: all). ``dtype``: accumulation dtype,
     ``"float32"`` (ROME's default) or ``"float64"``. ``cache_dir``: where the
     results and checkpoints live (default ``$KNCORE_CACHE/rome_stats``);
-    ``use_cache=False`` neither reads nor writes anything. ``recompute``:
-    overwrite a cached file that does not match instead of refusing it.
+    ``use_cache=False`` neither reads nor writes anything. The cache is
+    addressed by content (see the module doc); ``recompute``: compute again
+    and overwrite the cached file even when it checks out.
     ``progress``: True (a bar), False, or a callable given after every batch a
     dict with ``batches``, ``texts``, ``tokens``. Returns ``{layer: LayerStats}``.
     """
@@ -286,29 +325,32 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
     base = {"format": FORMAT, "kind": "stats", "model": lm.name, "fingerprint": lm.fingerprint(),
             "tokenizer": _tokenizer_id(lm), "site": "act", "corpus": corp.identity, "n_samples": n_samples,
             "max_length": max_len, "dtype": dtype}
-    root = None
+    root = ident = None
     if use_cache:
-        root = Path(cache_dir if cache_dir is not None else cache_dir_default()) / _slug(lm.name) / corp.slug
+        # content-addressed: model fingerprint / corpus digest / settings + identity hash
+        root = (Path(cache_dir if cache_dir is not None else cache_dir_default()) / lm.fingerprint()
+                / f"{corp.kind}-{corp.digest[:12]}")
+        ident = _digest(_identity(base))
     result: dict[int, LayerStats] = {}
     todo = []
     for L in layers:
-        path = None if root is None else root / f"layer{L}-{dtype}-n{n_samples or 'all'}-t{max_len}.safetensors"
-        if path is not None and path.exists():
-            want = dict(base, layer=L)
-            found = read_meta(path)
-            bad = _diff(found, want)
-            if not bad:
-                result[L] = load_stats(path)
-                continue
-            if not recompute:
-                raise StatsCacheMismatch(f"cached statistics {path} do not match this request "
-                                         f"({'; '.join(bad)}); pass recompute=True to overwrite them, "
-                                         "or another cache_dir")
-            log.warning("recomputing %s (%s)", path, "; ".join(bad))
+        path = None if root is None else root / f"layer{L}-{dtype}-n{n_samples or 'all'}-t{max_len}-{ident}.safetensors"
+        if path is not None and not recompute and (path.exists() or sidecar_path(path).exists()):
+            try:
+                st = load_stats(path)
+                bad = _diff(st.meta, dict(base, layer=L))
+                if not bad:
+                    result[L] = st
+                    continue
+                problem = "was made for another request (" + "; ".join(bad) + ")"
+            except InputError as e:  # damaged, truncated, no checksum: rebuilt
+                problem = getattr(e, "problem", str(e))
+            moved = set_aside(path)
+            log.warning("cached statistics %s %s; set aside as %s and recomputing them", path, problem, moved)
         todo.append((L, path))
     if todo:
         computed = _compute(lm, [L for L, _ in todo], corp, n_samples, dtype, max_len, batch_tokens,
-                            chunk_texts, checkpoint_every, root, base, progress)
+                            chunk_texts, checkpoint_every, root, base, progress, ident)
         for L, path in todo:
             st = computed[L]
             if path is not None and dist.rank() == 0:
@@ -320,7 +362,7 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
 
 
 def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, chunk_texts,
-             checkpoint_every, root, base, progress) -> dict[int, LayerStats]:
+             checkpoint_every, root, base, progress, ident=None) -> dict[int, LayerStats]:
     r, w = dist.rank(), dist.world()
     dev = lm.device
     acc_dtype = _DTYPES[dtype]
@@ -330,18 +372,21 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
     ckpt = None
     if root is not None:
         tag = "-".join(map(str, layers))
-        ckpt = root / f"partial-L{tag}-{dtype}-n{n_samples or 'all'}-t{max_len}-r{r}of{w}.safetensors"
+        ckpt = root / f"partial-L{tag}-{dtype}-n{n_samples or 'all'}-t{max_len}-{ident}-r{r}of{w}.safetensors"
     accs = {L: _new_acc(d_ff, acc_dtype, dev) for L in layers}
     start = (0, 0)  # (chunk, batch) to resume from
     done = {"batches": 0, "texts": 0, "tokens": 0}
-    if ckpt is not None and ckpt.exists():
-        from safetensors.torch import load_file
-        found = read_meta(ckpt)
-        bad = _diff({k: v for k, v in found.items() if k not in ("position", "done")}, ckpt_meta)
+    if ckpt is not None and (ckpt.exists() or sidecar_path(ckpt).exists()):
+        try:
+            found, t = _read_checked(ckpt)
+            bad = _diff(found, ckpt_meta)
+        except InputError as e:  # damaged or truncated: start over (the sums restart from zero)
+            found, bad = None, [getattr(e, "problem", str(e))]
         if bad:
-            log.warning("ignoring checkpoint %s made for another run (%s)", ckpt, "; ".join(bad))
+            moved = set_aside(ckpt)
+            log.warning("checkpoint %s is unusable (%s); set aside as %s, starting the statistics from the first "
+                        "text", ckpt, "; ".join(bad), moved)
         else:
-            t = load_file(str(ckpt))
             for L in layers:
                 pre = f"L{L}."
                 _acc_from_state(accs[L], {k[len(pre):]: v for k, v in t.items() if k.startswith(pre)})
@@ -400,8 +445,10 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
             raise InputError("the corpus gave no tokens")
         meta = dict(base, layer=L, n_tokens=n_tok, n_texts=int(n_texts), seconds=round(seconds, 3))
         out[L] = LayerStats(L, acc.second_moment(), acc.mean(), n_tok, int(n_texts), meta)
-    if ckpt is not None and ckpt.exists():
-        ckpt.unlink()
+    if ckpt is not None:
+        for p in (ckpt, sidecar_path(ckpt)):
+            if p.exists():
+                p.unlink()
     return out
 
 

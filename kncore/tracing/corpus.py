@@ -8,15 +8,16 @@ Layout of an output directory::
 Each record file is written to a temp name and renamed, so an interrupted run
 leaves only whole records; running the same call again skips them and
 finishes the rest, giving the same files as an uninterrupted run. A directory
-made with other settings (or another model) is refused.
+made with other settings (or another model) is refused. Every file carries
+the SHA-256 of its content (:mod:`kncore.atomic`): a damaged record is named,
+set aside and traced again; a damaged config.json is refused.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,6 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ..atomic import CorruptFile, read_json_checked, set_aside, write_json_checked
 from ..lm import LM, InputError
 from .core import KINDS, TraceResult, check_args, resolve_noise, trace
 
@@ -33,18 +35,16 @@ GROUPS = ("First subject token", "Middle subject tokens", "Last subject token",
 _ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _done(path: Path) -> bool:
+    """Whether a record file exists and checks out; a damaged one is set aside (to be traced again)."""
+    if not path.exists():
+        return False
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        read_json_checked(path)
+        return True
+    except CorruptFile as e:
+        logging.getLogger("kncore").warning("%s; set aside as %s and traced again", e, set_aside(path))
+        return False
 
 
 def _records(records) -> list[dict]:
@@ -115,18 +115,21 @@ def trace_corpus(lm: LM, records, out_dir, *, kinds: Iterable[str] = KINDS, samp
               "samples": int(samples), "noise": noise, "noise_subjects": subjects_hash, "window": int(window),
               "seed": int(seed)}
     if cfg_path.exists():
-        with open(cfg_path) as f:
-            old = json.load(f)
-        diff = sorted(k for k in config if old.get(k) != config[k])
+        try:
+            old = read_json_checked(cfg_path, required=False)  # no checksum: written by an older kncore
+        except CorruptFile as e:
+            raise CorruptFile(e.path, e.problem, f"use a new directory, or delete {out} to start over") from None
+        # the model's name or path is a label: its identity is the fingerprint
+        diff = sorted(k for k in config if k != "model" and old.get(k) != config[k])
         if diff:
             raise InputError(f"{out} was made with other settings ({', '.join(diff)}): "
                              f"use a new directory or the same settings")
         scale = old["noise_scale"]
     else:
         scale = resolve_noise(lm, noise, noise_subjects)
-        _write_json(cfg_path, {**config, "noise_scale": scale})
+        write_json_checked(cfg_path, {**config, "noise_scale": scale})
 
-    todo = [r for r in recs if not (out / "records" / f"{r['_id']}.json").exists()]
+    todo = [r for r in recs if not _done(out / "records" / f"{r['_id']}.json")]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -143,7 +146,7 @@ def trace_corpus(lm: LM, records, out_dir, *, kinds: Iterable[str] = KINDS, samp
                 res = trace(lm, r["prompt"], r["subject"], target=top, kinds=kinds, samples=samples, noise=scale,
                             window=window, seed=seed, max_tokens=max_tokens)
                 entry.update(status="ok", trace=res.to_dict())
-            _write_json(out / "records" / f"{r['_id']}.json", entry)
+            write_json_checked(out / "records" / f"{r['_id']}.json", entry)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -167,8 +170,10 @@ def load_corpus(out_dir, ids: Sequence[str] | None = None) -> list[dict]:
     for p in paths:
         if not p.exists():
             continue
-        with open(p) as f:
-            d = json.load(f)
+        try:
+            d = read_json_checked(p, required=False)
+        except CorruptFile as e:
+            raise CorruptFile(e.path, e.problem, "run trace_corpus again on this directory to trace it again") from None
         if d.get("trace") is not None:
             d["trace"] = TraceResult.from_dict(d["trace"])
         out.append(d)

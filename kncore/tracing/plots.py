@@ -4,7 +4,6 @@ global backend switch); files are written to a temp name and renamed."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from ..lm import InputError
@@ -27,14 +26,8 @@ def _save(fig, path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise InputError(f"plot path {str(path)!r} must end in one of {SUFFIXES}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, bbox_inches="tight", format=path.suffix[1:].lower())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from ..atomic import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight", format=path.suffix[1:].lower()))
     return path
 
 
