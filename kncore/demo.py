@@ -534,7 +534,7 @@ class Demo:
 
     def plot_related(self):
         """Bars of the relative change of targets, competitors and other items' targets (plots/)."""
-        from .evaluation import plot_probability_changes, probability_change_stats
+        from .plots import plot_probability_changes, probability_change_stats
 
         eff = self.rd.read("effect").to_pylist()
         rel = self.rd.read("effect_related").to_pylist()

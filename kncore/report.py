@@ -145,7 +145,7 @@ def effect_summary(tab) -> list[dict]:
     out and counted in ``n_zero``."""
     import numpy as np
 
-    from .evaluation import probability_change_stats
+    from .plots import probability_change_stats
 
     cols = tab.column_names
     if not {"p_before", "p_after"} <= set(cols) or tab.num_rows == 0:
@@ -175,7 +175,7 @@ def effect_summary(tab) -> list[dict]:
 def plot_effect(tab, rd):
     """The paper's bars: mean relative probability change per relation, one bar
     per intervention, a star over significant ones (kncore.evaluation's plot)."""
-    from .evaluation import plot_probability_changes
+    from .plots import plot_probability_changes
 
     summ = effect_summary(tab)
     if not summ:

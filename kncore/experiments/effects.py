@@ -60,7 +60,7 @@ def _change_rows(before, after, tokens) -> list[dict]:
     independent samples) and kncore.evaluation's per-prompt relative change
     with a one-sample t-test; probabilities of exactly 0 (underflow) are
     dropped from the per-prompt statistic."""
-    from ..evaluation import probability_change_stats
+    from ..plots import probability_change_stats
 
     paper = _paper_stats(before, after, tokens)
     ok = (torch.minimum(before, after) > 0).all(1)
@@ -175,7 +175,8 @@ def _default_tokens(lm, paradigm, facts):
 
 def _blimp_effects(lm, rd, task, paradigm, facts, known, modes, factor, site, tokens, eval_limit, method,
                    data_dir, progress):
-    from ..evaluation import minimal_pair_scores, summarise_pairs, token_probabilities, plot_probability_changes
+    from ..evaluation import minimal_pair_scores, summarise_pairs, token_probabilities
+    from ..plots import plot_probability_changes
     from ..rundir import run_items
     from .common import blimp_pair_prompts
 
@@ -276,7 +277,7 @@ def _blimp_effects(lm, rd, task, paradigm, facts, known, modes, factor, site, to
 
 
 def _pararel_effects(lm, rd, task, facts, known, modes, factor, site, progress):
-    from ..evaluation import plot_probability_changes
+    from ..plots import plot_probability_changes
     from ..rundir import run_items
 
     if not facts:
