@@ -303,7 +303,7 @@ class Demo:
                 what.insert(0, f"command {old.get('command')!r}")
             if not what:  # the model fingerprint
                 what = [str(e).split("refusing to mix results")[-1]]
-            # `kncore demo` gets --fresh once cli.py adds demo.add_arguments; until then `python -m kncore.demo` has it
+            # `kncore demo` has --fresh (kncore.cli adds it); a namespace without it: `python -m kncore.demo` has it
             fresh = "--fresh" if hasattr(self.args, "fresh") else f"'python -m kncore.demo --fresh --out {self.out}'"
             raise InputError(f"{self.out} holds a run made with another config (differs in: {', '.join(what)}); "
                              f"start over with {fresh} or use another --out") from None

@@ -79,7 +79,7 @@ def load_model(name: str, device=None, dtype: str | None = None):
         from .testing import ARCHS, tiny_lm
         if m.group(1) not in ARCHS:
             raise InputError(f"unknown tiny model {name!r}; use tiny-<{'|'.join(ARCHS)}>[:seed]")
-        lm = tiny_lm(m.group(1), seed=int(m.group(2) or 0), dtype=loading._dtype(dtype))
+        lm = tiny_lm(m.group(1), seed=int(m.group(2) or 0), dtype=loading.torch_dtype(dtype))
         if device is not None:
             lm.model.to(device)
         return lm

@@ -259,7 +259,27 @@ def _attention_shared(ad: Adapter, L: int, q, k, v, allowed, past_k, past_v, pas
     return o.to(v.dtype)
 
 
-def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal_offset, shared=None):
+def _allowed(ad: Adapter, key_valid, n: int, P: int):
+    """[B, n, P + n] bool: which keys (P cached, then the n new ones) each new
+    query may see: real tokens, and for causal models no later new token."""
+    B = key_valid.shape[0]
+    allowed = key_valid[:, None, :].expand(B, n, P + n)
+    if ad.causal:
+        i = torch.arange(n, device=key_valid.device)[:, None]
+        j = torch.arange(P + n, device=key_valid.device)[None, :]
+        allowed = allowed & ((j < P) | (j - P <= i))[None]
+    return allowed
+
+
+def keys_values(ad: Adapter, L: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """The keys and values [B, H_kv, n, Dh] that block L's attention makes
+    from its input ``hidden`` [B, n, d] (as :func:`run` computes them, without
+    the rest of the block): all that a later position needs of these ones."""
+    _, k, v = ad.qkv(L, ad.ln1(L, hidden), position_ids)
+    return k, v
+
+
+def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, shared=None):
     """Self-attention of block L for the new tokens x [B, n, d].
 
     past_k/past_v: [B, H_kv, P, Dh] or None; with ``shared`` = (past_rows,
@@ -270,12 +290,7 @@ def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal
     q, k, v = ad.qkv(L, x, pos_ids)
     if shared is not None:
         B, H, n, Dh = q.shape
-        P = past_k.shape[2]
-        allowed = key_valid[:, None, :].expand(B, n, P + n)
-        if ad.causal:
-            i = torch.arange(n, device=x.device)[:, None]
-            j = torch.arange(P + n, device=x.device)[None, :]
-            allowed = allowed & ((j < P) | (j - P <= i))[None]
+        allowed = _allowed(ad, key_valid, n, past_k.shape[2])
         o = _attention_shared(ad, L, q, k, v, allowed, past_k, past_v, *shared)
         return ad.attn_proj(L, o.transpose(1, 2).reshape(B, n, H * Dh)), k, v
     if past_k is not None:
@@ -284,12 +299,7 @@ def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal
     else:
         k_all, v_all = k, v
     B, H, n, Dh = q.shape
-    P = k_all.shape[2] - n
-    allowed = key_valid[:, None, :].expand(B, n, P + n)
-    if ad.causal:
-        i = torch.arange(n, device=x.device)[:, None]
-        j = torch.arange(P + n, device=x.device)[None, :]
-        allowed = allowed & ((j < P) | (j - P <= i))[None]
+    allowed = _allowed(ad, key_valid, n, k_all.shape[2] - n)
     rep = ad.n_heads // ad.n_kv_heads
     if rep > 1:
         k_rep, v_rep = k_all.repeat_interleave(rep, dim=1), v_all.repeat_interleave(rep, dim=1)
@@ -338,7 +348,7 @@ def run(
     ``capture_positions``: None (every computed position), ``"last"`` (each
     row's last real token) or absolute positions [B] / [B, k].
     ``logits``: ``"all"``, ``"last"``, None (no head), or absolute positions [B].
-    ``ad.persistent_patches`` (if the adapter has that list) are applied too.
+    ``ad.persistent_patches`` are applied too.
     """
     N = ad.n_layers
     stop = N if stop_layer is None else stop_layer
@@ -380,7 +390,7 @@ def run(
     # after the call's own: a Patch, or a callable that builds Patches for
     # this call's (input_ids, attention_mask, position_ids).
     held = []
-    for hp in getattr(ad, "persistent_patches", ()):
+    for hp in ad.persistent_patches:
         held.extend([hp] if isinstance(hp, Patch) else hp(input_ids, attention_mask, position_ids))
     table = _norm_patches([*patches, *held])
     wanted = {parse_site(c) for c in capture}
@@ -419,7 +429,7 @@ def run(
             else:
                 pk, pv, sh = past.k[L], past.v[L], (past_rows, *shared)
         x = ad.ln1(L, h)
-        a, k, v = attention(ad, L, x, position_ids, key_valid, pk, pv, None, sh)
+        a, k, v = attention(ad, L, x, position_ids, key_valid, pk, pv, sh)
         if return_kv:
             kv_k[L], kv_v[L] = k, v
         a = site("attn_out", L, a)
@@ -469,9 +479,10 @@ def _mlp(ad: Adapter, L: int, x, site, table, keep_pre: bool = False):
     # the pre-activation (kncore.ops.mlp_capture); it returns None, after logging
     # why, where it does not apply. The CPU keeps the plain path below
     # (KNCORE_KERNELS=force sends CPU tensors through the Triton interpreter: tests).
-    import os
+    from .ops.dispatch import wants_kernels
+
     fused = None
-    if x.is_cuda or os.environ.get("KNCORE_KERNELS") == "force":
+    if wants_kernels(x.device):
         from .ops.mlp_capture import fused_pre_act
         fused = fused_pre_act(ad, L, x, table)
     if fused is not None:

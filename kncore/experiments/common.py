@@ -6,7 +6,6 @@ import csv
 import io
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -101,26 +100,12 @@ def blimp_pair_prompts(lm: LM, paradigm: str, *, style: str = "paper", data_dir=
     BLiMP's own one-/two-prefix method (:func:`kncore.data.build_blimp_prompts`;
     determiner_noun_agreement_2: "Some dog stunned this" -> committee).
     """
-    from ..data import BlimpPrompt, BlimpPrompts, build_blimp_prompts, load_blimp, pair_class
-    from ..data import blimp as B
+    from ..data import build_blimp_prompts, load_blimp
 
     if style not in PROMPT_STYLES:
         raise InputError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     pairs = load_blimp(paradigm, data_dir)
-    if style == "blimp":
-        return build_blimp_prompts(lm, pairs)
-    items, dropped = [], Counter()
-    for pair in pairs:
-        try:
-            got = B._masked(lm, pair) if lm.is_mlm else B._token_diff(lm, pair)
-        except InputError:
-            got = "the tokenizer rejected a prompt or target"
-        if isinstance(got, str):
-            dropped[got] += 1
-            continue
-        items.append(BlimpPrompt(pair.paradigm, pair.pair_id, pair_class(pair), *got, pair.sentence_good,
-                                 pair.sentence_bad))
-    return BlimpPrompts(items, dropped, len(pairs))
+    return build_blimp_prompts(lm, pairs, method="flags" if style == "blimp" else "token_diff")
 
 
 def task_facts(lm: LM, task: str, *, limit: int | None = None, prompt_style: str = "paper", group_by: str = "class",
@@ -228,6 +213,20 @@ def write_result(rd, name: str, rows: Sequence[dict], *, columns: Sequence[str] 
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     atomic_write_text(d / f"{name}.md", md)
     return d / f"{name}.md"
+
+
+def run_items_closing(rd, items, work, *, table: str, chunk: int, bar, count_keys: bool = False) -> int:
+    """:func:`kncore.rundir.run_items`, then close ``bar`` (a tqdm bar or None)
+    however it ends; ``count_keys``: the bar advances by the keys each commit
+    finishes (else ``work`` updates it itself)."""
+    from ..rundir import run_items
+
+    progress = (lambda keys: bar.update(len(keys))) if count_keys and bar is not None else None
+    try:
+        return run_items(rd, items, work, table=table, chunk=chunk, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "item"):

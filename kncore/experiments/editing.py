@@ -176,8 +176,8 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
             from .. import rome
             return rome.edit(lm, case.request(), hp, stats=stats)
     else:
-        from ..attribution import _check_layers
-        config.update(kn_steps=kn_steps, kn_layers=_check_layers(lm, kn_layers), kn_scale=kn_scale,
+        from ..attribution import check_layers
+        config.update(kn_steps=kn_steps, kn_layers=check_layers(lm, kn_layers), kn_scale=kn_scale,
                       kn_threshold=kn_threshold)
         info: dict = {}
 

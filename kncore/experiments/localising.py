@@ -9,8 +9,8 @@ import torch
 
 from ..lm import LM, InputError
 from ..pipeline import bag_kn_sets, coarse_rows, coarse_sets, prompt_row, r1_or_none
-from .common import (PAPER_REFERENCE, Fact, open_run, progress_bar, task_facts, task_list, uniform,
-                     write_result)
+from .common import (PAPER_REFERENCE, Fact, open_run, progress_bar, run_items_closing, task_facts, task_list,
+                     uniform, write_result)
 
 SCOPES = ("fact", "task")
 
@@ -63,14 +63,14 @@ def localise(lm: LM, task, out, *, steps: int = 20, layers: Sequence[int] | None
     relation; one number for every task or ``{task: number}``.
     ``prompt_style``/``group_by``: see :func:`task_facts`.
     """
-    from ..attribution import SITES, _check_layers, scheme_points
+    from ..attribution import SITES, check_layers, scheme_points
 
     tasks = task_list(task)
     _check(steps, adaptive_threshold, p, adaptive_scope)
     scheme_points(scheme, steps)
     if site not in SITES:
         raise InputError(f"site must be one of {SITES}, got {site!r}")
-    layers = _check_layers(lm, layers)
+    layers = check_layers(lm, layers)
     limits = _limits(limit, tasks)
     facts, infos = [], {}
     for t in tasks:
@@ -110,7 +110,6 @@ def _limits(limit, tasks) -> dict:
 def _attribute_prompts(lm, rd, facts: list[Fact], *, steps, layers, scheme, site, batch_size, threshold, chunk,
                        progress):
     from ..attribution import attribute
-    from ..rundir import run_items
     from ..selection import select_coarse
 
     items = [(f"{f.key}#{j:04d}", (f, j)) for f in facts for j in range(len(f.prompts))]
@@ -134,12 +133,7 @@ def _attribute_prompts(lm, rd, facts: list[Fact], *, steps, layers, scheme, site
             tens[key] = sc.contiguous()
         return {"prompts": prompts, "coarse": crow}, {"attr": tens}
 
-    try:
-        run_items(rd, items, work, table="prompts", chunk=chunk,
-                  progress=(lambda keys: bar.update(len(keys))) if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    run_items_closing(rd, items, work, table="prompts", chunk=chunk, bar=bar, count_keys=True)
 
 
 # -- stage 2: refined neurons and R1^2, per fact ---------------------------------------------
