@@ -35,6 +35,8 @@ EFFECT_COLUMNS = ("key", "relation", "prompt", "intervention", "n_kn", "p_before
 TRACE_COLUMNS = ("key", "prompt", "subject", "target", "kind", "tokens", "subject_start", "subject_end",
                  "target_position", "scores", "low_score", "high_score", "window", "samples", "input_ids",
                  "target_id", "noise", "seed")
+# what trace_results needs of a ``trace`` table (the others have defaults)
+TRACE_REQUIRED = ("scores", "tokens", "subject_start", "subject_end", "target_position", "low_score", "high_score")
 TRACE_RECORD_COLUMNS = ("key", "prompt", "subject", "attribute", "status", "answer", "high", "low")
 TABLES = {"prompts": PROMPT_COLUMNS, "coarse": COARSE_COLUMNS, "bags": BAG_COLUMNS, "kn": KN_COLUMNS,
           "effect": EFFECT_COLUMNS, "trace": TRACE_COLUMNS, "records": TRACE_RECORD_COLUMNS}

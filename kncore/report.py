@@ -202,8 +202,9 @@ def _trace_results(tab) -> list:
 def plot_traces(tab, rd):
     """ROME's causal-trace heatmaps for the first few prompts, and the average
     indirect effect by token group over every traced prompt (kncore.tracing's plots)."""
-    need = {"scores", "tokens", "subject_start", "subject_end", "target_position", "low_score", "high_score"}
-    if not need <= set(tab.column_names) or tab.num_rows == 0:
+    from .pipeline import TRACE_REQUIRED
+
+    if not set(TRACE_REQUIRED) <= set(tab.column_names) or tab.num_rows == 0:
         return []
     from .tracing import average_indirect_effect
 

@@ -117,7 +117,7 @@ def task_facts(lm: LM, task: str, *, limit: int | None = None, prompt_style: str
     is one token. ``group_by`` (BLiMP): ``"class"`` (:func:`kncore.data.pair_class`,
     the paper's sg/pl, f/m/i...) or ``"target"`` (one fact per good target token).
     """
-    from .. import data as D
+    from ..data import pararel_bags, single_token_bags
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InputError(f"limit must be a positive integer or None, got {limit!r}")
@@ -138,7 +138,7 @@ def task_facts(lm: LM, task: str, *, limit: int | None = None, prompt_style: str
         info = {"total": prompts.total, "kept": len(prompts), "dropped": dict(prompts.dropped)}
     else:
         mask = lm.tokenizer.mask_token or "[MASK]"
-        bags = D.single_token_bags(lm, D.pararel_bags(name, data_dir, mlm=lm.is_mlm, mask_token=mask))
+        bags = single_token_bags(lm, pararel_bags(name, data_dir, mlm=lm.is_mlm, mask_token=mask))
         kept = bags.bags[:limit] if limit is not None else bags.bags
         facts = [Fact(task, f"{task}/{b.uuid}", b.subject, "factual", list(b.prompts), [b.object] * len(b.prompts),
                       {"subject": b.subject, "object": b.object}) for b in kept]

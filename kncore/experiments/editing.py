@@ -157,7 +157,7 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
     ``results/summary.md|csv`` and ``results/edits.csv``. Returns
     ``{"summary": dict, "kinds": rows, "edits": rows}``.
     """
-    from .. import evaluation as E
+    from .. import evaluation
     from ..rundir import run_items
 
     if editor not in EDITORS:
@@ -193,7 +193,7 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
         def work(chunk_items):
             keys = [k for k, _ in chunk_items]
             cs = [c for _, c in chunk_items]  # payloads are (key, case)
-            rows = E.evaluate_edits(lm, cs, make_edit, batch_size=batch_size, details=True)
+            rows = evaluation.evaluate_edits(lm, cs, make_edit, batch_size=batch_size, details=True)
             edits, probes = [], []
             for k, c, r in zip(keys, cs, rows):
                 r = dict(r, key=k, editor=editor, case_id=None if r.get("case_id") is None else str(r["case_id"]))
@@ -209,7 +209,7 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
 
         run_items(rd, [(k, (k, c)) for k, c in cases], work, table="edits", chunk=chunk)
         rows = rd.read("edits").to_pylist()
-        summary = E.summarise_edits(rows)
+        summary = evaluation.summarise_edits(rows)
         kinds = _kind_table(summary, rows)
         write_result(rd, "summary", kinds, title=f"{editor} edits on {dataset} ({lm.name}, {summary['n_cases']} cases)",
                      notes=[f"ES {summary.get('ES', math.nan):.3f}, PS {summary.get('PS', math.nan):.3f}, "
