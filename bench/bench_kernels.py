@@ -8,7 +8,8 @@ peer is that module's own code), at LLaMA-2-7B (d 4096, d_ff 11008, SwiGLU) and
 GPT-J (4096, 16384, gelu_new + bias) shapes in bf16, with 160 to 640 rows
 (IG steps x prompts: 20 steps x 8, 16, 32 prompts). Each case runs the three
 implementations on the same inputs in one process, checks the kernel against
-an fp32 reference (error at most 2x eager bf16's, ENGINEERING.md), and times
+an fp32 reference (the rule for a low-precision fast path: its error at most
+2x that of eager PyTorch in the same dtype), and times
 them with ``triton.testing.do_bench`` (median). It counts the FLOPs and bytes
 each case needs at minimum and reports the kernel's time as a fraction of the
 floor set by ceilings measured in the same run (a large bf16 matmul, a large

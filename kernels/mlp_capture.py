@@ -15,7 +15,8 @@ through memory after the matmuls, plus the copy a capture hook makes.
 Activations: ``gelu_tanh`` (GPT-2 / GPT-J ``gelu_new``), ``gelu`` (erf, BERT),
 ``silu`` (LLaMA's SwiGLU with ``W_up``) and ``relu``.
 
-Faces of this op (ENGINEERING.md): :func:`mlp_capture_ref` is the plain PyTorch
+Faces of this op (every op has a plain reference, a fast path, a test and a
+bench): :func:`mlp_capture_ref` is the plain PyTorch
 definition; :func:`mlp_capture` runs the Triton kernel through a
 ``torch.library.triton_op`` (an ``autograd.Function`` before torch 2.6) whose
 backward gives gradients with respect to ``x`` (weights are frozen in kncore);

@@ -91,6 +91,17 @@ def require_ext() -> None:
 _logged: set = set()
 
 
+def not_supported_reasons(device, supported_devices) -> list[str]:
+    """Why a C++ op cannot run on ``device`` (empty: it can): the extension
+    is not built or not loadable, or the device is not one of ``supported_devices``."""
+    reasons = []
+    if not load():
+        reasons.append(f"C++ extension unavailable ({load_error()})")
+    if device.type not in supported_devices:
+        reasons.append(f"device {device.type} not in {supported_devices}")
+    return reasons
+
+
 def fallback(op: str, reasons: list[str]) -> None:
     """Report that ``op`` takes its PyTorch reference path, and why.
 

@@ -21,7 +21,7 @@ reference code does), but
   ``a * (W_down @ sum_k w_k g_k)``;
 * lets the step rows of every start layer travel together through the layers
   above (a matmul with 240 rows runs at twice the per-row rate of one with 20
-  on the 2-core CPU, see ENGINEERING.md);
+  on the 2-core CPU, measured);
 * asks autograd only for gradients with respect to the step rows (parameters
   frozen) and computes the head only at the target position.
 
@@ -33,10 +33,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -180,7 +179,8 @@ def _check_prompts(prompts, targets):
     return prompts, targets
 
 
-def _check_layers(lm: LM, layers) -> list:
+def check_layers(lm: LM, layers) -> list:
+    """``layers`` (None: all, an int, or a sequence) as a list of distinct layers checked against the model."""
     N = lm.n_layers
     if layers is None:
         return list(range(N))
@@ -307,7 +307,9 @@ def _step_ops(device: torch.device):
     """(expand, reduce) for tensors on ``device``: the Triton kernels of
     :mod:`kncore.ops.ig_steps` on CUDA (or with ``KNCORE_KERNELS=force``, which
     sends CPU tensors through Triton's interpreter), else the functions above."""
-    if device.type == "cuda" or os.environ.get("KNCORE_KERNELS") == "force":
+    from .ops.dispatch import wants_kernels
+
+    if wants_kernels(device):
         try:
             from .ops import ig_steps
         except ImportError as e:  # a source tree without the kernels: say so once
@@ -442,7 +444,7 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
     r_item = g_item[r_group]
 
     expand, reduce = _step_ops(dev)
-    leaves, segs = [], []  # segs: (enter_layer, hidden, past_rows, mask, patch_builder|None)
+    leaves, segs = [], []  # one _Segment per start layer
     start = 0
     for L in r_layer.unique().tolist():
         n = int((r_layer == L).sum())
@@ -466,27 +468,26 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
             if ad.block_style == BLOCK_SANDWICH:
                 m = ad.post_mlp_norm(L, m)
             h = (base.entry[L].index_select(0, items_) + m)[:, None]
-            segs.append((L + 1, h, items_, None, None))
+            segs.append(_Segment(L + 1, h, items_, None, None))
         else:
             h = base.entry[L].index_select(0, items_)
             mask = None if causal else base.mask.index_select(0, items_)
             where = torch.zeros(n, dtype=torch.long, device=dev) if causal else base.pos.index_select(0, items_)
-            segs.append((L, h, items_, mask, (("mlp_out" if site == "act" else "pre_act"), L, z, where)))
+            segs.append(_Segment(L, h, items_, mask, _LeafSite("mlp_out" if site == "act" else "pre_act", L, z, where)))
 
     h = past_rows = mask = None
     si = 0
-    first = segs[0][0]
-    for l in range(first, N + 1):
+    for l in range(segs[0].enter_layer, N + 1):
         patches = []
-        while si < len(segs) and segs[si][0] == l:
-            _, hs, its, ms, pb = segs[si]
+        while si < len(segs) and segs[si].enter_layer == l:
+            seg = segs[si]
             off = 0 if h is None else h.shape[0]
-            if pb is not None:
-                patches.append(_row_patch(pb, off, hs.shape[0], hs.shape[1]))
-            h = hs if h is None else torch.cat([h, hs])
-            past_rows = its if past_rows is None else torch.cat([past_rows, its])
+            if seg.leaf is not None:
+                patches.append(_row_patch(seg.leaf, off, seg.hidden.shape[0], seg.hidden.shape[1]))
+            h = seg.hidden if h is None else torch.cat([h, seg.hidden])
+            past_rows = seg.items if past_rows is None else torch.cat([past_rows, seg.items])
             if not causal:
-                mask = ms if mask is None else torch.cat([mask, ms])
+                mask = seg.mask if mask is None else torch.cat([mask, seg.mask])
             si += 1
         if l == N:
             break
@@ -521,7 +522,30 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
     return ig, probs
 
 
-def _row_patch(pb, off, n_rows, n_pos):
+class _LeafSite(NamedTuple):
+    """Where a segment's IG leaf rows enter the forward: ``z`` at ``site``
+    of layer ``layer``, in each row's column ``where``."""
+
+    site: str
+    layer: int
+    z: torch.Tensor
+    where: torch.Tensor
+
+
+class _Segment(NamedTuple):
+    """The rows of one start layer: they join the active set at ``enter_layer``
+    with hidden states ``hidden`` [rows, positions, d], their items (cache rows)
+    ``items``, the attention ``mask`` (masked LMs) and, when they join before
+    their leaf is applied, the ``leaf`` patch site."""
+
+    enter_layer: int
+    hidden: torch.Tensor
+    items: torch.Tensor
+    mask: torch.Tensor | None
+    leaf: _LeafSite | None
+
+
+def _row_patch(pb: _LeafSite, off, n_rows, n_pos):
     """A patch that puts the leaf rows z at each row's target column."""
     site, L, z, where = pb
     rows = torch.arange(off, off + n_rows, device=z.device)
@@ -716,7 +740,7 @@ def attribute(
     each (prompt, layer) whose completeness gap exceeds it.
     """
     prompts, targets = _check_prompts(prompts, targets)
-    layers = _check_layers(lm, layers)
+    layers = check_layers(lm, layers)
     _check_options(lm, scheme, site, steps, multi_token, gap_tol, max_steps)
     if gap_tol is not None and max_steps is None:
         max_steps = 16 * steps
@@ -797,7 +821,7 @@ def attribute_ref(
     and ``torch.autograd.grad`` gives the gradient with respect to it.
     """
     prompts, targets = _check_prompts(prompts, targets)
-    layers = _check_layers(lm, layers)
+    layers = check_layers(lm, layers)
     _check_options(lm, scheme, site, steps, multi_token, None, None)
     items, prompt_ids, target_ids, contexts = build_items(lm, prompts, targets, multi_token)
     alphas, weights = scheme_points(scheme, steps)

@@ -14,11 +14,7 @@ work while another is missing; a missing one fails with one line.
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
-import random
-import re
 import subprocess
 import sys
 import time
@@ -48,367 +44,14 @@ Models: an embedded name (smollm2-135m), a local Hugging Face folder, or
 tiny-<gpt2|gptj|llama|bert>[:seed] (random, for tests).
 """
 
-_DATA_NAMES = ("pararel", "blimp", "known", "counterfact", "zsre")
-# Options that never change results: left out of the run's config, so they can
-# differ between the first run and a resumed one.
-_NOT_CONFIG = {"out", "device", "debug", "progress", "chunk", "func", "command", "data_dir", "max_tensor_gb",
-               "batch_size", "max_tokens", "open", "stats_cache", "batch_tokens"}
+from . import pipeline
+from .data import records
+# load_model is kncore.cli's public name of kncore.jobs.load_model (scripts import it from here)
+from .jobs import BackendMissing, Job, Progress, RankFailed, backend, load_model, parse_layers, split_list  # noqa: F401
 
 
-class BackendMissing(RuntimeError):
-    """A command's backend module is not part of this build."""
-
-
-class _Fail(Exception):
-    """An error already reported on another rank."""
-
-
-# -- shared plumbing ----------------------------------------------------------------------
-def _backend(module: str, command: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (e.name == module or module.startswith(e.name + ".")):
-            raise BackendMissing(f"'kncore {command}' needs {module}, which this build does not have yet") from None
-        raise
-
-
-def _seed(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def _device(spec: str):
-    import torch
-
-    if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise InputError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {spec!r} asked for but this torch sees no CUDA device")
-    return dev
-
-
-def load_model(name: str, device=None, dtype: str | None = None):
-    """``--model``: an embedded name, a local HF folder, or ``tiny-<arch>[:seed]``."""
-    from . import loading
-
-    m = re.fullmatch(r"tiny-(\w+)(?::(\d+))?", name)
-    if m:
-        from .testing import ARCHS, tiny_lm
-        if m.group(1) not in ARCHS:
-            raise InputError(f"unknown tiny model {name!r}; use tiny-<{'|'.join(ARCHS)}>[:seed]")
-        lm = tiny_lm(m.group(1), seed=int(m.group(2) or 0), dtype=loading._dtype(dtype))
-        if device is not None:
-            lm.model.to(device)
-        return lm
-    try:
-        return loading.load(name, device=device, dtype=dtype)
-    except ValueError as e:
-        if isinstance(e, InputError):
-            raise
-        raise InputError(str(e)) from None
-
-
-def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
-    """``"all"``/None, or ``"3"``, ``"0-5,7"``: layer numbers, checked against the model."""
-    if spec is None or spec == "all":
-        return None
-    out = []
-    for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
-        if not m:
-            raise InputError(f"bad --layers {spec!r}: use e.g. 5, 0-5 or 0-5,7")
-        a, b = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
-        if a > b:
-            raise InputError(f"bad layer range {part!r} in --layers")
-        out += range(a, b + 1)
-    bad = [L for L in out if not 0 <= L < n_layers]
-    if bad:
-        raise InputError(f"--layers {spec!r}: layer {bad[0]} outside 0..{n_layers - 1}")
-    return sorted(set(out))
-
-
-def _csv(s: str | None) -> list[str] | None:
-    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
-
-
-class Progress:
-    """A tqdm bar (ETA and throughput) on rank 0 only."""
-
-    def __init__(self, total: int, unit: str, desc: str, enabled: bool):
-        self.bar = None
-        if enabled and total:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, smoothing=0.1)
-
-    def __call__(self, n: int = 1, **postfix):
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class Job:
-    """What every computing command shares: the model, the run directory and
-    the process group. Only rank 0 opens (and writes) the run directory."""
-
-    def __init__(self, args, command: str):
-        from . import distributed as D
-
-        self.args, self.command, self.D = args, command, D
-        dev = _device(args.device)
-        dev = D.init(dev) or dev
-        self.rank, self.world = D.rank(), D.world()
-        _seed(args.seed)
-        self.lm = load_model(args.model, device=dev, dtype=args.dtype)
-        self.rd = None
-        self.out = Path(args.out or f"runs/{command}")
-
-    @property
-    def progress_on(self) -> bool:
-        return self.args.progress and self.rank == 0
-
-    def config(self, **extra) -> dict:
-        cfg = {k: v for k, v in vars(self.args).items() if k not in _NOT_CONFIG}
-        data = cfg.get("data")
-        if data and data not in _DATA_NAMES and Path(data).exists():
-            cfg["data"] = str(Path(data).resolve())  # the same file from another working directory
-        cfg.update(extra)
-        return cfg
-
-    def open(self, **extra):
-        """Open the run directory on rank 0; every rank learns whether that worked."""
-        from .rundir import DEFAULT_TENSOR_LIMIT, RunDir
-
-        err = None
-        if self.rank == 0:
-            try:
-                limit = int(self.args.max_tensor_gb * 2**30) if self.args.max_tensor_gb else DEFAULT_TENSOR_LIMIT
-                self.rd = RunDir.open(self.out, self.config(**extra), self.lm, command=self.command,
-                                      extra={"device": str(self.lm.device), "world": self.world,
-                                             "argv": sys.argv[1:]}, tensor_limit=limit)
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                err = e
-        self.sync(err)
-        return self.rd
-
-    def sync(self, err: Exception | None = None):
-        """Raise on every rank when one rank (rank 0) failed, instead of hanging."""
-        msg = self.D.broadcast_object(None if err is None else f"{err}") if self.world > 1 else None
-        if err is not None:
-            raise err
-        if msg is not None:
-            raise _Fail(msg)
-
-    def run(self, items, work, *, table: str, unit: str, desc: str, weight=None):
-        """Resumable, sharded loop over ``(key, payload)`` items (see :func:`kncore.rundir.run_items`)."""
-        from .rundir import run_items
-
-        done = self.rd.done_keys(table) if self.rank == 0 else set()
-        todo = [p for k, p in items if k not in done]
-        total = sum(weight(p) for p in todo) if weight else len(todo)
-        if self.rank == 0 and done:
-            print(f"kncore {self.command}: resuming {self.out} ({desc}): {len(items) - len(todo)} of {len(items)} "
-                  f"items already done", file=sys.stderr)
-        bar = Progress(total, unit, desc, self.progress_on)
-        wmap = {k: (weight(p) if weight else 1) for k, p in items}
-        try:
-            n = run_items(self.rd, items, work, table=table, chunk=self.args.chunk,
-                          progress=lambda keys: bar(sum(wmap[k] for k in keys)))
-        finally:
-            bar.close()
-        return n
-
-    def done(self, summary: dict | None = None):
-        if self.rank == 0:
-            if summary:
-                self.rd.update_manifest(summary=summary)
-            self.rd.close()
-            print(f"kncore {self.command}: results in {self.out}  (kncore report {self.out})")
-        self.D.barrier()
-
-
-# -- data ---------------------------------------------------------------------------------------
-def _read_records(path: Path) -> list[dict]:
-    """A JSON list or JSON Lines file of objects."""
-    if not path.is_file():
-        raise InputError(f"--data {str(path)!r}: no such file (or a data set name: {', '.join(_DATA_NAMES)})")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            recs = json.loads(text)
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON{' Lines' if path.suffix == '.jsonl' else ''}: {e}") from None
-    if isinstance(recs, dict):
-        recs = [recs]
-    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
-        raise InputError(f"{path}: expected a list of JSON objects")
-    if not recs:
-        raise InputError(f"{path}: no records")
-    return recs
-
-
-def _rec_key(r: dict, i: int) -> str:
-    for k in ("key", "id", "uuid", "case_id", "known_id"):
-        if r.get(k) is not None:
-            v = r[k]
-            return f"{v:06d}" if isinstance(v, int) else str(v)
-    return f"{i:06d}"
-
-
-def _field(r: dict, names, path, i, what):
-    for n in names:
-        v = r.get(n)
-        if isinstance(v, dict):
-            v = v.get("str")
-        if isinstance(v, str) and v.strip():
-            return v
-    raise InputError(f"{path} record {i}: no {what} (one of the fields {', '.join(names)})")
-
-
-def _limit(items: list, limit: int | None) -> list:
-    return items if limit is None else items[:limit]
-
-
-def prompt_records(args, lm) -> list[dict]:
-    """(key, prompt, target) records for ``attribute``: inline, a file, or a data set."""
-    if args.prompt:
-        targets = args.target or []
-        if len(targets) != len(args.prompt):
-            raise InputError(f"{len(args.prompt)} --prompt but {len(targets)} --target: give one target per prompt")
-        return [{"key": f"{i:06d}", "prompt": p, "target": t} for i, (p, t) in enumerate(zip(args.prompt, targets))]
-    data = args.data or "known"
-    if data in _DATA_NAMES:
-        D = _backend("kncore.data", "attribute")
-        if data == "known":
-            recs = [{"key": f"{f.known_id:06d}", "prompt": f.prompt, "target": f.attribute}
-                    for f in D.load_known(data_dir=args.data_dir)]
-        elif data == "counterfact":
-            recs = [{"key": f"{r.case_id if r.case_id is not None else i:06d}", "prompt": r.rewrite_prompt,
-                     "target": r.target_true} for i, r in enumerate(D.load_counterfact(data_dir=args.data_dir))]
-        elif data == "pararel":
-            bags = _pararel_bags(args, lm)
-            recs = [{"key": f"{b['key']}/{j:02d}", "prompt": p, "target": t, "relation": b["group"]}
-                    for b in bags for j, (p, t) in enumerate(zip(b["prompts"], b["targets"]))]
-            return recs
-        else:
-            raise InputError(f"'kncore attribute' reads prompt/target records; --data {data} is not one")
-        return _limit(recs, args.limit)
-    path = Path(data)
-    recs = []
-    for i, r in enumerate(_read_records(path)):
-        recs.append({"key": _rec_key(r, i), "prompt": _field(r, ("prompt",), path, i, "prompt"),
-                     "target": _field(r, ("target", "attribute", "object", "obj_label"), path, i, "target"),
-                     **({"relation": r["relation"]} if isinstance(r.get("relation"), str) else {})})
-    return _limit(recs, args.limit)
-
-
-def _pararel_bags(args, lm) -> list[dict]:
-    D = _backend("kncore.data", args.command)
-    rels = _csv(args.relations)
-    bags = D.pararel_bags(rels, args.data_dir, mlm=lm.is_mlm, mask_token=lm.tokenizer.mask_token or "[MASK]")
-    bags = D.single_token_bags(lm, bags)
-    per: dict = {}
-    out = []
-    for b in bags:
-        if args.limit is not None and per.get(b.relation, 0) >= args.limit:
-            continue
-        per[b.relation] = per.get(b.relation, 0) + 1
-        out.append({"key": f"{b.relation}/{b.uuid}", "group": b.relation, "subject": b.subject,
-                    "prompts": list(b.prompts), "targets": [b.object] * len(b.prompts)})
-    if not out:
-        raise InputError(f"no PARAREL fact bags with single-token objects for relations {rels or 'all'}")
-    return out
-
-
-def fact_bags(args, lm) -> list[dict]:
-    """Fact bags for ``localise``: each {key, group, subject, prompts, targets}.
-
-    PARAREL: one fact in every paraphrase of its relation (group = relation;
-    ``--limit`` bags per relation). BLiMP: the prompts of one class of a
-    paradigm (group = paradigm; ``--limit`` prompts per class). A file: JSON
-    (Lines) records with ``prompts`` (a list), ``target`` or ``targets``, and
-    optionally ``key``, ``relation``/``group`` and ``subject``.
-    """
-    data = args.data or "pararel"
-    if data == "pararel":
-        return _pararel_bags(args, lm)
-    if data == "blimp":
-        D = _backend("kncore.data", "localise")
-        paradigms = _csv(args.paradigms) or ["determiner_noun_agreement_1"]
-        out = []
-        for par in paradigms:
-            for cls, items in sorted(D.blimp_prompts(lm, par, args.data_dir).by_class().items()):
-                items = _limit(items, args.limit)
-                out.append({"key": f"{par}/{cls}", "group": par, "subject": cls,
-                            "prompts": [it.prompt_good for it in items],
-                            "targets": [it.target_good for it in items]})
-        return out
-    if data in _DATA_NAMES:
-        raise InputError(f"'kncore localise' needs fact bags (pararel, blimp or a file); not --data {data}")
-    path = Path(data)
-    out = []
-    for i, r in enumerate(_read_records(path)):
-        prompts = r.get("prompts")
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError(f"{path} record {i}: 'prompts' must be a non-empty list of strings")
-        targets = r.get("targets")
-        if targets is None:
-            targets = [_field(r, ("target", "object", "obj_label"), path, i, "target")] * len(prompts)
-        if not isinstance(targets, list) or len(targets) != len(prompts):
-            raise InputError(f"{path} record {i}: 'targets' must list one target per prompt")
-        out.append({"key": _rec_key(r, i), "group": str(r.get("relation") or r.get("group") or "all"),
-                    "subject": str(r.get("subject", "")), "prompts": prompts, "targets": targets})
-    return _limit(out, args.limit)
-
-
-def trace_records(args) -> list[dict]:
-    """known_1000-style records (prompt, subject, attribute) for ``trace``
-    (all of them: ``--limit`` is applied after the noise scale is measured
-    over every subject, as ROME does)."""
-    if args.prompt:
-        if not args.subject or len(args.subject) != len(args.prompt):
-            raise InputError("give one --subject per --prompt")
-        tg = args.target or [None] * len(args.prompt)
-        if len(tg) != len(args.prompt):
-            raise InputError("give one --target per --prompt (or none: the model's top-1 token)")
-        return [{"key": f"{i:06d}", "prompt": p, "subject": s, "attribute": t}
-                for i, (p, s, t) in enumerate(zip(args.prompt, args.subject, tg))]
-    data = args.data or "known"
-    if data == "known":
-        D = _backend("kncore.data", "trace")
-        return [{"key": f"{f.known_id:06d}", "prompt": f.prompt, "subject": f.subject, "attribute": f.attribute}
-                for f in D.load_known(data_dir=args.data_dir)]
-    if data in _DATA_NAMES:
-        raise InputError(f"'kncore trace' reads known_1000-style records; not --data {data}")
-    path = Path(data)
-    out = []
-    for i, r in enumerate(_read_records(path)):
-        prompt = _field(r, ("prompt",), path, i, "prompt")
-        subject = _field(r, ("subject",), path, i, "subject")
-        if subject not in prompt:
-            raise InputError(f"{path} record {i}: subject {subject!r} is not in the prompt {prompt!r}")
-        tgt = next((r[k] for k in ("attribute", "target") if isinstance(r.get(k), str)), None)
-        out.append({"key": _rec_key(r, i), "prompt": prompt, "subject": subject, "attribute": tgt})
-    return out
-
-
-def edit_cases(args, lm) -> list[tuple[str, object]]:
+# -- inputs -------------------------------------------------------------------------------------
+def edit_cases(args, lm=None) -> list[tuple[str, object]]:
     """(key, :class:`kncore.evaluation.EditCase`) pairs for ``edit`` and ``eval``.
 
     Inline (``--prompt --subject --target-new [--target]``), CounterFact
@@ -417,53 +60,20 @@ def edit_cases(args, lm) -> list[tuple[str, object]]:
     Symmetry and synonymy probes are added where the relation allows
     (``--no-extra-probes`` leaves them out).
     """
-    E = _backend("kncore.evaluation", args.command)
-    know = None if args.no_extra_probes else E.edit_knowledge(args.data_dir)
+    evaluation = backend("kncore.evaluation", args.command)
     if args.prompt:
-        n = len(args.prompt)
-        if not (args.subject and args.target_new) or not (n == len(args.subject) == len(args.target_new)):
-            raise InputError("an inline edit needs one --subject and one --target-new per --prompt")
-        tt = args.target or [None] * n
-        if len(tt) != n:
-            raise InputError("give one --target (the true answer) per --prompt, or none")
-        cases = []
-        for i, (p, sub, new, true) in enumerate(zip(args.prompt, args.subject, args.target_new, tt)):
-            full = p.replace("{}", sub, 1) if "{}" in p else p
-            cases.append(E.EditCase.from_dict({"case_id": i, "subject": sub, "prompt": full, "target_new": new,
-                                               "target_true": true}, f"--prompt {i}"))
+        cases = pipeline.inline_edit_cases(args.prompt, args.subject, args.target_new, args.target)
     else:
-        D = _backend("kncore.data", args.command)
-        data = args.data or "counterfact"
-        if data == "counterfact":
-            cases = [E.counterfact_case(r, know) for r in D.load_counterfact(data_dir=args.data_dir)]
-        elif data == "zsre":
-            cases = [E.zsre_case(r, know) for r in D.load_zsre(data_dir=args.data_dir)]
-        elif data == "pararel":
-            rels = _csv(args.relations) or ["P36"]
-            cases = [c for r in rels for c in E.pararel_cases(r, args.data_dir, know=know, limit=args.limit)]
-        elif data in _DATA_NAMES:
-            raise InputError(f"'kncore {args.command}' reads edit cases (counterfact, zsre, pararel or a file), "
-                             f"not --data {data}")
-        else:
-            path = Path(data)
-            first = _read_records(path)[0]
-            if "requested_rewrite" in first or ("target_new" in first and "ground_truth" in first):
-                cases = [E.counterfact_case(r, know) for r in D.load_counterfact(path)]
-            else:
-                cases = E.load_edit_cases(path)
-    out, seen = [], set()
-    for i, c in enumerate(cases):
-        key = f"{c.case_id:06d}" if isinstance(c.case_id, int) else str(c.case_id if c.case_id is not None else i)
-        if key in seen:
-            key = f"{key}#{i}"
-        seen.add(key)
-        out.append((key, c))
-    return out if args.data == "pararel" else _limit(out, args.limit)
+        know = None if args.no_extra_probes else evaluation.edit_knowledge(args.data_dir)
+        cases = pipeline.edit_cases(args.data or "counterfact", relations=split_list(args.relations), know=know,
+                                    limit=args.limit, data_dir=args.data_dir, command=args.command)
+    out = pipeline.keyed_cases(cases)
+    return out if args.data == "pararel" else records.first(out, args.limit)
 
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_info(args) -> int:
-    info = _backend("kncore.info", "info")
+    info = backend("kncore.info", "info")
     return int(info.main(["--json"] if args.json else []) or 0)
 
 
@@ -474,12 +84,14 @@ def _attr_kwargs(args, layers):
 
 
 def cmd_attribute(args) -> int:
-    A = _backend("kncore.attribution", "attribute")
-    S = _backend("kncore.selection", "attribute")
+    attribution = backend("kncore.attribution", "attribute")
+    selection = backend("kncore.selection", "attribute")
     job = Job(args, "attribute")
     lm = job.lm
     layers = parse_layers(args.layers, lm.n_layers)
-    recs = prompt_records(args, lm)
+    recs = records.prompt_records(lm, args.data, prompts=args.prompt, targets=args.target,
+                                                relations=split_list(args.relations), limit=args.limit,
+                                                data_dir=args.data_dir)
     n_layers = len(layers) if layers else lm.n_layers
     if args.save_dense:
         from .rundir import DEFAULT_TENSOR_LIMIT
@@ -492,15 +104,14 @@ def cmd_attribute(args) -> int:
     job.open()
 
     def work(chunk):
-        att = A.attribute(lm, [r["prompt"] for r in chunk], [r["target"] for r in chunk], **_attr_kwargs(args, layers))
-        coarse = S.select_coarse(att, adaptive_threshold=args.adaptive_threshold)
+        att = attribution.attribute(lm, [r["prompt"] for r in chunk], [r["target"] for r in chunk],
+                                    **_attr_kwargs(args, layers))
+        coarse = selection.select_coarse(att, adaptive_threshold=args.adaptive_threshold)
         arows, krows = [], []
         for i, (r, ks) in enumerate(zip(chunk, coarse)):
-            arows.append({"key": r["key"], "relation": r.get("relation"), "prompt": r["prompt"], "target": r["target"],
-                          "base_prob": float(att.base_probs[i]), "max_gap": float(att.completeness_gap[i].max()),
-                          "n_coarse": len(ks)})
-            krows += [{"key": r["key"], "relation": r.get("relation"), "layer": l, "neuron": n, "score": s}
-                      for (l, n), s in zip(ks.neurons, ks.scores)]
+            arows.append(pipeline.prompt_row(att, i, ks, key=r["key"], relation=r.get("relation"),
+                                             prompt=r["prompt"], target=r["target"]))
+            krows += pipeline.coarse_rows(ks, key=r["key"], relation=r.get("relation"))
         tensors = None
         if args.save_dense:
             tensors = {"scores": {r["key"]: att.scores[i].clone() for i, r in enumerate(chunk)}}
@@ -518,64 +129,36 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_localise(args) -> int:
-    """Niu et al.'s pipeline over fact bags: (1) IG and coarse neurons of every
-    prompt, R1^2 of each bag's attribution vectors; (2) refinement per relation
-    or paradigm (adaptive p); (3) probability change of each bag's prompts when
-    its knowledge neurons are suppressed or enhanced."""
-    A = _backend("kncore.attribution", "localise")
-    S = _backend("kncore.selection", "localise")
-    I = _backend("kncore.interventions", "localise")
-    Loc = _backend("kncore.localisation", "localise")
+    """Niu et al.'s pipeline over fact bags (:mod:`kncore.pipeline`): (1) IG and
+    coarse neurons of every prompt, R1^2 of each bag's attribution vectors;
+    (2) refinement per relation or paradigm (adaptive p); (3) probability
+    change of each bag's prompts when its knowledge neurons are suppressed or
+    enhanced."""
+    interventions = backend("kncore.interventions", "localise")
     job = Job(args, "localise")
     lm = job.lm
     layers = parse_layers(args.layers, lm.n_layers)
-    p = _sharing_p(args.p)
-    bags = fact_bags(args, lm)
+    p = pipeline.sharing_p(args.p)
+    bags = records.fact_bags(lm, args.data, relations=split_list(args.relations),
+                                          paradigms=split_list(args.paradigms), limit=args.limit,
+                                          data_dir=args.data_dir)
     job.open(n_bags=len(bags))
     items = [(b["key"], b) for b in bags]
     n_prompts = lambda b: len(b["prompts"])  # noqa: E731
 
     def coarse_work(chunk):
         # one attribution call for every prompt of the chunk's bags (batched together)
-        flat = [(b, j, q, t) for b in chunk for j, (q, t) in enumerate(zip(b["prompts"], b["targets"]))]
-        att = A.attribute(lm, [f[2] for f in flat], [f[3] for f in flat], **_attr_kwargs(args, layers))
-        coarse = S.select_coarse(att, adaptive_threshold=args.adaptive_threshold)
-        prow, crow, brow = [], [], []
-        for i, ((b, j, q, t), ks) in enumerate(zip(flat, coarse)):
-            prow.append({"key": b["key"], "j": j, "relation": b["group"], "prompt": q, "target": t,
-                         "base_prob": float(att.base_probs[i]), "max_gap": float(att.completeness_gap[i].max()),
-                         "n_coarse": len(ks)})
-            crow += [{"key": b["key"], "j": j, "relation": b["group"], "layer": l, "neuron": n, "score": s}
-                     for (l, n), s in zip(ks.neurons, ks.scores)]
-        start = 0
-        for b in chunk:
-            vec = att.scores[start:start + n_prompts(b)]
-            start += n_prompts(b)
-            r1 = None
-            if len(vec) >= 2 and bool((vec.flatten(1).norm(dim=1) > 0).all()):
-                r1 = Loc.r1_squared(vec)
-            brow.append({"key": b["key"], "relation": b["group"], "subject": b["subject"], "n_prompts": len(vec),
-                         "r1_sq": r1})
-        return {"bags": brow, "prompts": prow, "coarse": crow}
+        return pipeline.attribute_bags(lm, chunk, adaptive_threshold=args.adaptive_threshold,
+                                       **_attr_kwargs(args, layers))
 
     job.run(items, coarse_work, table="bags", unit="prompt", desc="IG + coarse", weight=n_prompts)
 
     # 2. refine per relation / paradigm (cheap; rank 0)
-    err = None
-    if job.rank == 0:
-        try:
-            _refine(job, S, Loc, bags, p)
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank
-            err = e
-    job.sync(err)
+    job.on_rank0(lambda: pipeline.refine_groups(job.rd, bags, p, lm.n_layers))
 
     # 3. probability change when the fact's neurons are suppressed or enhanced
-    kns = None
-    if job.rank == 0:
-        kns = {}
-        for r in job.rd.read("kn").to_pylist():
-            kns.setdefault(r["key"], []).append((r["layer"], r["neuron"]))
-    kns = job.D.broadcast_object(kns)
+    kns = pipeline.read_kns(job.rd) if job.rank == 0 else None
+    kns = job.dist.broadcast_object(kns)
 
     def effect_work(chunk):
         rows = []
@@ -584,124 +167,36 @@ def cmd_localise(args) -> int:
             if not neurons:
                 continue  # no knowledge neurons: nothing to intervene on
             tid = [lm.target_ids(q, t)[0] for q, t in zip(b["prompts"], b["targets"])]
-            before = _target_probs(lm, b["prompts"], tid)
-            for mode in ("suppress", "enhance"):
-                with I.patch_neurons(lm, neurons, mode=mode, factor=args.enhance_factor):
-                    after = _target_probs(lm, b["prompts"], tid)
+            before = pipeline.target_probs(lm, b["prompts"], tid)
+            for mode in pipeline.INTERVENTIONS:
+                with interventions.patch_neurons(lm, neurons, mode=mode, factor=args.enhance_factor):
+                    after = pipeline.target_probs(lm, b["prompts"], tid)
                 rows += [{"key": b["key"], "relation": b["group"], "prompt": q, "intervention": mode,
                           "n_kn": len(neurons), "p_before": x, "p_after": y}
                          for q, x, y in zip(b["prompts"], before, after)]
         return {"effect": rows}
 
     job.run(items, effect_work, table="effect", unit="prompt", desc="suppress/enhance", weight=n_prompts)
-    summary = _localise_summary(job) if job.rank == 0 else None
+    summary = pipeline.localise_summary(job.rd) if job.rank == 0 else None
     job.done(summary)
     return 0
 
 
-def _sharing_p(s: str):
-    if s == "adaptive":
-        return s
-    try:
-        p = float(s)
-    except ValueError:
-        p = -1.0
-    if not 0 <= p < 1:
-        raise InputError(f"--p must be a number in [0, 1) or 'adaptive', got {s!r}")
-    return p
-
-
-def _target_probs(lm, prompts, tids, batch: int = 32) -> list[float]:
-    import torch
-
-    out = []
-    for i in range(0, len(prompts), batch):
-        pr = lm.next_token_probs(prompts[i:i + batch])
-        out += pr.gather(1, torch.tensor(tids[i:i + batch], device=pr.device)[:, None])[:, 0].tolist()
-    return out
-
-
-def _refine(job, S, Loc, bags, p):
-    """Refine each relation's (paradigm's) bags at once: the adaptive p is chosen per relation.
-    One commit per relation: its ``localisation`` row (Niu et al.'s table) and its ``kn`` rows."""
-    rd = job.rd
-    done = rd.done_keys("localisation")
-    groups: dict = {}
-    for b in bags:
-        groups.setdefault(b["group"], []).append(b)
-    todo = [g for g in groups if g not in done]
-    if not todo:
-        return
-    coarse: dict = {}
-    for r in rd.read("coarse").to_pylist():
-        coarse.setdefault((r["key"], r["j"]), []).append((r["layer"], r["neuron"], r["score"]))
-    r1: dict = {}
-    for r in rd.read("bags").to_pylist():
-        if r["r1_sq"] is not None:
-            r1.setdefault(r["relation"], []).append(r["r1_sq"])
-    for g in todo:
-        facts = []
-        for b in groups[g]:
-            sets = []
-            for j in range(len(b["prompts"])):
-                ns = coarse.get((b["key"], j), [])
-                sets.append(S.KNSet(tuple((l, n) for l, n, _ in ns), tuple(s for _, _, s in ns)))
-            facts.append(sets)
-        ref = S.refine(facts, p)
-        row = Loc.localisation_row(g, ref)
-        row.update(key=g, r1_sq=(sum(r1[g]) / len(r1[g])) if r1.get(g) else None, converged=ref.converged,
-                   layer_counts=Loc.layer_counts(ref, job.lm.n_layers))
-        kn_rows = []
-        for b, ks in zip(groups[g], ref.sets):
-            kn_rows += [{"key": b["key"], "relation": g, "subject": b["subject"], "target": b["targets"][0],
-                         "layer": l, "neuron": n, "count": c, "n_prompts": len(b["prompts"]), "score": s}
-                        for (l, n), c, s in zip(ks.neurons, ks.counts, ks.scores or [None] * len(ks))]
-        rd.commit({"localisation": [row], "kn": kn_rows},
-                  keys={"localisation": [g], "kn": [b["key"] for b in groups[g]]})
-
-
-def _localise_summary(job) -> dict:
-    """Run-wide figures: facts, prompts, mean KNs per fact and tau (Niu et al.'s
-    table, over all relations), mean R1^2, and the mean relative probability
-    change of suppression and enhancement."""
-    import numpy as np
-
-    rd = job.rd
-    loc = rd.read("localisation").to_pylist()
-    n_facts = sum(r["n_facts"] for r in loc)
-    out = {"facts": n_facts, "prompts": rd.read("prompts").num_rows,
-           "mean_kn_per_fact": rd.read("kn").num_rows / max(1, n_facts),
-           "mean_tau": float(np.mean([r["tau"] for r in loc])) if loc else None,
-           "facts_with_kn": len(rd.read("kn").column("key").unique()) if rd.read("kn").num_rows else 0}
-    r1 = [r["r1_sq"] for r in rd.read("bags").to_pylist() if r["r1_sq"] is not None]
-    out["mean_r1_sq"] = float(np.mean(r1)) if r1 else None
-    eff = rd.read("effect")
-    if eff.num_rows:
-        pb = np.asarray(eff.column("p_before").to_pylist())
-        pa = np.asarray(eff.column("p_after").to_pylist())
-        it = np.asarray(eff.column("intervention").to_pylist())
-        lo = np.minimum(pa, pb)
-        for mode in ("suppress", "enhance"):
-            m = (it == mode) & (lo > 0)
-            if m.any():  # the paper's relative change: (after - before) / min(before, after)
-                out[f"{mode}_mean_change_pct"] = float(100 * ((pa[m] - pb[m]) / lo[m]).mean())
-    return out
-
-
 def cmd_trace(args) -> int:
-    T = _backend("kncore.tracing", "trace")
+    tracing = backend("kncore.tracing", "trace")
     job = Job(args, "trace")
     lm = job.lm
-    kinds = _csv(args.kinds)
-    recs = trace_records(args)
+    kinds = split_list(args.kinds)
+    recs = records.trace_records(args.data, prompts=args.prompt, subjects=args.subject, targets=args.target,
+                                 data_dir=args.data_dir)
     noise = args.noise
     try:
         noise = float(noise)
     except ValueError:
         pass
     # ROME: the noise is k times the std of the embeddings of every subject of the data set.
-    scale = T.resolve_noise(lm, noise, [r["subject"] for r in recs] if isinstance(noise, str) else None)
-    recs = _limit(recs, args.limit)
+    scale = tracing.resolve_noise(lm, noise, [r["subject"] for r in recs] if isinstance(noise, str) else None)
+    recs = records.first(recs, args.limit)
     job.open(noise_scale=round(scale, 9))
 
     def work(chunk):
@@ -717,23 +212,14 @@ def cmd_trace(args) -> int:
             res = None
             if st == "traced":
                 try:
-                    res = T.trace(lm, r["prompt"], r["subject"], target=target, kinds=kinds, samples=args.samples,
-                                  noise=scale, window=args.window, seed=args.trace_seed,
-                                  max_tokens=args.max_tokens)
+                    res = tracing.trace(lm, r["prompt"], r["subject"], target=target, kinds=kinds,
+                                        samples=args.samples, noise=scale, window=args.window, seed=args.trace_seed,
+                                        max_tokens=args.max_tokens)
                 except InputError as e:
                     st = f"error: {e}"
-            status.append({"key": r["key"], "prompt": r["prompt"], "subject": r["subject"],
-                           "attribute": r["attribute"], "status": st,
-                           "answer": res.answer if res else None, "high": res.high if res else None,
-                           "low": res.low if res else None})
+            status.append(pipeline.trace_record_row(r, st, res))
             if res is not None:
-                for k in res.kinds:
-                    rows.append({"key": r["key"], "prompt": r["prompt"], "subject": r["subject"], "target": res.answer,
-                                 "kind": k, "tokens": list(res.tokens), "subject_start": res.subject_range[0],
-                                 "subject_end": res.subject_range[1], "target_position": res.target_position,
-                                 "scores": res.scores[k].tolist(), "low_score": res.low, "high_score": res.high,
-                                 "window": res.window, "samples": res.samples, "input_ids": list(res.input_ids),
-                                 "target_id": res.target, "noise": res.noise, "seed": res.seed})
+                rows += pipeline.trace_rows(r["key"], res)
         return {"records": status, "trace": rows}
 
     job.run([(r["key"], r) for r in recs], work, table="records", unit="prompt", desc="trace")
@@ -747,7 +233,7 @@ def cmd_trace(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    R = _backend("kncore.rome", "stats")
+    rome = backend("kncore.rome", "stats")
     job = Job(args, "stats")
     lm = job.lm
     layers = parse_layers(args.layers, lm.n_layers)
@@ -764,9 +250,9 @@ def cmd_stats(args) -> int:
     try:
         # layer_stats shards the texts over ranks, all-reduces the sums, and
         # resumes from its own checkpoints in the cache folder.
-        res = R.layer_stats(lm, layers, args.data or "pydoc", n_samples=args.n_samples, dtype=args.stats_dtype,
-                            cache_dir=args.stats_cache, progress=prog if job.progress_on else False,
-                            batch_tokens=args.batch_tokens)
+        res = rome.layer_stats(lm, layers, args.data or "pydoc", n_samples=args.n_samples, dtype=args.stats_dtype,
+                               cache_dir=args.stats_cache, progress=prog if job.progress_on else False,
+                               batch_tokens=args.batch_tokens)
     finally:
         bar.close()
     if job.rank == 0:
@@ -784,21 +270,12 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def _edit_rows(keys, rows, method):
-    out = []
-    for k, r in zip(keys, rows):
-        r = dict(r, key=k, method=method)
-        r["case_id"] = None if r.get("case_id") is None else str(r["case_id"])
-        out.append(r)
-    return out
-
-
 def cmd_edit(args) -> int:
-    R = _backend("kncore.rome", "edit")
-    E = _backend("kncore.evaluation", "edit")
+    rome = backend("kncore.rome", "edit")
+    evaluation = backend("kncore.evaluation", "edit")
     job = Job(args, "edit")
     lm = job.lm
-    hp = R.load_hparams(args.hparams) if args.hparams else R.hparams_for(lm)
+    hp = rome.load_hparams(args.hparams) if args.hparams else rome.hparams_for(lm)
     if args.edit_layer is not None:
         hp.layers = [args.edit_layer]
         hp.validate()
@@ -809,16 +286,17 @@ def cmd_edit(args) -> int:
     if hp.mom2_adjustment:
         # Once, before the loop, on every rank together: layer_stats shards its
         # corpus over the ranks and all-reduces, so no rank may skip it.
-        stats = R.layer_stats(lm, hp.layers, hp.mom2_dataset, n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype,
-                              cache_dir=args.stats_cache, progress=job.progress_on)
+        stats = rome.layer_stats(lm, hp.layers, hp.mom2_dataset, n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype,
+                                 cache_dir=args.stats_cache, progress=job.progress_on)
 
     def work(chunk):
         keys = [k for k, _ in chunk]
-        rows = E.evaluate_edits(lm, [c for _, c in chunk], lambda case: R.edit(lm, case.request(), hp, stats=stats))
-        return {"edit_eval": _edit_rows(keys, rows, "rome")}
+        rows = evaluation.evaluate_edits(lm, [c for _, c in chunk],
+                                         lambda case: rome.edit(lm, case.request(), hp, stats=stats))
+        return {"edit_eval": pipeline.edit_rows(keys, rows, "rome")}
 
     job.run([(k, (k, c)) for k, c in cases], work, table="edit_eval", unit="edit", desc="ROME edit + eval")
-    summary = E.summarise_edits(job.rd.read("edit_eval").to_pylist()) if job.rank == 0 else None
+    summary = evaluation.summarise_edits(job.rd.read("edit_eval").to_pylist()) if job.rank == 0 else None
     job.done(summary)
     return 0
 
@@ -829,19 +307,19 @@ def _hparams_dict(hp) -> dict:
 
 
 def cmd_eval(args) -> int:
-    E = _backend("kncore.evaluation", "eval")
+    evaluation = backend("kncore.evaluation", "eval")
     job = Job(args, "eval")
     lm = job.lm
     if (args.data or "counterfact") == "blimp":
-        D = _backend("kncore.data", "eval")
+        data = backend("kncore.data", "eval")
         items = []
-        for par in _csv(args.paradigms) or D.blimp_paradigms(args.data_dir):
-            prompts = _limit(list(D.blimp_prompts(lm, par, args.data_dir)), args.limit)
+        for par in split_list(args.paradigms) or data.blimp_paradigms(args.data_dir):
+            prompts = records.first(list(data.blimp_prompts(lm, par, args.data_dir)), args.limit)
             items += [(f"{par}/{x.pair_id}", x) for x in prompts]
         job.open()
 
         def pair_work(chunk):
-            rows = E.minimal_pair_scores(lm, chunk, method=args.method)
+            rows = evaluation.minimal_pair_scores(lm, chunk, method=args.method)
             return {"pairs": [dict(r, key=f"{x.paradigm}/{x.pair_id}") for x, r in zip(chunk, rows)]}
 
         job.run(items, pair_work, table="pairs", unit="pair", desc="minimal pairs")
@@ -855,12 +333,12 @@ def cmd_eval(args) -> int:
     job.open()
 
     def work(chunk):
-        rows = E.evaluate_edits(lm, [c for _, c in chunk], None)
+        rows = evaluation.evaluate_edits(lm, [c for _, c in chunk], None)
         rows = [{k: v for k, v in r.items() if not k.endswith("_post")} for r in rows]
-        return {"metrics": _edit_rows([k for k, _ in chunk], rows, "none")}
+        return {"metrics": pipeline.edit_rows([k for k, _ in chunk], rows, "none")}
 
     job.run([(k, (k, c)) for k, c in cases], work, table="metrics", unit="case", desc="eval")
-    summary = E.summarise_edits(job.rd.read("metrics").to_pylist()) if job.rank == 0 else None
+    summary = evaluation.summarise_edits(job.rd.read("metrics").to_pylist()) if job.rank == 0 else None
     job.done(summary)
     return 0
 
@@ -901,12 +379,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    demo = _backend("kncore.demo", "demo")
+    demo = backend("kncore.demo", "demo")
     return int(demo.main(args) or 0)
 
 
 # -- parser -----------------------------------------------------------------------------------------
-def _common() -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
+    """The options every computing command shares (a parent parser)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("common options")
     g.add_argument("--model", default="smollm2-135m",
@@ -944,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
-    common = _common()
+    common = common_options()
 
     def add(name, func, help, parents=(common,), example=""):
         sp = sub.add_parser(name, help=help, description=help, parents=list(parents),
@@ -1076,7 +555,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kncore: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except _Fail as e:
+    except RankFailed as e:
         if args.debug:
             raise
         print(f"kncore: error (on rank 0): {e}", file=sys.stderr)
@@ -1092,5 +571,5 @@ def main(argv=None) -> int:
         print(f"kncore: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
-        from . import distributed as D
-        D.finalize()
+        from . import distributed
+        distributed.finalize()

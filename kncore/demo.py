@@ -99,21 +99,21 @@ def edit_case():
     """The ROME edit (Canada's capital -> Rome) and its probes, built with
     :mod:`kncore.evaluation`'s EditKnowledge (symmetry: the reverse relation's
     templates; synonymy: Canada's former name)."""
-    from . import evaluation as E
+    from . import evaluation
 
     prompt = CAPITAL_TEMPLATES[0].format("Canada")
-    probes = [E.Probe("reliability", prompt, "Rome", "Ottawa")]
-    probes += [E.Probe("generality", t.format("Canada"), "Rome", "Ottawa") for t in CAPITAL_TEMPLATES[1:]]
-    probes += [E.Probe("locality", CAPITAL_TEMPLATES[0].format(c), a, "Rome")
+    probes = [evaluation.Probe("reliability", prompt, "Rome", "Ottawa")]
+    probes += [evaluation.Probe("generality", t.format("Canada"), "Rome", "Ottawa") for t in CAPITAL_TEMPLATES[1:]]
+    probes += [evaluation.Probe("locality", CAPITAL_TEMPLATES[0].format(c), a, "Rome")
                for c, a in (("France", "Paris"), ("Japan", "Tokyo"), ("Germany", "Berlin"), ("Russia", "Moscow"),
                             ("Spain", "Madrid"))]
-    know = E.EditKnowledge()
+    know = evaluation.EditKnowledge()
     know.reverse_templates["P1376"] = ["{} is the capital of", "{} is the capital city of"]
     know.add_facts("P1376", [("Rome", "Italy"), ("Ottawa", "Canada")])
-    know.synonyms.append(E.SynonymRule(["P36"], {"Canada": ["the Dominion of Canada"]}))
+    know.synonyms.append(evaluation.SynonymRule(["P36"], {"Canada": ["the Dominion of Canada"]}))
     probes += know.symmetry_probes("P36", "Canada", "Rome")
     probes += know.synonymy_probes("P36", "Canada", prompt, "Rome", "Ottawa")
-    return E.EditCase("canada-rome", "Canada", prompt, "Rome", "Ottawa", "P36", probes, "kncore demo")
+    return evaluation.EditCase("canada-rome", "Canada", prompt, "Rome", "Ottawa", "P36", probes, "kncore demo")
 
 
 @dataclass(frozen=True)
@@ -154,9 +154,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _common
+    from .cli import common_options
 
-    p = argparse.ArgumentParser(prog="python -m kncore.demo", parents=[_common()],
+    p = argparse.ArgumentParser(prog="python -m kncore.demo", parents=[common_options()],
                                 description="A short tour of kncore on the embedded SmolLM2-135M.")
     add_arguments(p)
     return p
@@ -303,7 +303,7 @@ class Demo:
                 what.insert(0, f"command {old.get('command')!r}")
             if not what:  # the model fingerprint
                 what = [str(e).split("refusing to mix results")[-1]]
-            # `kncore demo` gets --fresh once cli.py adds demo.add_arguments; until then `python -m kncore.demo` has it
+            # `kncore demo` has --fresh (kncore.cli adds it); a namespace without it: `python -m kncore.demo` has it
             fresh = "--fresh" if hasattr(self.args, "fresh") else f"'python -m kncore.demo --fresh --out {self.out}'"
             raise InputError(f"{self.out} holds a run made with another config (differs in: {', '.join(what)}); "
                              f"start over with {fresh} or use another --out") from None
@@ -336,8 +336,7 @@ class Demo:
 
     # -- main ---------------------------------------------------------------------
     def run(self) -> int:
-        from . import cli
-        from . import rome as R
+        from . import jobs, rome
 
         t_start = time.perf_counter()
         model = getattr(self.args, "model", MODEL) or MODEL
@@ -345,14 +344,14 @@ class Demo:
             raise InputError(f"the demo's prompts were chosen for {MODEL}; --model {model!r} is not supported "
                              f"(use 'kncore localise/trace/edit' for other models)")
         self._clear()
-        cli._seed(self.args.seed)
+        jobs.seed_everything(self.args.seed)
         from .loading import cache_root
         if not (cache_root() / MODEL / "kncore-cache.json").exists():
             print(f"first run: dequantising {MODEL}'s GGUF file once, cached under {cache_root()}", flush=True)
         t0 = time.perf_counter()
-        self.lm = lm = cli.load_model(MODEL, device=cli._device(self.args.device), dtype=self.args.dtype)
+        self.lm = lm = jobs.load_model(MODEL, device=jobs.choose_device(self.args.device), dtype=self.args.dtype)
         t_load = time.perf_counter() - t0
-        self.hp = R.hparams_for(lm)
+        self.hp = rome.hparams_for(lm)
         self.rd, new = self._open(self.hp)
         s = self.settings
         n_prompts = sum(len(it.prompts) for it in self.items)
@@ -412,78 +411,36 @@ class Demo:
             print(f"  note: {len(weak)} target(s) outside the model's top 5: " + "; ".join(weak))
 
     # -- 1. knowledge neurons ---------------------------------------------------------------
+    def bags(self) -> list[dict]:
+        """The items as :mod:`kncore.pipeline` fact bags."""
+        return [{"key": it.key, "group": it.group, "subject": it.subject, "prompts": list(it.prompts),
+                 "targets": list(it.targets)} for it in self.items]
+
     def localise(self):
-        from . import attribution as A
-        from . import localisation as Loc
-        from . import selection as S
+        from . import pipeline
 
         lm, rd, s = self.lm, self.rd, self.settings
         with self._stage("localise") as todo:
             if todo:
                 done = rd.done_keys("bags")
-                for it in self.items:
+                for it, bag in zip(self.items, self.bags()):
                     if it.key in done:
                         continue
                     t0 = time.perf_counter()
-                    att = A.attribute(lm, list(it.prompts), list(it.targets), steps=s.steps, scheme=s.scheme,
-                                      progress=False)
-                    coarse = S.select_coarse(att, adaptive_threshold=s.adaptive_threshold)
-                    prow, crow = [], []
-                    for j, (q, t, ks) in enumerate(zip(it.prompts, it.targets, coarse)):
-                        prow.append({"key": it.key, "j": j, "relation": it.group, "prompt": q, "target": t,
-                                     "base_prob": float(att.base_probs[j]),
-                                     "max_gap": float(att.completeness_gap[j].max()),
-                                     "median_gap": float(att.completeness_gap[j].median()), "n_coarse": len(ks)})
-                        crow += [{"key": it.key, "j": j, "relation": it.group, "layer": l, "neuron": n, "score": sc}
-                                 for (l, n), sc in zip(ks.neurons, ks.scores)]
-                    r1 = Loc.r1_squared(att.scores) if bool((att.scores.flatten(1).norm(dim=1) > 0).all()) else None
-                    brow = [{"key": it.key, "relation": it.group, "subject": it.subject, "n_prompts": len(it.prompts),
-                             "r1_sq": r1}]
-                    rd.commit({"bags": brow, "prompts": prow, "coarse": crow}, keys=[it.key])
+                    rows = pipeline.attribute_bags(lm, [bag], adaptive_threshold=s.adaptive_threshold, steps=s.steps,
+                                                   scheme=s.scheme, progress=False)
+                    rd.commit(rows, keys=[it.key])
                     dt = time.perf_counter() - t0
                     print(f"  IG {it.label:24} {len(it.prompts)} prompts  {dt:5.1f} s", flush=True)
-                self._refine()
+                # Niu et al.'s refinement per group (one adaptive tau each), in ``kncore localise``'s schema
+                pipeline.refine_groups(rd, self.bags(), s.p, lm.n_layers)
         self._print_kn()
 
-    def _refine(self):
-        """Niu et al.'s refinement per group (one adaptive tau each), in ``kncore localise``'s schema."""
-        from . import localisation as Loc
-        from . import selection as S
-
-        rd = self.rd
-        coarse: dict = {}
-        for r in rd.read("coarse").to_pylist():
-            coarse.setdefault((r["key"], r["j"]), []).append((r["layer"], r["neuron"], r["score"]))
-        r1 = {r["key"]: r["r1_sq"] for r in rd.read("bags").to_pylist()}
-        done = rd.done_keys("localisation")
-        for g in dict.fromkeys(it.group for it in self.items):
-            if g in done:
-                continue
-            group = [it for it in self.items if it.group == g]
-            facts = []
-            for it in group:
-                sets = []
-                for j in range(len(it.prompts)):
-                    ns = coarse.get((it.key, j), [])
-                    sets.append(S.KNSet(tuple((l, n) for l, n, _ in ns), tuple(sc for _, _, sc in ns)))
-                facts.append(sets)
-            ref = S.refine(facts, self.settings.p)
-            row = Loc.localisation_row(g, ref)
-            vals = [r1[it.key] for it in group if r1.get(it.key) is not None]
-            row.update(key=g, r1_sq=_mean(vals) if vals else None, converged=ref.converged,
-                       layer_counts=Loc.layer_counts(ref, self.lm.n_layers))
-            kn_rows = []
-            for it, ks in zip(group, ref.sets):
-                kn_rows += [{"key": it.key, "relation": g, "subject": it.subject, "target": it.targets[0],
-                             "layer": l, "neuron": n, "count": c, "n_prompts": len(it.prompts), "score": sc}
-                            for (l, n), c, sc in zip(ks.neurons, ks.counts, ks.scores or [None] * len(ks))]
-            rd.commit({"localisation": [row], "kn": kn_rows},
-                      keys={"localisation": [g], "kn": [it.key for it in group]})
-
     def kns(self) -> dict:
+        from .pipeline import read_kns
+
         out: dict = {it.key: [] for it in self.items}
-        for r in self.rd.read("kn").to_pylist():
-            out.setdefault(r["key"], []).append((r["layer"], r["neuron"]))
+        out.update(read_kns(self.rd))
         return out
 
     def _print_kn(self):
@@ -510,7 +467,7 @@ class Demo:
 
     # -- 2. suppress / enhance ----------------------------------------------------------------
     def effects(self):
-        from . import interventions as I
+        from . import interventions
 
         lm, rd, s = self.lm, self.rd, self.settings
         with self._stage("effects") as todo:
@@ -529,7 +486,7 @@ class Demo:
                         continue
                     eff, rel = [], []
                     for mode in ("suppress", "enhance") if kns[it.key] else ():
-                        with I.patch_neurons(lm, kns[it.key], mode=mode, factor=s.enhance_factor):
+                        with interventions.patch_neurons(lm, kns[it.key], mode=mode, factor=s.enhance_factor):
                             after = lm.next_token_probs(prompts).gather(1, tid).tolist()
                         for i, (q, (o, j)) in enumerate(zip(prompts, owner)):
                             base = {"key": it.key, "relation": it.group, "prompt": q, "intervention": mode,
@@ -577,7 +534,7 @@ class Demo:
 
     def plot_related(self):
         """Bars of the relative change of targets, competitors and other items' targets (plots/)."""
-        from .evaluation import plot_probability_changes, probability_change_stats
+        from .plots import plot_probability_changes, probability_change_stats
 
         eff = self.rd.read("effect").to_pylist()
         rel = self.rd.read("effect_related").to_pylist()
@@ -604,23 +561,18 @@ class Demo:
 
     # -- 3. causal tracing --------------------------------------------------------------------
     def trace(self):
-        from . import tracing as T
+        from . import pipeline, tracing
 
         lm, rd, s = self.lm, self.rd, self.settings
         case = edit_case()
         key = "canada"
         with self._stage("trace") as todo:
             if todo:
-                res = T.trace(lm, case.prompt, case.subject, kinds=("hidden", "mlp", "attn"), samples=s.trace_samples,
-                              noise="3sd", window=s.trace_window, seed=1)
-                rows = [{"key": key, "prompt": res.prompt, "subject": res.subject, "target": res.answer, "kind": k,
-                         "tokens": list(res.tokens), "subject_start": res.subject_range[0],
-                         "subject_end": res.subject_range[1], "target_position": res.target_position,
-                         "scores": res.scores[k].tolist(), "low_score": res.low, "high_score": res.high,
-                         "window": res.window, "samples": res.samples, "input_ids": list(res.input_ids),
-                         "target_id": res.target, "noise": res.noise, "seed": res.seed} for k in res.kinds]
-                rec = [{"key": key, "prompt": case.prompt, "subject": case.subject, "attribute": case.target_true,
-                        "status": "traced", "answer": res.answer, "high": res.high, "low": res.low}]
+                res = tracing.trace(lm, case.prompt, case.subject, kinds=("hidden", "mlp", "attn"),
+                                    samples=s.trace_samples, noise="3sd", window=s.trace_window, seed=1)
+                rows = pipeline.trace_rows(key, res)
+                rec = [pipeline.trace_record_row({"key": key, "prompt": case.prompt, "subject": case.subject,
+                                                  "attribute": case.target_true}, "traced", res)]
                 rd.commit({"records": rec, "trace": rows}, keys=[key])
         rows = rd.read("trace").to_pylist()
         r0 = rows[0]
@@ -640,8 +592,8 @@ class Demo:
 
     # -- 4. ROME -----------------------------------------------------------------------------------
     def edit(self):
-        from . import evaluation as E
-        from . import rome as R
+        from . import evaluation
+        from . import rome
 
         lm, rd, hp = self.lm, self.rd, self.hp
         case = edit_case()
@@ -653,7 +605,7 @@ class Demo:
                 n = self.settings.stats_texts or hp.mom2_n_samples
                 t0 = time.perf_counter()
                 with _StatsProgress(self.tty) as prog:
-                    stats = R.layer_stats(lm, hp.layers, hp.mom2_dataset, n_samples=n, dtype=hp.mom2_dtype,
+                    stats = rome.layer_stats(lm, hp.layers, hp.mom2_dataset, n_samples=n, dtype=hp.mom2_dtype,
                                           progress=prog)
                 st = stats[hp.layers[0]]
                 dt = time.perf_counter() - t0
@@ -664,26 +616,26 @@ class Demo:
                       f"'{hp.mom2_dataset}', {st.n_tokens:,} tokens ({where})")
             with self._stage("edit") as todo:
                 if todo:
-                    self._edit_and_eval(case, key, stats, E, R)
+                    self._edit_and_eval(case, key, stats, evaluation, rome)
         else:
             self._resumed("edit")
         self._print_edit()
 
-    def _edit_and_eval(self, case, key, stats, E, R):
+    def _edit_and_eval(self, case, key, stats, evaluation, rome):
         lm, hp = self.lm, self.hp
         before = _weights_digest(lm)
         info: dict = {}
 
         @contextmanager
         def rome_edit(c):
-            with R.edit(lm, c.request(), hp, stats=stats) as e:
+            with rome.edit(lm, c.request(), hp, stats=stats) as e:
                 during = _weights_digest(lm)
                 info["changed"] = sorted(n for n in before if during[n] != before[n])
                 info["p_target_opt"] = float(e.steps[-1].p_target)
                 info["top_post"] = lm.top_k(c.prompt, 3)
                 yield
         info["top_pre"] = lm.top_k(case.prompt, 3)
-        row = E.evaluate_edits(lm, [case], rome_edit, details=True)[0]
+        row = evaluation.evaluate_edits(lm, [case], rome_edit, details=True)[0]
         after = _weights_digest(lm)
         same = [n for n in before if after[n] == before[n]]
         probes = []

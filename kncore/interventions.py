@@ -39,16 +39,11 @@ from typing import Sequence
 import torch
 
 from .lm import LM, InputError
-from .models.base import get_module
 from .runtime import Patch
 from .selection import KNSet
 
 MODES = ("suppress", "enhance", "scale")
 SITES = ("act", "pre_act")
-# Module (under block L) whose output is the pre-activation site, per architecture.
-_PRE_ACT = {"gpt2": "mlp.c_fc", "gptj": "mlp.fc_in", "llama": "mlp.gate_proj", "bert": "intermediate.dense",
-            "gpt_neox": "mlp.dense_h_to_4h", "qwen2": "mlp.gate_proj", "qwen3": "mlp.gate_proj",
-            "gemma2": "mlp.gate_proj", "gemma3_text": "mlp.gate_proj"}
 
 
 def _check_neurons(lm: LM, neurons) -> dict[int, list[int]]:
@@ -222,8 +217,6 @@ class NeuronPatch:
         if self.active:
             raise RuntimeError("this NeuronPatch is already applied")
         ad = self.lm.adapter
-        if not hasattr(ad, "persistent_patches"):
-            ad.persistent_patches = []
         try:
             base = getattr(self.lm.model, "base_model", self.lm.model)
             self._handles.append(base.register_forward_pre_hook(self._enter_forward, with_kwargs=True))
@@ -232,8 +225,11 @@ class NeuronPatch:
                 if self.site == "act":
                     h = ad.down_module(L).register_forward_pre_hook(self._act_hook(L))
                 else:
-                    mod = get_module(self.lm.model, f"{ad.layer_module_name(L)}.{_PRE_ACT[ad.arch]}")
-                    h = mod.register_forward_hook(self._pre_act_hook(L))
+                    mods = ad.mlp_modules(L)
+                    if mods is None:
+                        raise InputError(f"site='pre_act' on the Hugging Face forward: {type(ad).__name__} "
+                                         f"does not name its MLP modules (mlp_modules)")
+                    h = mods.up.register_forward_hook(self._pre_act_hook(L))
                 self._handles.append(h)
             self._entry = self._runtime_patches
             ad.persistent_patches.append(self._entry)

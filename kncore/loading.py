@@ -32,7 +32,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("KNCORE_CACHE", Path.home() / ".cache" / "kncore"))
 
 
-def _dtype(dtype):
+def torch_dtype(dtype):
+    """A dtype name (``float32``, ``bfloat16``, ``float16``...), a torch dtype, or None, as a torch dtype (or None)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
@@ -47,7 +48,7 @@ def from_hf(model, tokenizer, *, name: str | None = None, bos: bool | None = Non
 
 def load(name_or_path: str, *, device=None, dtype=None, bos: bool | None = None) -> LM:
     """Load a model by embedded name (``"smollm2-135m"``) or local HF path."""
-    dtype = _dtype(dtype)
+    dtype = torch_dtype(dtype)
     key = str(name_or_path).lower()
     if key in EMBEDDED:
         model, tok = _load_embedded(key)

@@ -14,12 +14,12 @@ index)`` pairs or ``[k, 2]`` tensors; a :class:`kncore.selection.Refined`
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .lm import InputError
+from .plots import plot_layer_distribution  # noqa: F401 - re-exported; the figure lives with the others
 
 
 def _sets(kn) -> list:
@@ -128,41 +128,3 @@ def localisation_row(name: str, refined, attributions=None) -> dict:
     if attributions is not None:
         row["r1_sq"] = mean_r1_squared(attributions)
     return row
-
-
-def plot_layer_distribution(groups: dict, path, *, n_layers: int | None = None, percent: bool = True,
-                            title: str | None = None) -> Path:
-    """The paper's layer-distribution figure: one panel per group, side by
-    side (e.g. ``{"syntactic": counts, "factual": counts}``), bars of KN counts
-    (or percentages) per layer. A group is a list of per-layer counts or
-    anything :func:`layer_counts` takes (then ``n_layers`` is needed).
-    Written atomically to ``path``."""
-    from matplotlib.figure import Figure
-
-    from .evaluation import _save_figure
-
-    if not groups:
-        raise InputError("no groups to plot")
-    series = {}
-    for name, g in groups.items():
-        if isinstance(g, (list, tuple)) and all(isinstance(c, int) for c in g):
-            counts = list(g)
-        else:
-            if n_layers is None:
-                raise InputError(f"group {name!r} holds KN sets: give n_layers=")
-            counts = layer_counts(g, n_layers)
-        series[name] = counts
-    width = max(len(c) for c in series.values())
-    fig = Figure(figsize=(3.6 * len(series), 3.1 if title else 2.8), layout="constrained")
-    axes = [fig.add_subplot(1, len(series), i + 1) for i in range(len(series))]
-    for ax, (name, counts) in zip(axes, series.items()):
-        tot = sum(counts)
-        ys = [100 * c / tot if (percent and tot) else c for c in counts]
-        ax.bar(range(len(counts)), ys, width=0.8)
-        ax.set_title(f"{name} (n={tot})")
-        ax.set_xlabel("layer")
-        ax.set_xlim(-0.7, width - 0.3)
-    axes[0].set_ylabel("% of KNs" if percent else "KNs")
-    if title:
-        fig.suptitle(title)
-    return _save_figure(fig, path)

@@ -145,7 +145,7 @@ def effect_summary(tab) -> list[dict]:
     out and counted in ``n_zero``."""
     import numpy as np
 
-    from .evaluation import probability_change_stats
+    from .plots import probability_change_stats
 
     cols = tab.column_names
     if not {"p_before", "p_after"} <= set(cols) or tab.num_rows == 0:
@@ -175,7 +175,7 @@ def effect_summary(tab) -> list[dict]:
 def plot_effect(tab, rd):
     """The paper's bars: mean relative probability change per relation, one bar
     per intervention, a star over significant ones (kncore.evaluation's plot)."""
-    from .evaluation import plot_probability_changes
+    from .plots import plot_probability_changes
 
     summ = effect_summary(tab)
     if not summ:
@@ -193,33 +193,18 @@ def plot_effect(tab, rd):
 
 def _trace_results(tab) -> list:
     """The table's rows as :class:`kncore.tracing.TraceResult`, one per key (first seen order)."""
-    import torch
-    from .tracing import TraceResult
+    from .pipeline import trace_results
 
-    by_key: dict = {}
-    for r in tab.to_pylist():
-        by_key.setdefault(r.get("key"), []).append(r)
-    out = []
-    for rows in by_key.values():
-        r0 = rows[0]
-        out.append(TraceResult(
-            scores={r.get("kind", "hidden"): torch.tensor(r["scores"], dtype=torch.float32) for r in rows},
-            low=float(r0["low_score"]), high=float(r0["high_score"]), tokens=list(r0["tokens"]),
-            input_ids=list(r0.get("input_ids") or []), subject_range=(r0["subject_start"], r0["subject_end"]),
-            target=int(r0.get("target_id") if r0.get("target_id") is not None else -1),
-            answer=str(r0.get("target") or ""), target_position=int(r0["target_position"]),
-            prompt=str(r0.get("prompt") or ""), subject=str(r0.get("subject") or ""),
-            kinds=tuple(r.get("kind", "hidden") for r in rows), window=int(r0.get("window") or 0),
-            samples=int(r0.get("samples") or 0), noise=float(r0.get("noise") or 0.0), seed=int(r0.get("seed") or 0)))
-    return out
+    return trace_results(tab.to_pylist())
 
 
 @register_plot("trace")
 def plot_traces(tab, rd):
     """ROME's causal-trace heatmaps for the first few prompts, and the average
     indirect effect by token group over every traced prompt (kncore.tracing's plots)."""
-    need = {"scores", "tokens", "subject_start", "subject_end", "target_position", "low_score", "high_score"}
-    if not need <= set(tab.column_names) or tab.num_rows == 0:
+    from .pipeline import TRACE_REQUIRED
+
+    if not set(TRACE_REQUIRED) <= set(tab.column_names) or tab.num_rows == 0:
         return []
     from .tracing import average_indirect_effect
 

@@ -281,7 +281,15 @@ def _allowed(ad: Adapter, L: int, key_valid, pos_ids, P: int, n: int):
     return allowed
 
 
-def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, causal_offset, shared=None):
+def keys_values(ad: Adapter, L: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """The keys and values [B, H_kv, n, Dh] that block L's attention makes
+    from its input ``hidden`` [B, n, d] (as :func:`run` computes them, without
+    the rest of the block): all that a later position needs of these ones."""
+    _, k, v = ad.qkv(L, ad.ln1(L, hidden), position_ids)
+    return k, v
+
+
+def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, shared=None):
     """Self-attention of block L for the new tokens x [B, n, d].
 
     past_k/past_v: [B, H_kv, P, Dh] or None; with ``shared`` = (past_rows,
@@ -353,7 +361,7 @@ def run(
     ``capture_positions``: None (every computed position), ``"last"`` (each
     row's last real token) or absolute positions [B] / [B, k].
     ``logits``: ``"all"``, ``"last"``, None (no head), or absolute positions [B].
-    ``ad.persistent_patches`` (if the adapter has that list) are applied too.
+    ``ad.persistent_patches`` are applied too.
     """
     N = ad.n_layers
     stop = N if stop_layer is None else stop_layer
@@ -395,7 +403,7 @@ def run(
     # after the call's own: a Patch, or a callable that builds Patches for
     # this call's (input_ids, attention_mask, position_ids).
     held = []
-    for hp in getattr(ad, "persistent_patches", ()):
+    for hp in ad.persistent_patches:
         held.extend([hp] if isinstance(hp, Patch) else hp(input_ids, attention_mask, position_ids))
     table = _norm_patches([*patches, *held])
     wanted = {parse_site(c) for c in capture}
@@ -434,7 +442,7 @@ def run(
             else:
                 pk, pv, sh = past.k[L], past.v[L], (past_rows, *shared)
         x = ad.ln1(L, h)
-        a, k, v = attention(ad, L, x, position_ids, key_valid, pk, pv, None, sh)
+        a, k, v = attention(ad, L, x, position_ids, key_valid, pk, pv, sh)
         if return_kv:
             kv_k[L], kv_v[L] = k, v
         a = site("attn_out", L, a)
@@ -489,9 +497,10 @@ def _mlp(ad: Adapter, L: int, x, site, table, keep_pre: bool = False):
     # the pre-activation (kncore.ops.mlp_capture); it returns None, after logging
     # why, where it does not apply. The CPU keeps the plain path below
     # (KNCORE_KERNELS=force sends CPU tensors through the Triton interpreter: tests).
-    import os
+    from .ops.dispatch import wants_kernels
+
     fused = None
-    if x.is_cuda or os.environ.get("KNCORE_KERNELS") == "force":
+    if wants_kernels(x.device):
         from .ops.mlp_capture import fused_pre_act
         fused = fused_pre_act(ad, L, x, table)
     if fused is not None:

@@ -83,10 +83,10 @@ def test_errors_are_one_line(tmp_path, capsys):
 
 def test_missing_backend_is_one_line(capsys, monkeypatch):
     with pytest.raises(cli.BackendMissing, match="needs kncore.not_there"):
-        cli._backend("kncore.not_there", "thing")
+        cli.backend("kncore.not_there", "thing")
 
     def boom(args):
-        cli._backend("kncore.not_there", "report")
+        cli.backend("kncore.not_there", "report")
     monkeypatch.setattr(cli, "cmd_report", boom)
     assert main(["report", "x"]) == 1
     assert "this build does not have yet" in _err_line(capsys)
@@ -393,16 +393,18 @@ def test_named_data_sets_feed_the_commands(smollm, data_dir):
         base.update(kw)
         return argparse.Namespace(**base)
 
-    bags = cli.fact_bags(ns(data="pararel", relations="P36,P1376"), smollm)
+    from kncore.data import records
+
+    bags = records.fact_bags(smollm, "pararel", relations=["P36", "P1376"], limit=2, data_dir=data_dir)
     assert {b["group"] for b in bags} == {"P36", "P1376"} and len(bags) == 4
     for b in bags:
         assert len(b["prompts"]) >= 2 and all(b["subject"] in q for q in b["prompts"])
         assert len({tuple(smollm.target_ids(q, t)) for q, t in zip(b["prompts"], b["targets"])}) == 1
-    blimp = cli.fact_bags(ns(data="blimp", paradigms="determiner_noun_agreement_2"), smollm)
+    blimp = records.fact_bags(smollm, "blimp", paradigms=["determiner_noun_agreement_2"], limit=2, data_dir=data_dir)
     assert {b["subject"] for b in blimp} == {"singular", "plural"} and all(len(b["prompts"]) == 2 for b in blimp)
-    known = cli.trace_records(ns(command="trace", data="known"))
+    known = records.trace_records("known", data_dir=data_dir)
     assert len(known) > 1000 and known[0]["subject"] in known[0]["prompt"]  # --limit applies later
     cases = cli.edit_cases(ns(command="edit", data="counterfact"), smollm)
     assert len(cases) == 2 and {p.kind for p in cases[0][1].probes} >= {"reliability", "generality", "locality"}
-    recs = cli.prompt_records(ns(command="attribute", data="pararel", relations="P36", limit=1), smollm)
+    recs = records.prompt_records(smollm, "pararel", relations=["P36"], limit=1, data_dir=data_dir)
     assert recs and all(r["relation"] == "P36" for r in recs)

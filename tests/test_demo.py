@@ -16,7 +16,7 @@ import pytest
 from kncore import InputError
 from kncore import demo
 
-# The columns that `kncore localise`, `trace` and `edit` write (kncore/cli.py), which the report reads.
+# The columns that `kncore localise`, `trace` and `edit` write (kncore.pipeline's schema), which the report reads.
 CLI_COLUMNS = {
     "localisation": {"task", "n_facts", "kn", "tau", "key", "r1_sq", "converged", "layer_counts"},
     "kn": {"key", "relation", "subject", "target", "layer", "neuron", "count", "n_prompts", "score"},
@@ -44,6 +44,16 @@ def test_items_are_aligned_and_limited():
     assert all(p.endswith(" these") for p in plural.prompts) and all(p.endswith(" this") for p in singular.prompts)
     assert plural.targets == singular.competitors and singular.targets == plural.competitors
     assert all(len(it.prompts) == 2 for it in demo.items(2))
+
+
+def test_cli_columns_are_the_pipeline_schema():
+    """The demo, the CLI and the report share one schema: kncore.pipeline's."""
+    from kncore import pipeline
+
+    for table, cols in pipeline.TABLES.items():
+        if table in CLI_COLUMNS:
+            assert CLI_COLUMNS[table] <= set(cols), table
+    assert set(pipeline.TABLES) >= set(CLI_COLUMNS) - {"localisation", "edit_eval"}
 
 
 def test_edit_case_has_every_probe_kind():

@@ -153,7 +153,8 @@ def test_dense_reduce_takes_step_major_gradients_and_default_weights(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_bar(device, dtype):
-    """ENGINEERING.md: the kernel's error against fp64 is at most 2x a plain run's in the same dtype."""
+    """The rule for a low-precision fast path: its error against fp64 is at most 2x a plain run's in the
+    same dtype."""
     a, w, b, alphas, weights, g = _case(5, 7, device, dtype=dtype)
     y = a @ w
     dbl = lambda t: t.double()
@@ -236,7 +237,7 @@ def test_cpu_dispatch_uses_reference(monkeypatch):
     a, w, b, alphas, weights, g = _case(3, 4, "cpu")
     assert any("device cpu" in r for r in op.not_supported_reasons(a, w, g))
     assert torch.equal(op.ig_reduce(a, w, g, weights), K.ig_reduce_ref(a, w, g, weights))
-    assert torch.equal(op.ig_expand_from_acts(a, w, b, alphas), K.ig_expand_ref(a @ w, b, alphas))
+    assert torch.equal(op.ig_expand(a @ w, b, alphas), K.ig_expand_ref(a @ w, b, alphas))
     base, index, al, bias = _rows_case(3, 7, D, "cpu")
     assert torch.equal(op.expand_steps(base, index, al, bias), K.expand_steps_ref(base, index, al, bias))
     assert torch.equal(op.reduce_steps(g[0], index[:4], 3, base, None), K.reduce_steps_ref(g[0], index[:4], 3, base))

@@ -11,8 +11,6 @@ import torch
 
 import kncore
 from kncore import InputError
-from kncore.interventions import _PRE_ACT
-from kncore.models.base import get_module
 from kncore.selection import KNSet
 
 WORDS = ("the capital of canada is ottawa france paris city country language speaks "
@@ -95,7 +93,7 @@ def test_pre_act_equals_weight_edit(tiny):
     f = 1.7
     with torch.no_grad():
         for L, i in kns:
-            mod = get_module(ref, f"{ad.layer_module_name(L)}.{_PRE_ACT[ad.arch]}")
+            mod = ad.mlp_modules(L).up  # the module whose output is the pre_act site
             w = mod.weight
             if w.shape[0] == tiny.d_ff and not (tiny.arch == "gpt2"):
                 w[i] *= f  # Linear [d_ff, d_model]

@@ -20,6 +20,7 @@ from kncore.ops._kernels import kernel_module  # noqa: E402
 
 K = kernel_module("mlp_capture")
 from kncore import Patch  # noqa: E402
+from kncore.ops import dispatch  # noqa: E402
 from kncore.ops import mlp_capture as op  # noqa: E402
 from kncore.testing import ARCHS, tiny_lm  # noqa: E402
 
@@ -86,7 +87,8 @@ def test_plain_call_has_no_extras(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("act,gated", [("gelu_tanh", False), ("gelu", False), ("silu", True), ("relu", False)])
 def test_low_precision_bar(device, dtype, act, gated):
-    """ENGINEERING.md: the kernel's error against fp64 is at most 2x a plain PyTorch run's in the same dtype.
+    """The rule for a low-precision fast path: its error against fp64 is at most 2x a plain PyTorch run's
+    in the same dtype.
 
     bf16 also runs under the interpreter: its tl.dot mishandles bf16 and it
     truncates fp32 -> bf16, so there the kernel upcasts before the dot (bf16
@@ -184,7 +186,7 @@ def test_not_supported_reasons_name_the_problem(monkeypatch):
 
 def test_fallback_is_logged(monkeypatch, caplog):
     monkeypatch.setenv("KNCORE_KERNELS", "force")  # a fallback is then as loud as on a GPU
-    op._logged.clear()
+    dispatch.forget_fallbacks()
     x, w, kw = _case(3, False, "cpu")
     with caplog.at_level(logging.WARNING, logger="kncore.ops"):
         out = op.mlp_capture(x.double(), w.double(), act="gelu")
@@ -276,7 +278,7 @@ def test_runtime_pre_act_patch_falls_back(monkeypatch, caplog):
     ids = _ids(lm)
     patch = Patch("pre_act", 1, positions=4, scale=1.5)
     outs = []
-    op._logged.clear()
+    dispatch.forget_fallbacks()
     for mode in ("auto", "force"):
         monkeypatch.setenv("KNCORE_KERNELS", mode)
         with torch.no_grad(), caplog.at_level(logging.WARNING, logger="kncore.ops"):

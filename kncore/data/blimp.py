@@ -224,19 +224,31 @@ def pair_class(pair: BlimpPair) -> str:
 
 # -- prompts -----------------------------------------------------------------------
 
-def build_blimp_prompts(lm, pairs: Iterable[BlimpPair]) -> BlimpPrompts:
-    """Turn pairs into prompts for ``lm``'s tokenizer, following BLiMP's method
-    flags (decoders) or masking the differing token (masked LMs).
+PROMPT_METHODS = ("flags", "token_diff")
+
+
+def build_blimp_prompts(lm, pairs: Iterable[BlimpPair], method: str = "flags") -> BlimpPrompts:
+    """Turn pairs into prompts for ``lm``'s tokenizer: for decoders following
+    BLiMP's method flags (``method="flags"``) or, whatever the flags say, the
+    good sentence before the one token where the two sentences differ
+    (``"token_diff"``, as Niu et al.'s code); for masked LMs the differing
+    token is masked.
 
     Only pairs whose difference is one token are kept; the others are
     counted in ``.dropped`` under a reason.
     """
+    if method not in PROMPT_METHODS:
+        raise InputError(f"BLiMP prompt method must be one of {PROMPT_METHODS}, got {method!r}")
     items, dropped, total = [], Counter(), 0
     for pair in pairs:
         total += 1
         cls = pair_class(pair)
-        build = _masked if lm.is_mlm else _one_prefix if pair.one_prefix else \
-            _two_prefix if pair.two_prefix else _token_diff
+        if lm.is_mlm:
+            build = _masked
+        elif method == "token_diff":
+            build = _token_diff
+        else:
+            build = _one_prefix if pair.one_prefix else _two_prefix if pair.two_prefix else _token_diff
         try:
             got = build(lm, pair)
         except InputError:

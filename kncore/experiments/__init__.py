@@ -56,7 +56,7 @@ def run(name: str, lm, target, out, **options):
     if key not in EXPERIMENTS:
         raise InputError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
     if isinstance(lm, str):
-        from ..cli import load_model
+        from ..jobs import load_model
         lm = load_model(lm)
     return EXPERIMENTS[key](lm, target, out, **options)
 

@@ -5,6 +5,12 @@ Runs one experiment of :mod:`kncore.experiments` (``localise``,
 values are JSON (``--set limit=50 --set layers=[10,11]``), else strings
 (``--set kns=runs/loc``).
 
+Two doors, one pipeline: ``kncore localise`` is the corpus run (any fact-bag
+file, resumable, sharded under torchrun, with suppress/enhance effects);
+``python -m kncore.experiments localise`` is the paper's per-task experiment
+(BLiMP classes and PARAREL relations, the paper's figures beside them). Both
+build their rows, R1^2, coarse sets and edit cases with :mod:`kncore.pipeline`.
+
     python -m kncore.experiments localise blimp:determiner_noun_agreement_2,pararel:P101 --out runs/loc --set limit=50
     python -m kncore.experiments kn_edit_effects blimp:determiner_noun_agreement_2 --out runs/eff --set kns=runs/loc
     python -m kncore.experiments edit_eval counterfact --out runs/rome --set editor=rome --set limit=20

@@ -6,7 +6,6 @@ import csv
 import io
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -101,26 +100,12 @@ def blimp_pair_prompts(lm: LM, paradigm: str, *, style: str = "paper", data_dir=
     BLiMP's own one-/two-prefix method (:func:`kncore.data.build_blimp_prompts`;
     determiner_noun_agreement_2: "Some dog stunned this" -> committee).
     """
-    from ..data import BlimpPrompt, BlimpPrompts, build_blimp_prompts, load_blimp, pair_class
-    from ..data import blimp as B
+    from ..data import build_blimp_prompts, load_blimp
 
     if style not in PROMPT_STYLES:
         raise InputError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     pairs = load_blimp(paradigm, data_dir)
-    if style == "blimp":
-        return build_blimp_prompts(lm, pairs)
-    items, dropped = [], Counter()
-    for pair in pairs:
-        try:
-            got = B._masked(lm, pair) if lm.is_mlm else B._token_diff(lm, pair)
-        except InputError:
-            got = "the tokenizer rejected a prompt or target"
-        if isinstance(got, str):
-            dropped[got] += 1
-            continue
-        items.append(BlimpPrompt(pair.paradigm, pair.pair_id, pair_class(pair), *got, pair.sentence_good,
-                                 pair.sentence_bad))
-    return BlimpPrompts(items, dropped, len(pairs))
+    return build_blimp_prompts(lm, pairs, method="flags" if style == "blimp" else "token_diff")
 
 
 def task_facts(lm: LM, task: str, *, limit: int | None = None, prompt_style: str = "paper", group_by: str = "class",
@@ -132,7 +117,7 @@ def task_facts(lm: LM, task: str, *, limit: int | None = None, prompt_style: str
     is one token. ``group_by`` (BLiMP): ``"class"`` (:func:`kncore.data.pair_class`,
     the paper's sg/pl, f/m/i...) or ``"target"`` (one fact per good target token).
     """
-    from .. import data as D
+    from ..data import pararel_bags, single_token_bags
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InputError(f"limit must be a positive integer or None, got {limit!r}")
@@ -153,7 +138,7 @@ def task_facts(lm: LM, task: str, *, limit: int | None = None, prompt_style: str
         info = {"total": prompts.total, "kept": len(prompts), "dropped": dict(prompts.dropped)}
     else:
         mask = lm.tokenizer.mask_token or "[MASK]"
-        bags = D.single_token_bags(lm, D.pararel_bags(name, data_dir, mlm=lm.is_mlm, mask_token=mask))
+        bags = single_token_bags(lm, pararel_bags(name, data_dir, mlm=lm.is_mlm, mask_token=mask))
         kept = bags.bags[:limit] if limit is not None else bags.bags
         facts = [Fact(task, f"{task}/{b.uuid}", b.subject, "factual", list(b.prompts), [b.object] * len(b.prompts),
                       {"subject": b.subject, "object": b.object}) for b in kept]
@@ -228,6 +213,20 @@ def write_result(rd, name: str, rows: Sequence[dict], *, columns: Sequence[str] 
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     atomic_write_text(d / f"{name}.md", md)
     return d / f"{name}.md"
+
+
+def run_items_closing(rd, items, work, *, table: str, chunk: int, bar, count_keys: bool = False) -> int:
+    """:func:`kncore.rundir.run_items`, then close ``bar`` (a tqdm bar or None)
+    however it ends; ``count_keys``: the bar advances by the keys each commit
+    finishes (else ``work`` updates it itself)."""
+    from ..rundir import run_items
+
+    progress = (lambda keys: bar.update(len(keys))) if count_keys and bar is not None else None
+    try:
+        return run_items(rd, items, work, table=table, chunk=chunk, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "item"):

@@ -97,47 +97,27 @@ def edit_cases(lm: LM, dataset, *, limit: int | None = None, extra_probes: bool 
     symmetry probes, P101 synonymy probes), or a file (CounterFact in ROME's
     or EasyEdit's layout, or kncore's edit-case JSON). Symmetry and synonymy
     probes are added wherever the relation allows (``extra_probes``)."""
-    from .. import data as D
-    from .. import evaluation as E
+    from .. import evaluation
+    from ..pipeline import edit_cases as load_cases
+    from ..pipeline import keyed_cases
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InputError(f"limit must be a positive integer or None, got {limit!r}")
-    know = E.edit_knowledge(data_dir) if extra_probes else None
+    know = evaluation.edit_knowledge(data_dir) if extra_probes else None
     if not isinstance(dataset, (str, Path)):
         raise InputError(f"dataset must be a name or a path, got {type(dataset).__name__}")
     ds = str(dataset)
-    if ds == "counterfact":
-        cases = [E.counterfact_case(r, know) for r in D.load_counterfact(data_dir=data_dir)]
-    elif ds == "zsre":
-        cases = [E.zsre_case(r, know) for r in D.load_zsre(data_dir=data_dir)]
-    elif ds.startswith("pararel:") or (ds.startswith("P") and ds[1:].isdigit()):
+    if ds.startswith("pararel:") or (ds.startswith("P") and ds[1:].isdigit()):
         _, rel = parse_task(ds)
-        cases = E.pararel_cases(rel, data_dir, know=know, limit=limit)
+        cases = load_cases("pararel", relations=[rel], know=know, limit=limit, data_dir=data_dir)
+    elif ds in ("counterfact", "zsre") or Path(ds).is_file():
+        cases = load_cases(ds, know=know, data_dir=data_dir)
     else:
-        path = Path(ds)
-        if not path.is_file():
-            raise InputError(f"unknown edit data set {ds!r}: use counterfact, zsre, pararel:<relation> or a file")
-        import json
-        try:
-            first = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise InputError(f"{path}: not valid JSON: {e}") from None
-        first = first[0] if isinstance(first, list) and first else first
-        if isinstance(first, dict) and ("requested_rewrite" in first or "ground_truth" in first):
-            cases = [E.counterfact_case(r, know) for r in D.load_counterfact(path)]
-        else:
-            cases = E.load_edit_cases(path)
+        raise InputError(f"unknown edit data set {ds!r}: use counterfact, zsre, pararel:<relation> or a file")
     cases = cases[:limit] if limit is not None else cases
     if not cases:
         raise InputError(f"no edit cases in {ds}")
-    out, seen = [], set()
-    for i, c in enumerate(cases):
-        key = f"{c.case_id:06d}" if isinstance(c.case_id, int) else str(c.case_id if c.case_id is not None else i)
-        if key in seen:
-            key = f"{key}#{i}"
-        seen.add(key)
-        out.append((key, c))
-    return out
+    return keyed_cases(cases)
 
 
 def _rome_editor(lm, hparams, stats_corpus, stats_samples, stats_cache, progress):
@@ -177,7 +157,7 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
     ``results/summary.md|csv`` and ``results/edits.csv``. Returns
     ``{"summary": dict, "kinds": rows, "edits": rows}``.
     """
-    from .. import evaluation as E
+    from .. import evaluation
     from ..rundir import run_items
 
     if editor not in EDITORS:
@@ -196,8 +176,8 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
             from .. import rome
             return rome.edit(lm, case.request(), hp, stats=stats)
     else:
-        from ..attribution import _check_layers
-        config.update(kn_steps=kn_steps, kn_layers=_check_layers(lm, kn_layers), kn_scale=kn_scale,
+        from ..attribution import check_layers
+        config.update(kn_steps=kn_steps, kn_layers=check_layers(lm, kn_layers), kn_scale=kn_scale,
                       kn_threshold=kn_threshold)
         info: dict = {}
 
@@ -213,7 +193,7 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
         def work(chunk_items):
             keys = [k for k, _ in chunk_items]
             cs = [c for _, c in chunk_items]  # payloads are (key, case)
-            rows = E.evaluate_edits(lm, cs, make_edit, batch_size=batch_size, details=True)
+            rows = evaluation.evaluate_edits(lm, cs, make_edit, batch_size=batch_size, details=True)
             edits, probes = [], []
             for k, c, r in zip(keys, cs, rows):
                 r = dict(r, key=k, editor=editor, case_id=None if r.get("case_id") is None else str(r["case_id"]))
@@ -229,7 +209,7 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
 
         run_items(rd, [(k, (k, c)) for k, c in cases], work, table="edits", chunk=chunk)
         rows = rd.read("edits").to_pylist()
-        summary = E.summarise_edits(rows)
+        summary = evaluation.summarise_edits(rows)
         kinds = _kind_table(summary, rows)
         write_result(rd, "summary", kinds, title=f"{editor} edits on {dataset} ({lm.name}, {summary['n_cases']} cases)",
                      notes=[f"ES {summary.get('ES', math.nan):.3f}, PS {summary.get('PS', math.nan):.3f}, "

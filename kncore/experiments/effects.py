@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 
 from ..lm import LM, InputError
-from .common import (DETERMINERS, PAPER_ACCURACY, open_run, parse_task, progress_bar, safe_name, task_facts,
-                     task_name, write_result)
+from .common import (DETERMINERS, PAPER_ACCURACY, open_run, parse_task, progress_bar, run_items_closing, safe_name,
+                     task_facts, task_name, write_result)
 
 MODES = ("suppress", "enhance")
 
@@ -60,7 +60,7 @@ def _change_rows(before, after, tokens) -> list[dict]:
     independent samples) and kncore.evaluation's per-prompt relative change
     with a one-sample t-test; probabilities of exactly 0 (underflow) are
     dropped from the per-prompt statistic."""
-    from ..evaluation import probability_change_stats
+    from ..plots import probability_change_stats
 
     paper = _paper_stats(before, after, tokens)
     ok = (torch.minimum(before, after) > 0).all(1)
@@ -175,8 +175,8 @@ def _default_tokens(lm, paradigm, facts):
 
 def _blimp_effects(lm, rd, task, paradigm, facts, known, modes, factor, site, tokens, eval_limit, method,
                    data_dir, progress):
-    from ..evaluation import minimal_pair_scores, summarise_pairs, token_probabilities, plot_probability_changes
-    from ..rundir import run_items
+    from ..evaluation import minimal_pair_scores, summarise_pairs, token_probabilities
+    from ..plots import plot_probability_changes
     from .common import blimp_pair_prompts
 
     # The sentence score reads only the sentences, and every pair whose
@@ -224,11 +224,7 @@ def _blimp_effects(lm, rd, task, paradigm, facts, known, modes, factor, site, to
                 bar.update(1)
         return {"accuracy": acc, "pairs": prs, "token_probs": tps}
 
-    try:
-        run_items(rd, items, work, table="accuracy", chunk=1)
-    finally:
-        if bar is not None:
-            bar.close()
+    run_items_closing(rd, items, work, table="accuracy", chunk=1, bar=bar)
     acc = rd.read("accuracy").to_pylist()
     before = {r["cls"]: r["accuracy"] for r in acc if r["key"] == "before"}
     acc_rows = []
@@ -276,8 +272,7 @@ def _blimp_effects(lm, rd, task, paradigm, facts, known, modes, factor, site, to
 
 
 def _pararel_effects(lm, rd, task, facts, known, modes, factor, site, progress):
-    from ..evaluation import plot_probability_changes
-    from ..rundir import run_items
+    from ..plots import plot_probability_changes
 
     if not facts:
         raise InputError(f"{task}: no fact has knowledge neurons to edit")
@@ -303,11 +298,7 @@ def _pararel_effects(lm, rd, task, facts, known, modes, factor, site, progress):
                 bar.update(1)
         return {"target_probs": rows}
 
-    try:
-        run_items(rd, items, work, table="target_probs", chunk=4)
-    finally:
-        if bar is not None:
-            bar.close()
+    run_items_closing(rd, items, work, table="target_probs", chunk=4, bar=bar)
     rows = rd.read("target_probs").to_pylist()
     summary, conds = [], {}
     for m in modes:

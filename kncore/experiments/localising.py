@@ -8,8 +8,9 @@ from typing import Sequence
 import torch
 
 from ..lm import LM, InputError
-from .common import (PAPER_REFERENCE, Fact, open_run, progress_bar, task_facts, task_list, uniform,
-                     write_result)
+from ..pipeline import bag_kn_sets, coarse_rows, coarse_sets, prompt_row, r1_or_none
+from .common import (PAPER_REFERENCE, Fact, open_run, progress_bar, run_items_closing, task_facts, task_list,
+                     uniform, write_result)
 
 SCOPES = ("fact", "task")
 
@@ -62,14 +63,14 @@ def localise(lm: LM, task, out, *, steps: int = 20, layers: Sequence[int] | None
     relation; one number for every task or ``{task: number}``.
     ``prompt_style``/``group_by``: see :func:`task_facts`.
     """
-    from ..attribution import SITES, _check_layers, scheme_points
+    from ..attribution import SITES, check_layers, scheme_points
 
     tasks = task_list(task)
     _check(steps, adaptive_threshold, p, adaptive_scope)
     scheme_points(scheme, steps)
     if site not in SITES:
         raise InputError(f"site must be one of {SITES}, got {site!r}")
-    layers = _check_layers(lm, layers)
+    layers = check_layers(lm, layers)
     limits = _limits(limit, tasks)
     facts, infos = [], {}
     for t in tasks:
@@ -109,7 +110,6 @@ def _limits(limit, tasks) -> dict:
 def _attribute_prompts(lm, rd, facts: list[Fact], *, steps, layers, scheme, site, batch_size, threshold, chunk,
                        progress):
     from ..attribution import attribute
-    from ..rundir import run_items
     from ..selection import select_coarse
 
     items = [(f"{f.key}#{j:04d}", (f, j)) for f in facts for j in range(len(f.prompts))]
@@ -126,52 +126,20 @@ def _attribute_prompts(lm, rd, facts: list[Fact], *, steps, layers, scheme, site
         for i, ((f, j), cs) in enumerate(zip(chunk_items, coarse)):
             key = f"{f.key}#{j:04d}"
             sc = attr.scores[i]
-            prompts.append({"key": key, "task": f.task, "fact": f.key, "j": j, "prompt": f.prompts[j],
-                            "target": f.targets[j], "base_prob": float(attr.base_probs[i]),
-                            "n_coarse": len(cs), "max_score": float(sc.max()),
-                            "gap_median": float(attr.completeness_gap[i].median()),
-                            "prob_delta_sum": float(attr.prob_delta[i].sum())})
-            crow += [{"key": key, "fact": f.key, "j": j, "layer": l, "neuron": n, "score": s}
-                     for (l, n), s in zip(cs.neurons, cs.scores)]
+            prompts.append(dict(prompt_row(attr, i, cs, key=key, task=f.task, fact=f.key, j=j, prompt=f.prompts[j],
+                                           target=f.targets[j]),
+                                max_score=float(sc.max()), prob_delta_sum=float(attr.prob_delta[i].sum())))
+            crow += coarse_rows(cs, key=key, fact=f.key, j=j)
             tens[key] = sc.contiguous()
         return {"prompts": prompts, "coarse": crow}, {"attr": tens}
 
-    try:
-        run_items(rd, items, work, table="prompts", chunk=chunk,
-                  progress=(lambda keys: bar.update(len(keys))) if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    run_items_closing(rd, items, work, table="prompts", chunk=chunk, bar=bar, count_keys=True)
 
 
 # -- stage 2: refined neurons and R1^2, per fact ---------------------------------------------
 def _coarse_sets(rd, facts):
-    from ..selection import KNSet
-
-    by: dict = {}
-    for r in rd.read("coarse").to_pylist():
-        by.setdefault((r["fact"], r["j"]), []).append(((r["layer"], r["neuron"]), r["score"]))
-    out = {}
-    for f in facts:
-        sets = []
-        for j in range(len(f.prompts)):
-            ns = by.get((f.key, j), [])
-            sets.append(KNSet(tuple(n for n, _ in ns), tuple(s for _, s in ns)))
-        out[f.key] = sets
-    return out
-
-
-def _r1(vectors: list) -> float | None:
-    """R1^2 of a fact's attribution vectors; None with fewer than two or an
-    all-zero vector (no direction to compare)."""
-    from ..localisation import r1_squared
-
-    if len(vectors) < 2:
-        return None
-    x = torch.stack([v.flatten() for v in vectors])
-    if not bool((x.norm(dim=1) > 0).all()):
-        return None
-    return float(r1_squared(x))
+    sets = coarse_sets(rd.read("coarse").to_pylist(), key_field="fact")
+    return {f.key: bag_kn_sets(f.key, len(f.prompts), sets) for f in facts}
 
 
 def _refine_facts(lm, rd, facts: list[Fact], tasks, *, p, scope):
@@ -204,7 +172,7 @@ def _refine_facts(lm, rd, facts: list[Fact], tasks, *, p, scope):
             bp = base.get(f.key, [])
             frows.append({"key": f.key, "task": t, "kind": f.kind, "label": f.label, "target": f.target,
                           "n_prompts": len(f.prompts), "n_kn": len(ks), "p": r.p, "converged": r.converged,
-                          "r1_sq": _r1(vec), "mean_base_prob": sum(bp) / len(bp) if bp else None,
+                          "r1_sq": r1_or_none(vec), "mean_base_prob": sum(bp) / len(bp) if bp else None,
                           "history": [list(h) for h in r.history]})
             krows += [{"key": f.key, "task": t, "label": f.label, "target": f.target, "layer": l, "neuron": n,
                        "score": s, "count": c, "n_prompts": len(f.prompts)}

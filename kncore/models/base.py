@@ -11,6 +11,9 @@ neuron activations ``[B, n, d_ff]``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -49,8 +52,25 @@ def activation(act, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return act(x)
 
 
+@dataclass(frozen=True)
+class MLPModules:
+    """The Hugging Face modules of one block's MLP up to its activation:
+    ``act(up(x))``, or ``act(up(x)) * gate_up(x)`` for gated MLPs (LLaMA's
+    ``act_fn(gate_proj(x)) * up_proj(x)``). ``up``'s output is the
+    ``pre_act`` site."""
+
+    up: nn.Module
+    act: Any
+    gate_up: nn.Module | None = None
+
+
 class Adapter:
-    """Base class. Subclasses set the dimensions and implement the pieces."""
+    """Base class. Subclasses set the dimensions and implement the pieces.
+
+    ``persistent_patches``: patches (or callables that build them for a call)
+    that :func:`kncore.runtime.run` applies to every forward while they are
+    held here (:func:`kncore.patch_neurons` adds and removes its entry).
+    """
 
     arch: str = "?"
     causal: bool = True
@@ -63,6 +83,7 @@ class Adapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        self.persistent_patches: list = []
 
     # -- dimensions ---------------------------------------------------------
     n_layers: int
@@ -119,6 +140,13 @@ class Adapter:
     def mlp_act(self, L: int, pre: torch.Tensor, aux, inplace: bool = False) -> torch.Tensor:
         """The activation [.., d_ff]; ``inplace``: ``pre`` may be overwritten."""
         raise NotImplementedError
+
+    def mlp_modules(self, L: int) -> MLPModules | None:
+        """The modules that :meth:`mlp_pre` and :meth:`mlp_act` compute with
+        (the fused MLP kernel and the ``pre_act`` hook of
+        :func:`kncore.patch_neurons` take them from here); None where the
+        adapter does not say (then neither is available)."""
+        return None
 
     def down_weight(self, L: int) -> torch.Tensor:
         """The down-projection weight as [d_ff, d_model] (a view, no copy);

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, activation, BLOCK_POST_LN
+from .base import Adapter, MLPModules, activation, BLOCK_POST_LN
 
 
 class BertAdapter(Adapter):
@@ -63,6 +63,10 @@ class BertAdapter(Adapter):
 
     def mlp_act(self, L, pre, aux, inplace=False):
         return activation(self.blocks[L].intermediate.intermediate_act_fn, pre, inplace)
+
+    def mlp_modules(self, L):
+        m = self.blocks[L].intermediate
+        return MLPModules(m.dense, m.intermediate_act_fn)
 
     def down_module(self, L):
         return self.blocks[L].output.dense

@@ -1,7 +1,7 @@
 """GPT-2 adapter. Conv1D weights are stored as [in, out] (transposed)."""
 from __future__ import annotations
 
-from .base import Adapter, activation, BLOCK_SEQUENTIAL
+from .base import Adapter, MLPModules, activation, BLOCK_SEQUENTIAL
 
 
 class GPT2Adapter(Adapter):
@@ -57,6 +57,10 @@ class GPT2Adapter(Adapter):
 
     def mlp_act(self, L, pre, aux, inplace=False):
         return activation(self.blocks[L].mlp.act, pre, inplace)
+
+    def mlp_modules(self, L):
+        m = self.blocks[L].mlp
+        return MLPModules(m.c_fc, m.act)
 
     def down_module(self, L):
         return self.blocks[L].mlp.c_proj

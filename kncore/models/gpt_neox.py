@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL, activation
+from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL, MLPModules, activation
 from .llama import rope
 
 
@@ -68,6 +68,10 @@ class GPTNeoXAdapter(Adapter):
 
     def mlp_act(self, L, pre, aux, inplace=False):
         return activation(self.blocks[L].mlp.act, pre, inplace)
+
+    def mlp_modules(self, L):
+        m = self.blocks[L].mlp
+        return MLPModules(m.dense_h_to_4h, m.act)
 
     def down_module(self, L):
         return self.blocks[L].mlp.dense_4h_to_h

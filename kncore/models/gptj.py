@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, activation, BLOCK_PARALLEL
+from .base import Adapter, MLPModules, activation, BLOCK_PARALLEL
 
 
 def _rotate_every_two(x):
@@ -83,6 +83,10 @@ class GPTJAdapter(Adapter):
 
     def mlp_act(self, L, pre, aux, inplace=False):
         return activation(self.blocks[L].mlp.act, pre, inplace)
+
+    def mlp_modules(self, L):
+        m = self.blocks[L].mlp
+        return MLPModules(m.fc_in, m.act)
 
     def down_module(self, L):
         return self.blocks[L].mlp.fc_out

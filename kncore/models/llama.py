@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_SEQUENTIAL, activation
+from .base import Adapter, BLOCK_SEQUENTIAL, MLPModules, activation
 
 
 def _rotate_half(x):
@@ -105,6 +105,10 @@ class LlamaAdapter(Adapter):
         if inplace:
             return activation(self.blocks[L].mlp.act_fn, pre, True).mul_(aux)
         return self.blocks[L].mlp.act_fn(pre) * aux
+
+    def mlp_modules(self, L):
+        m = self.blocks[L].mlp
+        return MLPModules(m.gate_proj, m.act_fn, m.up_proj)
 
     def down_module(self, L):
         return self.blocks[L].mlp.down_proj

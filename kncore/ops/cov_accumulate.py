@@ -72,12 +72,7 @@ def _check(C: torch.Tensor, X: torch.Tensor, mask, s, n) -> None:
 
 def not_supported_reasons(C: torch.Tensor, X: torch.Tensor, mask=None) -> list[str]:
     """Why the C++ op cannot take these (valid) inputs; empty when it can."""
-    reasons = []
-    if not _ext.load():
-        reasons.append(f"C++ extension unavailable ({_ext.load_error()})")
-    if C.device.type not in supported_devices:
-        reasons.append(f"device {C.device.type} not in {supported_devices}")
-    return reasons
+    return _ext.not_supported_reasons(C.device, supported_devices)
 
 
 def cov_accumulate_ref(C, X, mask=None, *, s=None, n=None):

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._kernels import kernel_module
-from .mlp_capture import SUPPORTED_DEVICES, SUPPORTED_DTYPES, _log_fallback, kernel_mode
+from .dispatch import SUPPORTED_DTYPES, kernel_module, log_fallback, triton_reasons
 
 _module = None
 
@@ -51,20 +50,8 @@ def not_supported_reasons(*tensors, coefficients=()) -> list[str]:
     """
     ts = [t for t in tensors if torch.is_tensor(t)]
     cs = [t for t in coefficients if torch.is_tensor(t)]
-    reasons = []
-    mode = kernel_mode()
-    if mode == "off":
-        reasons.append("kernels turned off (KNCORE_KERNELS=off)")
     dev = ts[0].device
-    if dev.type not in SUPPORTED_DEVICES and not (mode == "force" and dev.type == "cpu"):
-        reasons.append(f"device {dev.type}: the kernels run on {SUPPORTED_DEVICES}")
-    K = kernels()
-    if not K.AVAILABLE:
-        reasons.append("triton is not installed")
-    elif K.INTERPRETED and mode != "force":
-        reasons.append("triton runs in interpreter mode (TRITON_INTERPRET=1): far slower than the reference")
-    elif dev.type == "cpu" and not K.INTERPRETED:
-        reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    reasons = triton_reasons(kernels(), dev.type, "the kernels run")
     for t in ts + cs:
         if t.device != dev:
             reasons.append(f"tensors on {t.device} and {dev}")
@@ -79,7 +66,7 @@ def _pick(name, *tensors, coefficients=()):
     K = kernels()
     reasons = not_supported_reasons(*tensors, coefficients=coefficients)
     if reasons:
-        _log_fallback(f"ig_steps.{name}", reasons, tensors[0].device)
+        log_fallback(f"ig_steps.{name}", reasons, tensors[0].device)
         return getattr(K, name + "_ref")
     return getattr(K, name)
 
@@ -120,11 +107,6 @@ def ig_expand(y, bias, alphas):
     return _pick("ig_expand", y, bias, coefficients=(alphas,))(y, bias, alphas)
 
 
-def ig_expand_from_acts(a, w_down, bias, alphas):
-    """:func:`ig_expand` from the neurons a [B, d_ff] and W_down [d_ff, D]: one projection, then the steps."""
-    return ig_expand(a @ w_down, bias, alphas)
-
-
 def ig_reduce(a, w_down, g, weights=None):
     """IG of the neurons a [B, d_ff]: ``a * ((sum_k w_k g[:, k]) @ w_down.T)``, fp32 [B, d_ff].
 
@@ -132,18 +114,3 @@ def ig_reduce(a, w_down, g, weights=None):
     Riemann sum).
     """
     return _pick("ig_reduce", a, w_down, g, coefficients=(weights,))(a, w_down, g, weights)
-
-
-def expand_steps_ref(base, index, alphas, bias=None):
-    """Plain PyTorch :func:`expand_steps`."""
-    return kernels().expand_steps_ref(base, index, alphas, bias)
-
-
-def reduce_steps_ref(grads, index, n_groups, act, w_down=None, weights=None):
-    """Plain PyTorch :func:`reduce_steps` (fp32, as kncore.attribution computes it)."""
-    return kernels().reduce_steps_ref(grads, index, n_groups, act, w_down, weights)
-
-
-def ig_steps_ref(a, w_down, bias, alphas, g=None, weights=None):
-    """The literal IG steps, materialising the m scaled copies: ``(outputs, IG)``."""
-    return kernels().ig_steps_ref(a, w_down, bias, alphas, g, weights)

@@ -6,39 +6,22 @@ Dispatch between the Triton kernel (``kernels/mlp_capture.py``, imported as
 * CUDA tensors use the kernel when :func:`not_supported_reasons` is empty; a
   fallback to the reference on a GPU is logged (warning once per reason, on the
   ``kncore.ops`` logger), because a fallback nobody sees is a performance bug.
-* CPU tensors use the reference. ``KNCORE_KERNELS=force`` (tests only) sends
-  them through the kernel too, which needs ``TRITON_INTERPRET=1`` set before
-  triton is first imported; ``KNCORE_KERNELS=off`` turns the kernels off.
+* CPU tensors use the reference; ``KNCORE_KERNELS`` changes that as
+  :mod:`kncore.ops.dispatch` says (``force``: the kernel through Triton's
+  interpreter, for tests; ``off``: never the kernel).
 
 The runtime (:func:`kncore.runtime.run`) calls :func:`fused_pre_act` for every
 MLP on CUDA, so every method gets the fused pass without asking for it.
 """
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
-from ._kernels import kernel_module
+from .dispatch import SUPPORTED_DTYPES, kernel_module, log_fallback, triton_reasons
 
-log = logging.getLogger("kncore.ops")
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_DEVICES = ("cuda",)
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
-MODES = ("auto", "off", "force")
 
-_logged: set = set()
 _module = None
-
-
-def kernel_mode() -> str:
-    """``KNCORE_KERNELS``: ``auto`` (default: kernels on CUDA), ``off`` or ``force``."""
-    mode = os.environ.get("KNCORE_KERNELS") or "auto"
-    if mode not in MODES:
-        raise ValueError(f"KNCORE_KERNELS={mode!r}; expected one of {MODES}")
-    return mode
 
 
 def kernels():
@@ -61,20 +44,7 @@ def not_supported_reasons(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=
     Same arguments as :func:`mlp_capture`. Shape errors are not reasons: they
     raise in either path.
     """
-    reasons = []
-    mode = kernel_mode()
-    if mode == "off":
-        reasons.append("kernels turned off (KNCORE_KERNELS=off)")
-    dev = x.device.type
-    if dev not in SUPPORTED_DEVICES and not (mode == "force" and dev == "cpu"):
-        reasons.append(f"device {dev}: the kernel runs on {SUPPORTED_DEVICES}")
-    K = kernels()
-    if not K.AVAILABLE:
-        reasons.append("triton is not installed")
-    elif K.INTERPRETED and mode != "force":
-        reasons.append("triton runs in interpreter mode (TRITON_INTERPRET=1): far slower than the reference")
-    elif dev == "cpu" and not K.INTERPRETED:
-        reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    reasons = triton_reasons(kernels(), x.device.type, "the kernel runs")
     if act not in ACTIVATIONS:
         reasons.append(f"activation {act!r} is not one of {ACTIVATIONS}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -92,16 +62,6 @@ def not_supported_reasons(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=
         if t is not None and t.device != x.device:
             reasons.append(f"{name} is on {t.device}, x on {x.device}")
     return reasons
-
-
-def _log_fallback(op: str, reasons: list[str], device: torch.device):
-    # On a GPU a fallback is a performance bug worth a warning (once per reason);
-    # on the CPU the reference is the plan, so only debug.
-    key = (op, tuple(reasons))
-    loud = device.type != "cpu" or kernel_mode() == "force"
-    level = logging.WARNING if loud and key not in _logged else logging.DEBUG
-    _logged.add(key)
-    log.log(level, "%s: using the PyTorch reference on %s: %s", op, device, "; ".join(reasons))
 
 
 def mlp_capture(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neuron_scale=None,
@@ -122,7 +82,7 @@ def mlp_capture(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neur
     K = kernels()
     fn = K.mlp_capture
     if reasons:
-        _log_fallback("mlp_capture", reasons, x.device)
+        log_fallback("mlp_capture", reasons, x.device)
         fn = K.mlp_capture_ref
     return fn(x, w, b, act=act, w_up=w_up, b_up=b_up, row_scale=row_scale, neuron_scale=neuron_scale,
               neuron_rows=neuron_rows, capture_rows=capture_rows, return_pre=return_pre)
@@ -166,24 +126,15 @@ def _in_out_weight(mod):
 def mlp_params(ad, L: int):
     """``(params, reason)``: the up-projection of block L as kernel arguments
     ``dict(act, w, b, w_up, b_up)``, or None and why the fused path cannot take it."""
-    from ..models import bert, gpt2, gpt_neox, gptj, llama
-
-    # LlamaAdapter's subclasses (Qwen2/3, Gemma-2/3) share its MLP
-    cls = next((c for c in (gpt2.GPT2Adapter, gptj.GPTJAdapter, bert.BertAdapter, llama.LlamaAdapter,
-                            gpt_neox.GPTNeoXAdapter) if isinstance(ad, c)), None)
-    if cls is None:
+    mods = ad.mlp_modules(L)
+    if mods is None:
         return None, f"architecture {ad.arch!r} has no fused-MLP mapping"
-    if type(ad).mlp_pre is not cls.mlp_pre or type(ad).mlp_act is not cls.mlp_act:
+    # The fused pass replaces mlp_pre + mlp_act, so it must be the class that
+    # names the modules that also computes with them.
+    owner = next(c for c in type(ad).__mro__ if "mlp_modules" in vars(c))
+    if type(ad).mlp_pre is not owner.mlp_pre or type(ad).mlp_act is not owner.mlp_act:
         return None, f"{type(ad).__name__} overrides mlp_pre/mlp_act"
-    blk = ad.blocks[L]
-    if cls is llama.LlamaAdapter:
-        up, fn, gate_up = blk.mlp.gate_proj, blk.mlp.act_fn, blk.mlp.up_proj
-    elif cls is bert.BertAdapter:
-        up, fn, gate_up = blk.intermediate.dense, blk.intermediate.intermediate_act_fn, None
-    elif cls is gpt_neox.GPTNeoXAdapter:
-        up, fn, gate_up = blk.mlp.dense_h_to_4h, blk.mlp.act, None
-    else:  # gpt2: c_fc (Conv1D); gptj: fc_in (Linear)
-        up, fn, gate_up = (blk.mlp.c_fc if cls is gpt2.GPT2Adapter else blk.mlp.fc_in), blk.mlp.act, None
+    up, fn, gate_up = mods.up, mods.act, mods.gate_up
     act = activation_name(fn)
     if act is None:
         return None, f"activation {type(fn).__name__} has no kernel"
@@ -216,7 +167,7 @@ def fused_pre_act(ad, L: int, x: torch.Tensor, table: dict | None = None):
         reasons += not_supported_reasons(x2, params["w"], params["b"], act=params["act"], w_up=params["w_up"],
                                          b_up=params["b_up"])
     if reasons:
-        _log_fallback("mlp_capture in the runtime", reasons, x.device)
+        log_fallback("mlp_capture in the runtime", reasons, x.device)
         return None
     out = kernels().mlp_capture(x2, params["w"], params["b"], act=params["act"], w_up=params["w_up"],
                                 b_up=params["b_up"], return_pre=True)

@@ -108,12 +108,7 @@ def _factors(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, transposed: bool
 
 def not_supported_reasons(W: torch.Tensor) -> list[str]:
     """Why the C++ op cannot take this (valid) W; empty when it can."""
-    reasons = []
-    if not _ext.load():
-        reasons.append(f"C++ extension unavailable ({_ext.load_error()})")
-    if W.device.type not in supported_devices:
-        reasons.append(f"device {W.device.type} not in {supported_devices}")
-    return reasons
+    return _ext.not_supported_reasons(W.device, supported_devices)
 
 
 def _delta_ref(U: torch.Tensor, V: torch.Tensor, alpha: float, acc: torch.dtype) -> torch.Tensor:

@@ -27,22 +27,31 @@ from their start layer, still batched across cells.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from enum import IntEnum
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ..lm import LM, InputError
-from ..runtime import KVCache, Patch
+from ..runtime import KVCache, Patch, keys_values
 
 KINDS = ("hidden", "mlp", "attn")
 SITE_OF = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
-_CODE = {"hidden": 0, "mlp": 1, "attn": 2}  # 0: the restored state is the row's input, no patch
+
+
+class Restore(IntEnum):
+    """What a job of the fast grid restores (an int: the walk keeps it in a tensor per row)."""
+
+    HIDDEN = 0  # a block output: the restored state is the row's input, no patch
+    MLP = 1     # mlp_out, patched on the window's layers
+    ATTN = 2    # attn_out, patched on the window's layers
+
+
+_CODE = {"hidden": Restore.HIDDEN, "mlp": Restore.MLP, "attn": Restore.ATTN}
+_PATCH_SITE = {Restore.MLP: "mlp_out", Restore.ATTN: "attn_out"}
 _SD = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*sd\s*$")
 # Row-positions per runtime call. GPT-2-medium shape on the 2-core CPU:
 # see bench/bench_trace.py --sweep for the measurement behind this default.
@@ -232,7 +241,7 @@ class TraceResult:
 @dataclass
 class _Job:
     t: int      # restored token
-    code: int   # 0 hidden (input replaced), 1 mlp_out, 2 attn_out (patched on [lo, hi))
+    code: Restore  # what is restored (patched on layers [lo, hi))
     lo: int
     hi: int
     entry: int  # the layer at which the job's rows join the walk
@@ -324,7 +333,7 @@ def _jobs(kinds, T: int, N: int, b: int, window: int, causal: bool) -> tuple[lis
                 continue  # the noise cannot reach a position before the subject: score == low
             for l in range(N):
                 if k == "hidden":
-                    key = (t, 0, l, l + 1, l + 1)
+                    key = (t, Restore.HIDDEN, l, l + 1, l + 1)
                 else:
                     # Decoders: at a window's first layer only token t changes (attention
                     # there reads unchanged inputs), so the rows join one layer later
@@ -335,10 +344,10 @@ def _jobs(kinds, T: int, N: int, b: int, window: int, causal: bool) -> tuple[lis
     job_list = [_Job(*key) for key in jobs]
     longest: dict = {}  # (t, code, lo) -> the window job with the highest hi
     for j in job_list:
-        if j.code and j.hi > longest.setdefault((j.t, j.code, j.lo), j).hi:
+        if j.code != Restore.HIDDEN and j.hi > longest.setdefault((j.t, j.code, j.lo), j).hi:
             longest[(j.t, j.code, j.lo)] = j
     for j in job_list:
-        p = longest.get((j.t, j.code, j.lo)) if j.code else None
+        p = longest.get((j.t, j.code, j.lo)) if j.code != Restore.HIDDEN else None
         if p is not None and p is not j and p.entry < j.hi:
             j.parent = p
     return job_list, cell_job
@@ -387,7 +396,7 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
                 if branch(jobs[j]):  # the parent's state before layer L = hi
                     first = row_of[id(jobs[j].parent)]
                     h[rows] = h[first:first + S]
-                elif jobs[j].code == 0:  # restored block output of layer L-1
+                elif jobs[j].code == Restore.HIDDEN:  # restored block output of layer L-1
                     h[rows, jobs[j].t - p0] = clean[("resid_post", L - 1)][0, jobs[j].t]
                 elif causal:  # a window whose first layer, L-1, changed token t = p0 only
                     key = (jobs[j].code, L - 1)
@@ -409,7 +418,7 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
                                 patches=patches, logits=None).hidden
             # _top_layer projects keys and values itself, so patches held on the
             # adapter (kncore.patch_neurons) send it the plain way
-            elif causal and n > 1 and not getattr(ad, "persistent_patches", ()):
+            elif causal and n > 1 and not ad.persistent_patches:
                 final[s:e] = _top_layer(lm, h[s:e], p0, past, rows, patches)
             else:
                 final[s:e] = lm.run(hidden=h[s:e], start_layer=L, past=past, past_rows=rows, patches=patches,
@@ -434,13 +443,13 @@ def _target_probs(ad, final: torch.Tensor, target: int) -> torch.Tensor:
     return out
 
 
-def _first_layers(lm: LM, L: int, code: int, inputs: list, clean) -> torch.Tensor:
+def _first_layers(lm: LM, L: int, code: Restore, inputs: list, clean) -> torch.Tensor:
     """Output of layer L [S, T, d] where column t is token t's with its own
     mlp_out/attn_out restored (decoders). A restoration at layer L changes
     nothing but its own position there (it comes after attention), so one run
     restoring every position at once serves the windows of every token that
     start at L."""
-    site = "mlp_out" if code == 1 else "attn_out"
+    site = _PATCH_SITE[code]
     x = inputs[L]
     value = clean[(site, L)][0].repeat(x.shape[0], 1)  # [S*T, d], rows then positions
     return lm.run(hidden=x, start_layer=L, stop_layer=L + 1, patches=[Patch(site, L, value=value)],
@@ -451,14 +460,14 @@ def _top_layer(lm: LM, h: torch.Tensor, p0: int, past, past_rows, patches) -> to
     """Output of the last block at the last position only [B, d] (decoders).
 
     Nothing but the last position's output reaches the head, so the other
-    positions need only their keys and values at this layer (ad.qkv: 3 of GPT-2's
-    12 d^2 multiply-adds per position).
+    positions need only their keys and values at this layer
+    (:func:`kncore.runtime.keys_values`: 3 of GPT-2's 12 d^2 multiply-adds per position).
     """
     ad = lm.adapter
     L = ad.n_layers - 1
     B, n, _ = h.shape
     pos = torch.arange(p0, p0 + n - 1, device=h.device)[None].expand(B, -1)
-    _, k, v = ad.qkv(L, ad.ln1(L, h[:, :-1]), pos)
+    k, v = keys_values(ad, L, h[:, :-1], pos)
     if past is not None:
         k = torch.cat([past.k[L][past_rows].to(k.dtype), k], dim=2)
         v = torch.cat([past.v[L][past_rows].to(v.dtype), v], dim=2)
@@ -469,7 +478,7 @@ def _top_layer(lm: LM, h: torch.Tensor, p0: int, past, past_rows, patches) -> to
 def _patches(L, code, lo, hi, tt, clean) -> list:
     """Restorations at layer L for one slice of rows (row indices local to it)."""
     ps = []
-    for c, site in ((1, "mlp_out"), (2, "attn_out")):
+    for c, site in _PATCH_SITE.items():
         m = (code == c) & (lo <= L) & (L < hi)
         if not bool(m.any()):
             continue
@@ -477,11 +486,3 @@ def _patches(L, code, lo, hi, tt, clean) -> list:
             rows = (m & (tt == t)).nonzero().flatten()
             ps.append(Patch(site, L, positions=t, rows=rows, value=clean[(site, L)][0, t]))
     return ps
-
-
-def atomic_path(path) -> tuple[Path, Path]:
-    """(final path, a temp path beside it with the same suffix)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
-    os.close(fd)
-    return path, Path(tmp)
