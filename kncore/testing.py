@@ -197,12 +197,13 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def ig_plain(lm: LM, prompt: str, target: str, layer: int, steps: int = 20) -> torch.Tensor:
+def ig_plain(lm: LM, prompt: str, target: str, layer: int, steps: int = 20, with_f: bool = False):
     """Riemann-left IG [d_ff] of one layer's neurons (the down-projection input at
     the last token) the knowledge-neurons way: one HF forward of ``steps`` copies
     of the prompt with the activations replaced by alpha * a through a hook,
     autograd for the gradient. The probability and the sums are fp32, so the
-    model's own dtype is the only low-precision part."""
+    model's own dtype is the only low-precision part. ``with_f``: also return
+    F(a) and F(0), the target probability unmodified and at alpha = 0."""
     ids = torch.tensor([lm.tokenize(prompt)], device=lm.device)
     tgt, pos = lm.single_token(prompt, target), ids.shape[1] - 1
     mod = lm.adapter.down_module(layer)
@@ -210,7 +211,7 @@ def ig_plain(lm: LM, prompt: str, target: str, layer: int, steps: int = 20) -> t
     h = mod.register_forward_pre_hook(lambda m, args: seen.__setitem__("a", args[0][0, pos].detach()))
     try:
         with torch.no_grad():
-            lm.model(ids)
+            f1 = float(lm.model(ids).logits[0, pos].float().softmax(-1)[tgt])
     finally:
         h.remove()
     a = seen["a"]
@@ -230,7 +231,8 @@ def ig_plain(lm: LM, prompt: str, target: str, layer: int, steps: int = 20) -> t
             h.remove()
         p = logits.float().softmax(-1)[:, tgt]
         (g,) = torch.autograd.grad(p.sum(), x)
-    return a.float() * g.float().sum(0) / steps
+    ig = a.float() * g.float().sum(0) / steps
+    return (ig, f1, float(p[0])) if with_f else ig
 
 
 @torch.no_grad()

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ import kncore
 from kncore import rome
 from kncore.lm import LM
 from kncore.rome import editing, reference
-from kncore.testing import FULL_WIDTH, fullwidth_lm, ig_plain, rel_err, second_moment_plain
+from kncore.testing import FULL_WIDTH, fullwidth_lm, ig_plain, rel_err, save_sharded, second_moment_plain
 from kncore.tracing.reference import trace_ref
 
 pytestmark = pytest.mark.slow
@@ -64,8 +68,10 @@ def test_attribute(pair):
     kw = dict(steps=steps, progress=False)
     a_fp = kncore.attribute(fp, PROMPT, TARGET, **kw)
     a_bf = kncore.attribute(bf, PROMPT, TARGET, **kw)
-    plain_fp = torch.stack([ig_plain(fp, PROMPT, TARGET, L, steps) for L in range(fp.n_layers)])
-    assert rel_err(a_fp.scores[0], plain_fp) < 1e-4  # the baseline computes what kncore does
+    # The baseline computes what kncore does (checked once per adapter: Mistral runs LLaMA's).
+    if bf.adapter.config.model_type != "mistral":
+        plain_fp = torch.stack([ig_plain(fp, PROMPT, TARGET, L, steps) for L in range(fp.n_layers)])
+        assert rel_err(a_fp.scores[0], plain_fp) < 1e-4
     plain_bf = torch.stack([ig_plain(bf, PROMPT, TARGET, L, steps) for L in range(bf.n_layers)])
     _bar(f"{bf.name} IG scores", rel_err(a_bf.scores[0], a_fp.scores[0]), rel_err(plain_bf, a_fp.scores[0]))
     print(f"completeness gap fp32 {a_fp.completeness_gap.max():.3g}, bf16 {a_bf.completeness_gap.max():.3g}")
@@ -74,11 +80,14 @@ def test_attribute(pair):
 
 def test_trace(pair):
     bf, fp = pair
-    kw = dict(samples=3, kinds=("hidden", "mlp", "attn"), noise=0.5)
-    t_fp = kncore.trace(fp, PROMPT, SUBJECT, **kw)
+    # Three tokens, the subject in the middle: the plain per-cell loop runs one
+    # HF forward per (token, layer, kind) and is most of this test's time.
+    prompt = "of canada is"
+    kw = dict(samples=2, kinds=("hidden", "mlp", "attn"), noise=0.5)
+    t_fp = kncore.trace(fp, prompt, SUBJECT, **kw)
     tgt = t_fp.target
-    t_bf = kncore.trace(bf, PROMPT, SUBJECT, target=tgt, **kw)
-    r_bf = trace_ref(bf, PROMPT, SUBJECT, target=tgt, **kw)
+    t_bf = kncore.trace(bf, prompt, SUBJECT, target=tgt, **kw)
+    r_bf = trace_ref(bf, prompt, SUBJECT, target=tgt, **kw)
     grid = lambda t: torch.stack([t.scores[k] for k in kw["kinds"]])
     _bar(f"{bf.name} trace", rel_err(grid(t_bf), grid(t_fp)), rel_err(grid(r_bf), grid(t_fp)))
 
@@ -86,9 +95,12 @@ def test_trace(pair):
 def test_layer_stats(pair):
     bf, fp = pair
     L = bf.n_layers - 1
-    kw = dict(n_samples=None, use_cache=False, progress=False, dtype="float32")
-    ref = rome.layer_stats(fp, [L], TEXTS, **kw)[L].second_moment
-    kn = rome.layer_stats(bf, [L], TEXTS, **kw)[L].second_moment
+    # The fp32 reference is the plain computation on the fp32 model (kncore's
+    # fp32 statistics equal it to 1e-5: test_rome.py); one kncore run, in bf16,
+    # because mirroring the d_ff x d_ff triangle takes 10 s of a 13 s run at d_ff 11008.
+    ref = second_moment_plain(fp, L, TEXTS)
+    kn = rome.layer_stats(bf, [L], TEXTS, n_samples=None, use_cache=False, progress=False,
+                          dtype="float32")[L].second_moment
     err_kn = rel_err(kn, ref)
     del kn
     _bar(f"{bf.name} layer stats", err_kn, rel_err(second_moment_plain(bf, L, TEXTS), ref))
@@ -111,3 +123,81 @@ def test_rome_edit(pair):
     rows = editing.build_rows(bf, req, rome.context_templates(bf, hp), hp.fact_token, hp.kl_prompts)
     plain = reference.update_ref(bf, 0, req, rows, hp)["right"]
     _bar(f"{bf.name} ROME right vector", rel_err(right[bf], right[fp]), rel_err(plain, right[fp]))
+
+
+# -- real checkpoint layouts -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(pair, tmp_path_factory):
+    """The bf16 model written as HF ships 7B checkpoints (several shards and their index)."""
+    bf, _ = pair
+    path = tmp_path_factory.mktemp(bf.name)
+    save_sharded(bf.model, bf.tokenizer, path)
+    return path
+
+
+def test_sharded_checkpoint_loads_in_bf16(pair, ckpt):
+    bf, _ = pair
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 2 and all((ckpt / s).exists() for s in shards)
+    assert (ckpt / "config.json").exists() and (ckpt / "tokenizer.json").exists()
+    lm = kncore.load(str(ckpt), dtype="bfloat16")
+    assert lm.dtype == torch.bfloat16 and lm.d_ff == bf.d_ff and lm.adapter.n_kv_heads == bf.adapter.n_kv_heads
+    assert lm.tokenize(PROMPT) == bf.tokenize(PROMPT)
+    ids = torch.randint(7, bf.adapter.vocab_size, (1, 17))
+    with torch.no_grad():
+        assert torch.equal(lm.run(ids).logits, bf.run(ids).logits)
+
+
+_PEAK = """
+import json, resource, sys
+import torch, transformers, kncore
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+lm = kncore.load(sys.argv[1], dtype=sys.argv[2])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"grown": (peak - base) * 1024, "dtype": str(lm.dtype)}))
+"""
+
+
+def _load_peak(path, dtype):
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(path), dtype], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bf16_load_builds_no_fp32_copy(pair, ckpt):
+    """Peak RSS while loading, in a fresh process. Measured on LLaMA's two layers
+    (774 MiB of bf16 weights): bf16 grows the peak by 0.29x the weights (the
+    shards are mapped, not read), fp32 by 3.3x; an fp32 copy alone is 2x."""
+    bf, _ = pair
+    if bf.name != "llama-2-7b-2L":
+        pytest.skip("one model is enough: the loading path does not depend on the architecture")
+    size = sum(p.numel() * p.element_size() for p in bf.model.parameters())
+    got = _load_peak(ckpt, "bfloat16")
+    assert got["dtype"] == "torch.bfloat16"
+    assert got["grown"] < 1.0 * size, got
+    control = _load_peak(ckpt, "float32")  # the measurement sees an fp32 copy when there is one
+    assert control["grown"] > 2.0 * size, control
+
+
+def test_device_map(pair, ckpt):
+    bf, _ = pair
+    if bf.name != "llama-2-7b-2L":
+        pytest.skip("one model is enough: the loading path does not depend on the architecture")
+    ids = torch.randint(7, bf.adapter.vocab_size, (1, 5))
+    with torch.no_grad():
+        want = bf.run(ids).logits
+    for dm in ("auto", "cpu", {"": "cpu"}):
+        lm = kncore.load(str(ckpt), dtype="bfloat16", device_map=dm)
+        with torch.no_grad():
+            assert torch.equal(lm.run(ids).logits, want), dm
+        del lm
+    spread = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+              "model.norm": "cpu", "lm_head": "cpu"}
+    with pytest.raises(ValueError, match="kncore runs a model on one device") as e:
+        kncore.load(str(ckpt), dtype="bfloat16", device_map=spread)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="not both"):
+        kncore.load(str(ckpt), device="cpu", device_map="cpu")
