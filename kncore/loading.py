@@ -80,8 +80,8 @@ def load(name_or_path: str, *, device=None, dtype=None, bos: bool | None = None,
         name = str(name_or_path)
     for p in model.parameters():
         p.requires_grad_(False)  # kncore only ever differentiates activations
-    if dtype is not None:
-        model = model.to(dtype)
+    if dtype is not None and model.dtype != dtype:
+        model = model.to(dtype)  # (a model already in dtype keeps HF's buffers: GPT-J's fp32 rotary table)
     if device is not None:
         model = model.to(device)
     return LM(model, tok, name=name, bos=bos)

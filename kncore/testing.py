@@ -146,15 +146,15 @@ def fullwidth_model(name: str, *, n_layers: int = 2, seed: int = 0, dtype=torch.
     cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "gptj": tf.GPTJForCausalLM}[cfg.model_type]
     from transformers.initialization import no_init_weights
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        # HF's own init would draw every weight a first time (18 s for LLaMA's
-        # two layers on the 2-core CPU); every parameter is drawn below.
-        with no_init_weights():
-            model = cls(cfg)
-    finally:
-        torch.set_default_dtype(old)
+    # HF's own init would draw every weight a first time (18 s for LLaMA's two
+    # layers on the 2-core CPU); every parameter is drawn below. Built in fp32
+    # (the untouched fp32 storage is never paged in) so that the buffers are
+    # what from_pretrained makes: GPT-J's rotary table built under a bf16
+    # default dtype is off by up to 0.86 at position 2000.
+    with no_init_weights():
+        model = cls(cfg)
+    for p in model.parameters():
+        p.data = torch.empty_like(p, dtype=torch.bfloat16)
     torch.manual_seed(seed)
     _widen(model)
     with torch.no_grad():  # norm gains near 1, biases near 0, perturbed so none is trivial
@@ -163,8 +163,9 @@ def fullwidth_model(name: str, *, n_layers: int = 2, seed: int = 0, dtype=torch.
                 p.normal_(0.0 if n.endswith("bias") else 1.0, 0.02)
     model.config.dtype = dtype  # what save_pretrained writes as the checkpoint's dtype
     for p in model.parameters():
+        p.data = p.data.to(dtype)  # parameters only: buffers stay as HF made them
         p.requires_grad_(False)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def fullwidth_lm(name: str, *, n_layers: int = 2, seed: int = 0, dtype=torch.bfloat16) -> LM:
