@@ -280,9 +280,13 @@ def expand_steps(base: torch.Tensor, index: torch.Tensor, alphas: torch.Tensor,
 
     ``base`` [G, width] holds one vector per group (``a @ W_down`` for the act
     site, the pre-activation for pre_act); ``index`` [R] the group of each row.
+    Computed and returned in fp32 for bf16/fp16 bases (fp64 stays fp64), as the
+    Triton kernel computes it: a bf16 alpha = 0.85 is 0.8516, and each bf16
+    product and bias add would round again; the caller rounds once.
     """
-    z = base.index_select(0, index) * alphas[:, None].to(base.dtype)
-    return z if bias is None else z + bias
+    acc = torch.promote_types(base.dtype, torch.float32)
+    z = base.index_select(0, index).to(acc) * alphas[:, None].to(acc)
+    return z if bias is None else z + bias.to(acc)
 
 
 def reduce_steps(grads: torch.Tensor, index: torch.Tensor, n_groups: int, act: torch.Tensor,
@@ -460,14 +464,18 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
         z = z.detach().requires_grad_(True)
         leaves.append(z)
         if base.inject:
+            dt = base.entry[L].dtype
             if site == "act":
                 m = z
             else:
                 ax = base.aux[L]
-                m = ad.mlp_down(L, ad.mlp_act(L, z, None if ax is None else ax.index_select(0, items_)))
+                m = ad.mlp_down(L, ad.mlp_act(L, z.to(dt), None if ax is None else ax.index_select(0, items_)))
             if ad.block_style == BLOCK_SANDWICH:
                 m = ad.post_mlp_norm(L, m)
-            h = (base.entry[L].index_select(0, items_) + m)[:, None]
+            # The residual plus the step's MLP output, added in fp32 and rounded
+            # once to the model's dtype (a no-op for fp32 and fp64 models).
+            acc = torch.promote_types(dt, torch.float32)
+            h = (base.entry[L].index_select(0, items_).to(acc) + m.to(acc)).to(dt)[:, None]
             segs.append(_Segment(L + 1, h, items_, None, None))
         else:
             h = base.entry[L].index_select(0, items_)

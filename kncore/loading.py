@@ -46,26 +46,69 @@ def from_hf(model, tokenizer, *, name: str | None = None, bos: bool | None = Non
     return LM(model, tokenizer, name=name, bos=bos)
 
 
-def load(name_or_path: str, *, device=None, dtype=None, bos: bool | None = None) -> LM:
-    """Load a model by embedded name (``"smollm2-135m"``) or local HF path."""
+def load(name_or_path: str, *, device=None, dtype=None, bos: bool | None = None, device_map=None) -> LM:
+    """Load a model by embedded name (``"smollm2-135m"``) or local HF path.
+
+    A local HF folder (one ``model.safetensors`` or shards with their
+    ``model.safetensors.index.json``) is read straight into ``dtype``: a bf16
+    checkpoint loaded with ``dtype="bfloat16"`` never exists in fp32.
+    ``device_map`` (accelerate's: ``"auto"``, ``"cpu"``, ``{"": "cuda:0"}``...)
+    places the weights as it loads them; kncore runs a model on one device, so
+    a map that spreads the weights over several devices (or offloads to disk)
+    is refused.
+    """
     dtype = torch_dtype(dtype)
     key = str(name_or_path).lower()
+    if device_map is not None and device is not None:
+        raise ValueError("give device= or device_map=, not both")
     if key in EMBEDDED:
+        if device_map is not None:
+            raise ValueError(f"device_map applies to HF folders; the embedded {key!r} loads on one device: "
+                             "use device= instead")
         model, tok = _load_embedded(key)
         name = key
     else:
-        model, tok = _load_hf(str(name_or_path))
+        model, tok = _load_hf(str(name_or_path), dtype=dtype, device_map=device_map)
         name = str(name_or_path)
     for p in model.parameters():
         p.requires_grad_(False)  # kncore only ever differentiates activations
-    if dtype is not None:
-        model = model.to(dtype)
+    if dtype is not None and model.dtype != dtype:
+        model = model.to(dtype)  # (a model already in dtype keeps HF's buffers: GPT-J's fp32 rotary table)
     if device is not None:
         model = model.to(device)
     return LM(model, tok, name=name, bos=bos)
 
 
-def _load_hf(path: str):
+def _place(v) -> str:
+    """accelerate's device names: an int is a CUDA index; "cuda" is "cuda:0"."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"cuda:{v}"
+    v = str(v)
+    return "cuda:0" if v == "cuda" else v
+
+
+def _one_device_map(device_map) -> None:
+    """Refuse, before reading weights, an explicit map onto several devices."""
+    if isinstance(device_map, dict):
+        where = sorted({_place(v) for v in device_map.values()})
+        if len(where) > 1 or any(w in ("disk", "meta") for w in where):
+            raise ValueError(f"device_map places the weights on {', '.join(where)}; kncore runs a model on one "
+                             "device: map every module to one device ({'': 'cuda:0'}) or use device=")
+    elif not isinstance(device_map, (str, int, torch.device)):
+        raise ValueError(f"device_map must be a string, a device or a dict, not {type(device_map).__name__}")
+
+
+def _check_placement(model, device_map) -> None:
+    """After an accelerate placement: all weights on one device, none offloaded."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    where = sorted({_place(v) for v in placed.values()} | {_place(p.device) for p in model.parameters()})
+    if len(where) > 1 or any(w in ("disk", "meta") for w in where):
+        raise ValueError(f"device_map={device_map!r} spread the weights over {', '.join(where)}; kncore runs a "
+                         "model on one device: pass device_map={'': 'cuda:0'} (or device=) for a device that "
+                         "holds the whole model, in dtype='bfloat16' to halve its memory")
+
+
+def _load_hf(path: str, dtype=None, device_map=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     local = Path(path).exists()
@@ -79,7 +122,21 @@ def _load_hf(path: str):
         raise ValueError(f"unsupported architecture {cfg.model_type!r} in {path!r}; supported: "
                          f"{', '.join(sorted(ADAPTERS))} ({FAMILIES})")
     auto = AutoModelForMaskedLM if cfg.model_type == "bert" else AutoModelForCausalLM
-    model = auto.from_pretrained(path, local_files_only=local)
+    kw = {}
+    if dtype is not None:
+        # Read in the checkpoint's own dtype (never an upcast copy), then convert
+        # tensor by tensor in load(). Peak RSS growth loading LLaMA-2-7B's width
+        # (kncore.testing.fullwidth_model, 1 layer) as bf16 on the CPU: from an fp32
+        # checkpoint 0.82 GB this way, 1.45 GB with from_pretrained(dtype=bf16);
+        # from a bf16 checkpoint the shards stay mapped (0.29x the weights).
+        # With a device_map, the weights are converted on their way to the device.
+        kw["dtype"] = dtype if device_map is not None else "auto"
+    if device_map is not None:
+        _one_device_map(device_map)
+        kw["device_map"] = device_map
+    model = auto.from_pretrained(path, local_files_only=local, **kw)
+    if device_map is not None:
+        _check_placement(model, device_map)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
     return model, tok
 

@@ -103,15 +103,23 @@ def tiny_model(arch: str, *, seed: int = 0, d_model: int = 40, d_ff: int = 123, 
         model = tf.BertForMaskedLM(cfg)
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
-    # HF's init draws small weights that make every prediction near uniform;
-    # widen them so attributions and traces have structure worth testing.
+    _widen(model, vectors=arch not in CORE_ARCHS)
+    return model.eval()
+
+
+@torch.no_grad()
+def _widen(model, vectors: bool = False) -> None:
+    """Redraw every matrix with std 1.2 / sqrt(fan_in). HF's init (std 0.02)
+    makes every prediction of a shallow random model near uniform; these
+    weights give attributions, traces and edits structure worth testing.
+    ``vectors``: also perturb biases and norm weights, which HF zeroes (and
+    Gemma's (1 + w) norms would leave at exactly 1)."""
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.6 / p.shape[-1] ** 0.5 * 2)
-            elif arch not in CORE_ARCHS:
-                p.add_(torch.randn_like(p), alpha=0.1)  # HF zeroes biases and Gemma's norm weights
-    return model.eval()
+            elif vectors:
+                p.add_(torch.randn_like(p), alpha=0.1)
 
 
 def tiny_lm(arch: str, *, seed: int = 0, dtype=None, **kw) -> LM:
@@ -131,3 +139,155 @@ def cpu_has_avx512() -> bool:
     except OSError:
         return False
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
+
+
+# -- full-width models ---------------------------------------------------------------
+# The widths of the published 7B-class checkpoints (their config.json), truncated
+# in depth. What decides the numerics of a bf16 run is the width of every matmul
+# and reduction (hidden, d_ff, heads, head_dim, rotary dim), which these keep;
+# depth only repeats layers. The vocabulary is the word-level test tokenizer's
+# (about 130 tokens, not 32000 / 50400): the head is one more matmul over the
+# same hidden width, and a full one would add 0.5 GB per model in bf16.
+FULL_WIDTH = {
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                       num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=4096),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=32768, sliding_window=4096),
+    "gpt-j-6b": dict(model_type="gptj", n_embd=4096, n_inner=16384, n_head=16, rotary_dim=64,
+                     n_positions=2048, layer_norm_epsilon=1e-5, activation_function="gelu_new"),
+}
+
+
+def fullwidth_config(name: str, *, n_layers: int = 2, vocab_size: int | None = None):
+    """HF config of a published 7B-class model (:data:`FULL_WIDTH`) with
+    ``n_layers`` layers and the test tokenizer's vocabulary."""
+    import transformers as tf
+
+    if name not in FULL_WIDTH:
+        raise ValueError(f"unknown full-width model {name!r}; choose from {sorted(FULL_WIDTH)}")
+    spec = dict(FULL_WIDTH[name])
+    mt = spec.pop("model_type")
+    V = vocab_size or (len(SPECIAL) + len(dict.fromkeys(_WORDS)))
+    common = dict(vocab_size=V, bos_token_id=5, eos_token_id=6, tie_word_embeddings=False)
+    if mt == "gptj":
+        return tf.GPTJConfig(n_layer=n_layers, **common, **spec)
+    cls = tf.LlamaConfig if mt == "llama" else tf.MistralConfig
+    return cls(num_hidden_layers=n_layers, pad_token_id=0, hidden_act="silu", **common, **spec)
+
+
+def fullwidth_model(name: str, *, n_layers: int = 2, seed: int = 0, dtype=torch.bfloat16):
+    """A truncated full-width model with random weights, built directly in
+    ``dtype`` (no fp32 copy of a bf16 model). The same seed gives the same
+    bf16-representable weights in every dtype: the matrices are drawn in bf16
+    and converted, so an fp32 model of a seed is exactly the upcast bf16 one."""
+    import transformers as tf
+
+    cfg = fullwidth_config(name, n_layers=n_layers)
+    cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "gptj": tf.GPTJForCausalLM}[cfg.model_type]
+    from transformers.initialization import no_init_weights
+
+    # HF's own init would draw every weight a first time (18 s for LLaMA's two
+    # layers on the 2-core CPU); every parameter is drawn below. Built in fp32
+    # (the untouched fp32 storage is never paged in) so that the buffers are
+    # what from_pretrained makes: GPT-J's rotary table built under a bf16
+    # default dtype is off by up to 0.86 at position 2000.
+    with no_init_weights():
+        model = cls(cfg)
+    for p in model.parameters():
+        p.data = torch.empty_like(p, dtype=torch.bfloat16)
+    torch.manual_seed(seed)
+    _widen(model)
+    with torch.no_grad():  # norm gains near 1, biases near 0, perturbed so none is trivial
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0 if n.endswith("bias") else 1.0, 0.02)
+    model.config.dtype = dtype  # what save_pretrained writes as the checkpoint's dtype
+    for p in model.parameters():
+        p.data = p.data.to(dtype)  # parameters only: buffers stay as HF made them
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def fullwidth_lm(name: str, *, n_layers: int = 2, seed: int = 0, dtype=torch.bfloat16) -> LM:
+    return LM(fullwidth_model(name, n_layers=n_layers, seed=seed, dtype=dtype), tiny_tokenizer(),
+              name=f"{name}-{n_layers}L")
+
+
+def save_sharded(model, tokenizer, path, *, max_shard_size: str = "300MB") -> list:
+    """Write ``model`` as HF ships large checkpoints: safetensors shards
+    (``model-0000i-of-0000n.safetensors``), ``model.safetensors.index.json``,
+    ``config.json`` and the tokenizer files. Returns the shard paths."""
+    from pathlib import Path
+
+    path = Path(path)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(path)
+    shards = sorted(path.glob("model-*-of-*.safetensors"))
+    if len(shards) < 2 or not (path / "model.safetensors.index.json").exists():
+        raise RuntimeError(f"save_pretrained wrote {len(shards)} shard(s) without an index at {path}; "
+                           f"lower max_shard_size ({max_shard_size})")
+    return shards
+
+
+# -- plain PyTorch baselines (the HF forward and autograd, nothing of kncore's runtime) --------
+# The engineering bar for a low-precision path: its error against an fp32 run of
+# the same weights is at most 2x the error of these in the same dtype.
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in fp64."""
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def ig_plain(lm: LM, prompt: str, target: str, layer: int, steps: int = 20, with_f: bool = False):
+    """Riemann-left IG [d_ff] of one layer's neurons (the down-projection input at
+    the last token) the knowledge-neurons way: one HF forward of ``steps`` copies
+    of the prompt with the activations replaced by alpha * a through a hook,
+    autograd for the gradient. The probability and the sums are fp32, so the
+    model's own dtype is the only low-precision part. ``with_f``: also return
+    F(a) and F(0), the target probability unmodified and at alpha = 0."""
+    ids = torch.tensor([lm.tokenize(prompt)], device=lm.device)
+    tgt, pos = lm.single_token(prompt, target), ids.shape[1] - 1
+    mod = lm.adapter.down_module(layer)
+    seen = {}
+    h = mod.register_forward_pre_hook(lambda m, args: seen.__setitem__("a", args[0][0, pos].detach()))
+    try:
+        with torch.no_grad():
+            f1 = float(lm.model(ids).logits[0, pos].float().softmax(-1)[tgt])
+    finally:
+        h.remove()
+    a = seen["a"]
+    alphas = torch.arange(steps, dtype=torch.float64, device=lm.device) / steps
+    with torch.enable_grad():
+        x = (alphas[:, None].to(a.dtype) * a).requires_grad_(True)
+
+        def put(m, args):
+            y = args[0].clone()
+            y[:, pos] = x
+            return (y,)
+
+        h = mod.register_forward_pre_hook(put)
+        try:
+            logits = lm.model(ids.expand(steps, -1)).logits[:, pos]
+        finally:
+            h.remove()
+        p = logits.float().softmax(-1)[:, tgt]
+        (g,) = torch.autograd.grad(p.sum(), x)
+    ig = a.float() * g.float().sum(0) / steps
+    return (ig, f1, float(p[0])) if with_f else ig
+
+
+@torch.no_grad()
+def second_moment_plain(lm: LM, layer: int, texts) -> torch.Tensor:
+    """E[k k^T] of the down-projection inputs over every token of ``texts``,
+    ROME's way: an HF forward per text, the keys upcast to fp32, X^T X / n."""
+    store = []
+    h = lm.adapter.down_module(layer).register_forward_pre_hook(lambda m, i: store.append(i[0][0].float()))
+    try:
+        for t in texts:
+            lm.model(torch.tensor([lm.tokenize(t)], device=lm.device))
+    finally:
+        h.remove()
+    X = torch.cat(store)
+    return X.T @ X / X.shape[0]
