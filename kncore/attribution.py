@@ -95,6 +95,12 @@ def _has_zero(scheme: str) -> bool:
     return scheme in ("riemann-left", "linspace", "trapezoid")
 
 
+def rows_per_group(scheme: str, steps: int) -> int:
+    """Step rows of one (item, layer) group: the steps, plus an alpha = 0 row
+    for F(0) when the scheme has none."""
+    return steps + (0 if _has_zero(scheme) else 1)
+
+
 # ---------------------------------------------------------------------------
 # the result
 # ---------------------------------------------------------------------------
@@ -366,6 +372,15 @@ def _name(items, prompts, gi):
     return f"prompt {p}" + (f" ({prompts[p][:50]!r})" if prompts else "")
 
 
+def base_captures(ad, layers: list, site: str) -> tuple[list, bool]:
+    """(the sites the base pass captures, whether step rows are injected)."""
+    inject = ad.causal and ad.block_style in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL)
+    caps = [(site, L) for L in layers] + [("resid_pre", L) for L in layers]
+    if inject:
+        caps += [("attn_out", L) for L in layers]
+    return caps, inject
+
+
 @torch.no_grad()
 def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _Base:
     ad = lm.adapter
@@ -377,10 +392,7 @@ def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _B
     # its MLP output, so it enters the residual stream after layer L as
     # (resid_pre + attn_out) + mlp_out(alpha): layer L's attention and (for
     # act) its whole MLP are not recomputed.
-    inject = ad.causal and ad.block_style in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL)
-    caps = [(site, L) for L in layers] + [("resid_pre", L) for L in layers]
-    if inject:
-        caps += [("attn_out", L) for L in layers]
+    caps, inject = base_captures(ad, layers, site)
     out = lm.run(b.input_ids, attention_mask=b.attention_mask, capture=caps,
                  capture_positions=pos if ad.causal else None, return_kv=ad.causal, logits=pos)
     rows = torch.arange(len(items), device=dev)
@@ -578,39 +590,45 @@ def _free_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
-def _bytes_per_item(lm: LM, layers: list, rows_per_group: int, T: int) -> int:
-    """Rough peak bytes of one item's step rows (autograd's saved tensors)."""
-    ad = lm.adapter
-    N = ad.n_layers
-    el = torch.finfo(lm.dtype).bits // 8
-    n_pos = 1 if ad.causal else T
-    # Saved activations of one row through one block; with the head's
-    # [rows, vocab] buffers this overestimates the measured peak by ~1.5x
-    # (GPT-2-small, 20 steps: ~200 MiB per prompt measured, 317 MiB estimated).
-    per_row_layer = el * n_pos * (16 * ad.d_model + 5 * ad.d_ff)
-    row_layers = sum(rows_per_group * (N - L) for L in layers)
-    head = len(layers) * rows_per_group * ad.vocab_size * 4 * 3
-    return row_layers * per_row_layer + head
+# Fraction of the free memory an "auto" batch may plan to use: the rest is
+# left to the allocator's fragmentation and to other processes.
+AUTO_MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.35}
 
 
-def _chunks(lm: LM, items: list, layers: list, rows_per_group: int, batch_size):
+def chunk_size(lm: LM, lengths: list, layers: list, per_group: int, site: str, batch_size,
+               budget_bytes: int | None = None, device_type: str | None = None) -> int:
+    """Items per chunk. ``"auto"``: the most items whose planned peak memory
+    (:func:`kncore.plan.attribute_chunk_memory`, the same step schedule costed
+    on the meta device) fits ``budget_bytes`` (default: a fraction of the free
+    memory), minus the weights."""
+    dev_type = device_type or lm.device.type
     if batch_size == "auto":
-        T = max(len(it.ids) for it in items)
-        per = _bytes_per_item(lm, layers, rows_per_group, T)
-        frac = 0.5 if lm.device.type == "cuda" else 0.35
-        k = max(1, int(_free_bytes(lm.device) * frac // max(per, 1)))
-        if lm.device.type != "cuda":
+        from .plan import attribute_chunk_memory
+        if budget_bytes is None:
+            budget_bytes = int(_free_bytes(lm.device) * AUTO_MEMORY_FRACTION.get(dev_type, 0.35))
+        fixed, per = attribute_chunk_memory(lm, max(lengths), layers, per_group, site)
+        k = max(1, int((budget_bytes - fixed) // max(per, 1)))
+        if dev_type != "cuda":
             # CPU: a [rows, 768] x [768, 3072] matmul runs at 36, 39 and 47
             # GFLOP/s with 240, 720 and 1440 rows (one core, GPT-2-small
             # shape): little is left to gain past ~2000 rows, while memory grows.
-            k = min(k, max(1, 2048 // max(1, rows_per_group * len(layers))))
-    elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
-        k = batch_size
-    else:
-        raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
-    # Items of similar length together: less padding in the one base pass.
-    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+            k = min(k, max(1, 2048 // max(1, per_group * len(layers))))
+        return min(k, len(lengths))
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
+        return batch_size
+    raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
+
+
+def chunk_items(lengths: list, k: int) -> list:
+    """Item indices in chunks of k, items of similar length together (less
+    padding in the one base pass)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i: i + k] for i in range(0, len(order), k)]
+
+
+def _chunks(lm: LM, items: list, layers: list, per_group: int, site: str, batch_size):
+    lengths = [len(it.ids) for it in items]
+    return chunk_items(lengths, chunk_size(lm, lengths, layers, per_group, site, batch_size))
 
 
 def _ig_chunk(lm, items, layers, site, scheme, steps, gap_tol, max_steps, prompts):
@@ -714,8 +732,7 @@ def attribute(
     if gap_tol is not None and max_steps is None:
         max_steps = 16 * steps
     items, prompt_ids, target_ids, contexts = build_items(lm, prompts, targets, multi_token)
-    per_group = steps + (0 if _has_zero(scheme) else 1)
-    chunks = _chunks(lm, items, layers, per_group, batch_size)
+    chunks = _chunks(lm, items, layers, rows_per_group(scheme, steps), site, batch_size)
     nI, nL = len(items), len(layers)
     dev = lm.device
     acc = torch.promote_types(lm.dtype, torch.float32)
