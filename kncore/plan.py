@@ -437,10 +437,14 @@ def _attr_memory(ml: LM, T: int, layers: tuple, per_group: int, site: str) -> in
 
 def plan_attribute(lm: LM, *, prompts: int = 1, tokens: int = 16, target_tokens: int = 1, steps: int = 20,
                    layers=None, scheme: str = "riemann-left", site: str = "act", batch_size="auto",
-                   memory_bytes: int | None = None, device_type: str = "cuda") -> JobPlan:
+                   memory_bytes: int | None = None, device_type: str = "cuda",
+                   lengths: Sequence[int] | None = None) -> JobPlan:
     """Integrated gradients of ``prompts`` prompts of ``tokens`` tokens, each
     with a target of ``target_tokens`` tokens (teacher forcing: one item per
-    target token, its context one token longer than the last)."""
+    target token, its context one token longer than the last); or of items
+    whose context lengths are ``lengths``. ``batch_size="auto"`` plans for
+    ``memory_bytes`` above the weights (default: this machine's free memory)
+    on a ``device_type`` device."""
     from .attribution import (_check_layers, _check_options, chunk_items, chunk_size, rows_per_group)
 
     layers = _check_layers(lm, layers)
@@ -448,7 +452,11 @@ def plan_attribute(lm: LM, *, prompts: int = 1, tokens: int = 16, target_tokens:
     _positive(prompts=prompts, tokens=tokens, target_tokens=target_tokens)
     if not lm.adapter.causal and target_tokens != 1:
         raise InputError("a masked LM predicts one target token")
-    lengths = [tokens + j for _ in range(prompts) for j in range(target_tokens)]
+    if lengths is None:
+        lengths = [tokens + j for _ in range(prompts) for j in range(target_tokens)]
+    else:
+        lengths = [int(n) for n in lengths]
+        _positive(**{f"lengths[{i}]": n for i, n in enumerate(lengths)})
     per_group = rows_per_group(scheme, steps)
     k = chunk_size(lm, lengths, layers, per_group, site, batch_size, budget_bytes=memory_bytes,
                    device_type=device_type)
@@ -474,7 +482,8 @@ def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, windo
     order of ``walk_order`` (``_walk``'s steps; restorations are index copies
     without FLOPs)."""
     from .runtime import Patch  # noqa: F401  (the walk's patches move no FLOPs)
-    from .tracing.core import (HEAD_BYTES, SITE_OF, _jobs, walk_order, walk_parts, walk_step)
+    from .tracing.core import (HEAD_BYTES, SITE_OF, _first_layers, _jobs, _top_layer, walk_order, walk_parts,
+                               walk_step)
 
     ad = lm.adapter
     N, causal = ad.n_layers, ad.causal
@@ -511,8 +520,8 @@ def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, windo
                     for j in jobs[joined:upto]:
                         branch = j.parent is not None and id(j.parent) in here
                         if causal and j.code and not branch and (j.code, L - 1) not in firsts:
-                            firsts.add((j.code, L - 1))  # tracing's _first_layers, once per (kind, layer)
-                            lm.run(hidden=inputs[L - 1], start_layer=L - 1, stop_layer=L, logits=None)
+                            firsts.add((j.code, L - 1))  # once per (kind, layer), as the walk caches it
+                            _first_layers(lm, L - 1, j.code, inputs, clean)
                     if L == N:
                         final[joined * S: upto * S] = h[joined * S: upto * S, col]
                     joined = upto
@@ -526,7 +535,6 @@ def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, windo
                         h[s:e_] = lm.run(hidden=h[s:e_], start_layer=L, stop_layer=L + 1, past=past, past_rows=rows,
                                          logits=None).hidden
                     elif causal and n > 1:
-                        from .tracing.core import _top_layer
                         final[s:e_] = _top_layer(lm, h[s:e_], p0, past, rows, [])
                     else:
                         final[s:e_] = lm.run(hidden=h[s:e_], start_layer=L, past=past, past_rows=rows,
