@@ -482,8 +482,8 @@ def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, windo
     order of ``walk_order`` (``_walk``'s steps; restorations are index copies
     without FLOPs)."""
     from .runtime import Patch  # noqa: F401  (the walk's patches move no FLOPs)
-    from .tracing.core import (HEAD_BYTES, SITE_OF, _first_layers, _jobs, _top_layer, walk_order, walk_parts,
-                               walk_step)
+    from .tracing.core import (SITE_OF, _first_layers, _jobs, _target_probs, _top_layer, walk_order,
+                               walk_parts, walk_step)
 
     ad = lm.adapter
     N, causal = ad.n_layers, ad.causal
@@ -495,9 +495,11 @@ def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, windo
                        logits=torch.tensor([tpos]).to("meta"))
         cor = lm.run(x.expand(samples, -1), capture=[("resid_pre", L) for L in range(N)], return_kv=causal,
                      logits=torch.full((samples,), tpos).to("meta"))
+        # as trace() does: the clean distribution and the corrupted run stay alive
+        p_clean = clean.logits.float().softmax(-1)[0]  # noqa: F841
+        cor.logits.float().softmax(-1)[:, 0].mean()
         inputs = [cor[("resid_pre", L)] for L in range(N)] + [cor.hidden]
         kv = cor.kv
-        del cor
         job_list, _ = _jobs(kinds, T, N, b, window, causal)
         firsts = set()
         d = ad.d_model
@@ -539,10 +541,7 @@ def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, windo
                     else:
                         final[s:e_] = lm.run(hidden=h[s:e_], start_layer=L, past=past, past_rows=rows,
                                              logits=None).hidden[:, col]
-            hs = max(1, HEAD_BYTES // (ad.vocab_size * 4))
-            for s in range(0, R, hs):
-                logits = ad.final(final[s:s + hs]).float()
-                (logits[:, 0] - torch.logsumexp(logits, -1)).exp()
+            _target_probs(ad, final, 0)
             del h, final
 
 
