@@ -108,7 +108,7 @@ STAGES = (
 )
 
 
-def matmul_peak(device, d: int = 1024, rows: int = 2048, reps: int = 5) -> float:
+def matmul_peak(device, d: int = 768, rows: int = 1024, reps: int = 3) -> float:
     """Measured FLOP/s of an fp32 [rows, d] x [d, 4d] matmul on the device (an MLP's shape)."""
     a = torch.randn(rows, d, device=device)
     w = torch.randn(d, 4 * d, device=device)

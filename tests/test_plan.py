@@ -184,3 +184,15 @@ def test_plan_cli_and_all_jobs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not measured on GPU" in out and "H100" in out
     assert main(["plan", "no-such-model"]) == 2
+
+
+def test_profile_flag(tmp_path, capsys):
+    from kncore.cli import main
+    assert main(["attribute", "--model", "tiny-llama", "--prompt", "the capital of canada is", "--target", "ottawa",
+                 "--steps", "3", "--layers", "0,2", "--out", str(tmp_path / "run"), "--profile", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "matmul peak" in err
+    rows = {ln[:45].strip(): ln.split() for ln in err.splitlines() if ln.startswith("attribute:")}
+    assert set(rows) == {"attribute: base pass", "attribute: step rows, backward, reduction"}
+    for r in rows.values():
+        assert int(r[-5]) == 1 and float(r[-3]) > 0  # one call each, FLOPs counted
