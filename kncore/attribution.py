@@ -598,12 +598,12 @@ AUTO_MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.35}
 def chunk_size(lm: LM, lengths: list, layers: list, per_group: int, site: str, batch_size,
                budget_bytes: int | None = None, device_type: str | None = None) -> int:
     """Items per chunk. ``"auto"``: the most items whose planned peak memory
-    (:func:`kncore.plan.attribute_chunk_memory`, the same step schedule costed
+    (:func:`kncore.planner.attribute_chunk_memory`, the same step schedule costed
     on the meta device) fits ``budget_bytes`` (default: a fraction of the free
     memory), minus the weights."""
     dev_type = device_type or lm.device.type
     if batch_size == "auto":
-        from .plan import attribute_chunk_memory
+        from .planner import attribute_chunk_memory
         if budget_bytes is None:
             budget_bytes = int(_free_bytes(lm.device) * AUTO_MEMORY_FRACTION.get(dev_type, 0.35))
         fixed, per = attribute_chunk_memory(lm, max(lengths), layers, per_group, site)

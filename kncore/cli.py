@@ -922,7 +922,7 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--max-tensor-gb", type=float, help="refuse dense tensors above this size (default 2)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
-    g.add_argument("--profile", action="store_true", help="time and FLOP/s of each stage (kncore.plan_cli)")
+    g.add_argument("--profile", action="store_true", help="time and FLOP/s of each stage")
     return p
 
 
@@ -1048,7 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    from .plan_cli import add_plan_command
+    from .planner_cli import add_plan_command
     add_plan_command(add)
 
     p = add("demo", cmd_demo, "a short tour on the embedded model", example="example:\n  kncore demo")
@@ -1076,7 +1076,7 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "profile", False):
-            from .plan_cli import profiled
+            from .planner_cli import profiled
             return profiled(args.func, args) or 0
         return args.func(args) or 0
     except KeyboardInterrupt:

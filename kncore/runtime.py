@@ -157,7 +157,7 @@ def _apply_patches(x, plist, pos_ids):
     for p in plist:
         if p.positions is None and p.rows is None:
             # Every entry, in row-major order: no index to build (also what
-            # lets kncore.plan run patched calls on the meta device).
+            # lets kncore.planner run patched calls on the meta device).
             sel = x.reshape(-1, x.shape[-1])
             if p.neurons is not None:
                 nidx = torch.as_tensor(p.neurons, device=x.device, dtype=torch.long).reshape(-1)
@@ -374,7 +374,7 @@ def run(
         if past_rows is None:
             Bp = next(t for t in past.k if t is not None).shape[0]
             past_rows = torch.zeros(B, dtype=torch.long, device=dev) if Bp == 1 and B != 1 else torch.arange(B, device=dev)
-        # The row sharing is decided where past_rows lives: kncore.plan runs this
+        # The row sharing is decided where past_rows lives: kncore.planner runs this
         # on the meta device with past_rows on the CPU, so that the plan takes
         # the same branch as the real run.
         shared = _shared_slots(past_rows, next(t for t in past.k if t is not None).shape[0])

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils import flop_counter as fcm
 from torch.utils.flop_counter import FlopCounterMode
 
-import kncore.plan as P
+import kncore.planner as P
 from kncore import InputError
 from kncore import attribution as A
 from kncore.testing import tiny_lm
@@ -150,6 +150,8 @@ def test_shipped_configs():
 
 
 def test_bad_inputs(tmp_path):
+    import kncore
+    assert kncore.plan is P.plan
     with pytest.raises(InputError, match="no model config"):
         P.meta_lm("no-such-model")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))

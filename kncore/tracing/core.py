@@ -443,7 +443,7 @@ def _target_probs(ad, final: torch.Tensor, target: int) -> torch.Tensor:
     ran at about half the matmul rate (calls of 10 rows; [rows, vocab] logits
     over glibc's 32 MiB mmap threshold, fresh pages on every call)."""
     step = max(1, HEAD_BYTES // (ad.vocab_size * 4))
-    host = final.device if final.device.type == "meta" else "cpu"  # meta: kncore.plan's dry run
+    host = final.device if final.device.type == "meta" else "cpu"  # meta: kncore.planner's dry run
     out = torch.empty(final.shape[0], dtype=torch.float32, device=host)
     for s in range(0, final.shape[0], step):
         logits = ad.final(final[s:s + step]).float()

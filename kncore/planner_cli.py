@@ -1,4 +1,4 @@
-"""``kncore plan`` and ``--profile``: the command-line side of :mod:`kncore.plan`."""
+"""``kncore plan`` and ``--profile``: the command-line side of :mod:`kncore.planner`."""
 from __future__ import annotations
 
 import argparse
@@ -64,7 +64,7 @@ def _layers(spec: str | None):
 
 
 def cmd_plan(args) -> int:
-    from . import plan as P
+    from . import planner as P
     from .attribution import AUTO_MEMORY_FRACTION
     try:
         b, e = (int(x) for x in args.subject.split(":"))

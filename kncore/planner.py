@@ -227,6 +227,7 @@ class _Costing:
         self.weights = {_key(p) for p in lm.model.parameters()} | {_key(b) for b in lm.model.buffers()}
         self.stages: list[Stage] = []
         self.peak = 0  # live bytes above the weights, over every stage
+        self.carry = 0  # bytes that earlier stages left alive (kept in a caller's state)
 
     def stage(self, name: str, fn, calls: int = 1, *args, **kw):
         meter = _Meter(self.weights)
@@ -234,9 +235,10 @@ class _Costing:
             res = fn(*args, **kw)
             del res
         st = Stage(name, float(meter.flops) * calls, meter.weight_bytes * calls,
-                   meter.act_bytes * calls, meter.peak, calls)
+                   meter.act_bytes * calls, self.carry + meter.peak, calls)
         self.stages.append(st)
-        self.peak = max(self.peak, meter.peak)
+        self.peak = max(self.peak, st.peak_bytes)
+        self.carry += meter.cur
         return st
 
 
@@ -629,8 +631,8 @@ def plan_stats(lm: LM, *, layers=None, texts: int = 100000, text_tokens: int | N
         st.flops += cov
         st.act_bytes += len(layers) * k * (lm.d_ff * lm.d_ff * el * 2 + B * w * lm.d_ff * el)
         rows += B * w * k
-    acc_bytes = len(layers) * (lm.d_ff * lm.d_ff + lm.d_ff) * el
-    peak = acc_bytes + max(s.peak_bytes for s in c.stages[1:])
+    peak = c.peak  # the accumulators (carried) and the largest batch
+    accs.clear()
     return JobPlan("stats", dict(layers=layers, texts=texts, text_tokens=n, tokens=rows, batch_tokens=bt,
                                  dtype=dtype, batches=sum(shapes.values())),
                    c.stages, _weights_bytes(lm), _weights_bytes(lm) + peak,
@@ -639,19 +641,17 @@ def plan_stats(lm: LM, *, layers=None, texts: int = 100000, text_tokens: int | N
 
 
 # -- ROME edit ---------------------------------------------------------------------------------
-def _edit_run(lm: LM, hp, layer: int, tokens: int, subject_end: int, target_tokens: int, templates: list):
-    """One ROME edit on the meta device (``rome.editing._edit_one``): the keys
-    over the rewriting prompts up to the layer, the base pass with its cache,
-    then ``v_num_grad_steps`` suffix passes with their backward (no early
-    stop: the most a plan can cost)."""
+def _edit_prepare(lm: LM, hp, layer: int, tokens: int, subject_end: int, target_tokens: int, templates: list,
+                  state: dict):
+    """ROME's edit up to its optimisation (``rome.editing._edit_one``): the
+    keys over the rewriting prompts up to the layer, then the base pass with
+    its cache; what the steps need is left in ``state``."""
     from .runtime import KVCache
 
-    ad = lm.adapter
-    N = ad.n_layers
+    N = lm.adapter.n_layers
     # rows: each template's prefix + prompt + target[:-1], then the KL prompts ("{} is a": subject + 2)
     lens = [t + tokens + target_tokens - 1 for t in templates] + [subject_end + 2] * len(hp.kl_prompts)
     look = [t + subject_end - 1 for t in templates] + [subject_end - 1] * len(hp.kl_prompts)
-    n_rew = len(templates)
     with torch.no_grad():
         key_lens = [t + tokens for t in (templates[:1] if hp.fact_token == "last" else templates)]
         Tk = max(key_lens)
@@ -663,28 +663,32 @@ def _edit_run(lm: LM, hp, layer: int, tokens: int, subject_end: int, target_toke
                      capture=[("resid_post", layer), ("mlp_out", layer)])
         P = max(look)
         cache = None
+        S = T
         if P > 0 and layer + 1 < N:
             keep = lambda ts: [None if (l <= layer or t is None) else t[:, :, :P] for l, t in enumerate(ts)]
             cache = KVCache(keep(pre.kv.k), keep(pre.kv.v),
                             (torch.arange(P)[None] < torch.tensor(look)[:, None]).to("meta"))
             S = max(n - p for n, p in zip(lens, look))
-        else:
-            S = T
-        h_suf = pre[("resid_post", layer)][:, :S].clone()
+        state.update(cache=cache, h_suf=pre[("resid_post", layer)][:, :S].clone(),
+                     n_scored=len(templates) * target_tokens + len(hp.kl_prompts))
         del pre
-    n_scored = n_rew * target_tokens + (B - n_rew)
+
+
+def _edit_step(lm: LM, layer: int, state: dict, backward: bool):
+    """One evaluation of ROME's ``compute_v`` loop on the cached suffix
+    (``optimise_delta``): the layers above the edit, the head at the scored
+    positions, and (but for the last) the gradient with respect to delta."""
+    ad = lm.adapter
     vd = torch.float64 if lm.dtype == torch.float64 else torch.float32
+    h_suf, cache = state["h_suf"], state["cache"]
     delta = torch.zeros(ad.d_model, dtype=vd, device="meta", requires_grad=True)
-    sel_r = torch.zeros(n_scored, dtype=torch.long, device="meta")
+    sel = torch.zeros(state["n_scored"], dtype=torch.long, device="meta")
     with torch.enable_grad():
-        for it in range(hp.v_num_grad_steps):
-            h_in = h_suf + delta.to(h_suf.dtype)
-            o = lm.run(hidden=h_in, start_layer=layer + 1, past=cache, logits=None) if layer + 1 < N else None
-            h = h_in if o is None else o.hidden
-            logp = ad.final(h[sel_r, sel_r]).to(vd).log_softmax(-1)
-            loss = logp[:, 0].sum()
-            if it == hp.v_num_grad_steps - 1:
-                break
+        h_in = h_suf + delta.to(h_suf.dtype)
+        o = lm.run(hidden=h_in, start_layer=layer + 1, past=cache, logits=None) if layer + 1 < ad.n_layers else None
+        h = h_in if o is None else o.hidden
+        loss = ad.final(h[sel, sel]).to(vd).log_softmax(-1)[:, 0].sum()
+        if backward:
             torch.autograd.grad(loss, [delta])
 
 
@@ -720,7 +724,12 @@ def plan_edit(lm: LM, *, tokens: int = 8, subject_end: int | None = None, target
     templates = [0] + [length + 1 for length, n in hp.context_template_length_params
                        for _ in range(n // len(hp.context_prompts) * len(hp.context_prompts))]
     c = _Costing(lm)
-    c.stage("edit", _edit_run, 1, lm, hp, L, tokens, se, target_tokens, templates)
+    state: dict = {}
+    c.stage("keys and base pass", _edit_prepare, 1, lm, hp, L, tokens, se, target_tokens, templates, state)
+    if hp.v_num_grad_steps > 1:
+        c.stage("optimisation step (forward and backward)", _edit_step, hp.v_num_grad_steps - 1, lm, L, state, True)
+    c.stage("last evaluation", _edit_step, 1, lm, L, state, False)
+    state.clear()
     if hp.mom2_adjustment:
         # u = C^-1 k*: the Cholesky factor of C (d_ff^3 / 3, cached per layer) and
         # its solve; linear algebra that FlopCounterMode does not count.
@@ -848,14 +857,16 @@ def plan(model, *, jobs: Sequence[str] = JOBS, dtype=None, attribute: dict | Non
 
 
 def _auto_batch(ml: LM, budget: int, kw: dict) -> int:
-    """The batch ``batch_size="auto"`` picks under ``budget`` bytes above the weights
-    (0: not even one item fits)."""
+    """The items per chunk ``batch_size="auto"`` picks under ``budget`` bytes
+    above the weights, for a job of enough prompts to fill it (0: not even one
+    item fits)."""
     from .attribution import _check_layers, chunk_size, rows_per_group
     layers = _check_layers(ml, kw.get("layers"))
     per_group = rows_per_group(kw.get("scheme", "riemann-left"), kw.get("steps", 20))
-    lengths = [kw.get("tokens", 16) + j for _ in range(kw.get("prompts", 1)) for j in range(kw.get("target_tokens", 1))]
+    lengths = [kw.get("tokens", 16) + kw.get("target_tokens", 1) - 1]
     fixed, per = attribute_chunk_memory(ml, max(lengths), layers, per_group, kw.get("site", "act"))
     if fixed + per > budget:
         return 0
-    return chunk_size(ml, lengths, layers, per_group, kw.get("site", "act"), "auto", budget_bytes=budget,
-                      device_type="cuda")
+    # a job of one item more than fits: chunk_size then says how many it packs
+    return chunk_size(ml, lengths * int((budget - fixed) // per + 1), layers, per_group, kw.get("site", "act"),
+                      "auto", budget_bytes=budget, device_type="cuda")
