@@ -478,27 +478,7 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
             where = torch.zeros(n, dtype=torch.long, device=dev) if causal else base.pos.index_select(0, items_)
             segs.append((L, h, items_, mask, (("mlp_out" if site == "act" else "pre_act"), L, z, where)))
 
-    h = past_rows = mask = None
-    si = 0
-    first = segs[0][0]
-    for l in range(first, N + 1):
-        patches = []
-        while si < len(segs) and segs[si][0] == l:
-            _, hs, its, ms, pb = segs[si]
-            off = 0 if h is None else h.shape[0]
-            if pb is not None:
-                patches.append(_row_patch(pb, off, hs.shape[0], hs.shape[1]))
-            h = hs if h is None else torch.cat([h, hs])
-            past_rows = its if past_rows is None else torch.cat([past_rows, its])
-            if not causal:
-                mask = ms if mask is None else torch.cat([mask, ms])
-            si += 1
-        if l == N:
-            break
-        out = runtime.run(ad, hidden=h, start_layer=l, stop_layer=l + 1, attention_mask=mask,
-                          past=base.prefix if causal else None, past_rows=past_rows if causal else None,
-                          patches=patches, logits=None)
-        h = out.hidden
+    h, past_rows, mask = run_segments(ad, segs, base.prefix)
     # past_rows is now the item of each row in active-set order, which is the
     # sorted order of the rows (segments were appended by start layer).
     logits = runtime.run(ad, hidden=h, start_layer=N, attention_mask=mask,
@@ -524,6 +504,37 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
     probs = torch.empty_like(p)
     probs[order] = p.detach()
     return ig, probs
+
+
+def run_segments(ad, segs: list, prefix, make_patch=None):
+    """Walk step-row segments ``(enter_layer, hidden, past_rows, mask,
+    patch_builder|None)`` (in enter order) from the first one's layer through
+    the last block: the rows of a segment join the active set at its layer.
+    Returns (hidden, past_rows, mask) of every row, in active-set order.
+    ``make_patch(pb, off, n_rows, n_pos)`` builds a segment's patch
+    (default :func:`_row_patch`; kncore.planner passes one the meta device runs)."""
+    make_patch = make_patch or _row_patch
+    N, causal = ad.n_layers, ad.causal
+    h = past_rows = mask = None
+    si = 0
+    for l in range(segs[0][0], N + 1):
+        patches = []
+        while si < len(segs) and segs[si][0] == l:
+            _, hs, its, ms, pb = segs[si]
+            off = 0 if h is None else h.shape[0]
+            if pb is not None:
+                patches.append(make_patch(pb, off, hs.shape[0], hs.shape[1]))
+            h = hs if h is None else torch.cat([h, hs])
+            past_rows = its if past_rows is None else torch.cat([past_rows, its])
+            if not causal:
+                mask = ms if mask is None else torch.cat([mask, ms])
+            si += 1
+        if l == N:
+            break
+        h = runtime.run(ad, hidden=h, start_layer=l, stop_layer=l + 1, attention_mask=mask,
+                        past=prefix if causal else None, past_rows=past_rows if causal else None,
+                        patches=patches, logits=None).hidden
+    return h, past_rows, mask
 
 
 def _row_patch(pb, off, n_rows, n_pos):

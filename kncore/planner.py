@@ -315,7 +315,7 @@ def _attr_chunk(lm: LM, lengths: list, layers: list, site: str, per_group: int, 
     the base pass, then the step pass with its backward and reduction (the
     steps of ``attribution._step_pass``, in its order)."""
     from . import runtime
-    from .attribution import _TargetProb, base_captures, expand_steps, reduce_steps
+    from .attribution import _TargetProb, base_captures, expand_steps, reduce_steps, run_segments
     from .runtime import KVCache
 
     ad = lm.adapter
@@ -376,24 +376,7 @@ def _attr_chunk(lm: LM, lengths: list, layers: list, site: str, per_group: int, 
                 where = torch.zeros(len(items_), dtype=torch.long) if causal else torch.tensor(pos_l).index_select(0, items_)
                 segs.append((L, h, items_, None if causal else mask.index_select(0, items_m),
                              ("mlp_out" if site == "act" else "pre_act", L, z, where.to("meta"))))
-        h = past_rows = rmask = None
-        si = 0
-        for l in range(segs[0][0], N + 1):
-            patches = []
-            while si < len(segs) and segs[si][0] == l:
-                _, hs, its, ms, pb = segs[si]
-                if pb is not None:
-                    patches.append(_rows_patch(pb, 0 if h is None else h.shape[0], hs.shape[0], hs.shape[1]))
-                h = hs if h is None else torch.cat([h, hs])
-                past_rows = its if past_rows is None else torch.cat([past_rows, its])
-                if not causal:
-                    rmask = ms if rmask is None else torch.cat([rmask, ms])
-                si += 1
-            if l == N:
-                break
-            h = runtime.run(ad, hidden=h, start_layer=l, stop_layer=l + 1, attention_mask=rmask,
-                            past=prefix if causal else None, past_rows=past_rows if causal else None,
-                            patches=patches, logits=None).hidden
+        h, past_rows, rmask = run_segments(ad, segs, prefix, _rows_patch)
         logits = runtime.run(ad, hidden=h, start_layer=N, attention_mask=rmask,
                              logits="last" if causal else pos.index_select(0, past_rows.to("meta"))).logits
         tgt = torch.zeros(len(past_rows), dtype=torch.long, device="meta")
