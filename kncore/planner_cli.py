@@ -168,7 +168,8 @@ class Profile:
         for m, fn, orig in reversed(self.saved):
             setattr(m, fn, orig)
 
-    def report(self, peak: float, file=sys.stderr) -> None:
+    def report(self, peak: float, file=None) -> None:
+        file = file or sys.stderr  # the stream of the moment, not of import time
         print(f"\nprofile (FLOPs counted by torch's FlopCounterMode on this run; measured fp32 matmul peak "
               f"{peak / 1e9:.1f} GFLOP/s):", file=file)
         print(f"{'stage':44s} {'calls':>6s} {'seconds':>9s} {'GFLOP':>10s} {'GFLOP/s':>9s} {'of peak':>8s}",

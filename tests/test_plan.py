@@ -169,15 +169,7 @@ def test_bad_inputs(tmp_path):
         P.plan(lm, jobs=["nope"])
 
 
-@pytest.fixture
-def fresh_logging(monkeypatch):
-    """main() configures logging once per process, on the sys.stderr of that
-    moment: an earlier test's captured stream, closed by now."""
-    import logging
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
-
-
-def test_plan_cli_and_all_jobs(tmp_path, capsys, fresh_logging):
+def test_plan_cli_and_all_jobs(tmp_path, capsys):
     from kncore.cli import main
     lm = tiny_lm("llama", d_model=40, d_ff=123, n_layers=3)
     lm.model.config.save_pretrained(tmp_path)
@@ -196,7 +188,7 @@ def test_plan_cli_and_all_jobs(tmp_path, capsys, fresh_logging):
     assert main(["plan", "no-such-model"]) == 2
 
 
-def test_profile_flag(tmp_path, capsys, fresh_logging):
+def test_profile_flag(tmp_path, capsys):
     from kncore.cli import main
     assert main(["attribute", "--model", "tiny-llama", "--prompt", "the capital of canada is", "--target", "ottawa",
                  "--steps", "3", "--layers", "0,2", "--out", str(tmp_path / "run"), "--profile", "--no-progress"]) == 0
