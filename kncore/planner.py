@@ -14,8 +14,9 @@ from the engine's own functions, and costs every step by running
 :func:`kncore.runtime.run` (and the autograd backward where the job has one)
 on the meta device under a dispatch mode:
 
-* FLOPs are torch's ``FlopCounterMode`` count of the same calls (matmuls,
-  attention; elementwise work is not counted, as FlopCounterMode does not);
+* FLOPs by torch's ``FlopCounterMode`` rules, op by op, over the same calls
+  (matmuls, attention; elementwise work is not counted, as FlopCounterMode
+  does not);
 * bytes moved: every aten op reads its tensor arguments and writes its
   outputs (views move nothing), split into weights and activations; this is
   the traffic of an unfused run, an upper bound for a fused one;
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +291,7 @@ class JobPlan:
                 "stages": [vars(s) | {"bytes": s.bytes} for s in self.stages]}
 
 
-def _meta(*shape, dtype=torch.float32, fill=None):
+def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
@@ -466,7 +466,6 @@ def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, windo
     corrupted runs, then every walk of ``tracing.core.walk_parts`` in the
     order of ``walk_order`` (``_walk``'s steps; restorations are index copies
     without FLOPs)."""
-    from .runtime import Patch  # noqa: F401  (the walk's patches move no FLOPs)
     from .tracing.core import (SITE_OF, _first_layers, _jobs, _target_probs, _top_layer, walk_order,
                                walk_parts, walk_step)
 

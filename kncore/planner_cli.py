@@ -135,7 +135,6 @@ class Profile:
     def _wrap(self, name, fn):
         @functools.wraps(fn)
         def timed(*a, **kw):
-            dev = next((x.device for x in a if hasattr(x, "device") and isinstance(x.device, torch.device)), None)
             f0 = self.fc.get_total_flops()
             t0 = time.perf_counter()
             try:
@@ -147,7 +146,6 @@ class Profile:
                 r[0] += 1
                 r[1] += time.perf_counter() - t0
                 r[2] += self.fc.get_total_flops() - f0
-                del dev
         return timed
 
     def __enter__(self):
