@@ -27,10 +27,11 @@ _LAZY = {
     "patch_neurons": "kncore.interventions",
     "trace": "kncore.tracing",
     "TraceResult": "kncore.tracing",
+    "plan": "kncore.planner",
 }
 _SUBMODULES = ("ops", "rome", "compat", "data", "tracing", "attribution", "selection",
                "interventions", "evaluation", "localisation", "experiments", "rundir", "info", "cli",
-               "testing", "demo", "distributed", "report")
+               "testing", "demo", "distributed", "report", "planner")
 
 
 def __getattr__(name):

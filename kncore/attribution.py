@@ -94,6 +94,12 @@ def _has_zero(scheme: str) -> bool:
     return scheme in ("riemann-left", "linspace", "trapezoid")
 
 
+def rows_per_group(scheme: str, steps: int) -> int:
+    """Step rows of one (item, layer) group: the steps, plus an alpha = 0 row
+    for F(0) when the scheme has none."""
+    return steps + (0 if _has_zero(scheme) else 1)
+
+
 # ---------------------------------------------------------------------------
 # the result
 # ---------------------------------------------------------------------------
@@ -372,6 +378,15 @@ def _name(items, prompts, gi):
     return f"prompt {p}" + (f" ({prompts[p][:50]!r})" if prompts else "")
 
 
+def base_captures(ad, layers: list, site: str) -> tuple[list, bool]:
+    """(the sites the base pass captures, whether step rows are injected)."""
+    inject = ad.causal and ad.block_style in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL, BLOCK_SANDWICH)
+    caps = [(site, L) for L in layers] + [("resid_pre", L) for L in layers]
+    if inject:
+        caps += [("attn_out", L) for L in layers]
+    return caps, inject
+
+
 @torch.no_grad()
 def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _Base:
     ad = lm.adapter
@@ -383,10 +398,7 @@ def _base_pass(lm: LM, items: list, layers: list, site: str, prompts=None) -> _B
     # its MLP output, so it enters the residual stream after layer L as
     # (resid_pre + attn_out) + mlp_out(alpha): layer L's attention and (for
     # act) its whole MLP are not recomputed.
-    inject = ad.causal and ad.block_style in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL, BLOCK_SANDWICH)
-    caps = [(site, L) for L in layers] + [("resid_pre", L) for L in layers]
-    if inject:
-        caps += [("attn_out", L) for L in layers]
+    caps, inject = base_captures(ad, layers, site)
     out = lm.run(b.input_ids, attention_mask=b.attention_mask, capture=caps,
                  capture_positions=pos if ad.causal else None, return_kv=ad.causal, logits=pos)
     rows = torch.arange(len(items), device=dev)
@@ -483,26 +495,7 @@ def _step_pass(lm: LM, base: _Base, site: str, g_item, g_layer, r_group, r_alpha
             where = torch.zeros(n, dtype=torch.long, device=dev) if causal else base.pos.index_select(0, items_)
             segs.append(_Segment(L, h, items_, mask, _LeafSite("mlp_out" if site == "act" else "pre_act", L, z, where)))
 
-    h = past_rows = mask = None
-    si = 0
-    for l in range(segs[0].enter_layer, N + 1):
-        patches = []
-        while si < len(segs) and segs[si].enter_layer == l:
-            seg = segs[si]
-            off = 0 if h is None else h.shape[0]
-            if seg.leaf is not None:
-                patches.append(_row_patch(seg.leaf, off, seg.hidden.shape[0], seg.hidden.shape[1]))
-            h = seg.hidden if h is None else torch.cat([h, seg.hidden])
-            past_rows = seg.items if past_rows is None else torch.cat([past_rows, seg.items])
-            if not causal:
-                mask = seg.mask if mask is None else torch.cat([mask, seg.mask])
-            si += 1
-        if l == N:
-            break
-        out = runtime.run(ad, hidden=h, start_layer=l, stop_layer=l + 1, attention_mask=mask,
-                          past=base.prefix if causal else None, past_rows=past_rows if causal else None,
-                          patches=patches, logits=None)
-        h = out.hidden
+    h, past_rows, mask = run_segments(ad, segs, base.prefix)
     # past_rows is now the item of each row in active-set order, which is the
     # sorted order of the rows (segments were appended by start layer).
     logits = runtime.run(ad, hidden=h, start_layer=N, attention_mask=mask,
@@ -551,6 +544,36 @@ class _Segment(NamedTuple):
     items: torch.Tensor
     mask: torch.Tensor | None
     leaf: _LeafSite | None
+
+
+def run_segments(ad, segs: list, prefix, make_patch=None):
+    """Walk step-row :class:`_Segment` s (in enter order) from the first one's layer through
+    the last block: the rows of a segment join the active set at its layer.
+    Returns (hidden, past_rows, mask) of every row, in active-set order.
+    ``make_patch(pb, off, n_rows, n_pos)`` builds a segment's patch
+    (default :func:`_row_patch`; kncore.planner passes one the meta device runs)."""
+    make_patch = make_patch or _row_patch
+    N, causal = ad.n_layers, ad.causal
+    h = past_rows = mask = None
+    si = 0
+    for l in range(segs[0].enter_layer, N + 1):
+        patches = []
+        while si < len(segs) and segs[si].enter_layer == l:
+            _, hs, its, ms, pb = segs[si]
+            off = 0 if h is None else h.shape[0]
+            if pb is not None:
+                patches.append(make_patch(pb, off, hs.shape[0], hs.shape[1]))
+            h = hs if h is None else torch.cat([h, hs])
+            past_rows = its if past_rows is None else torch.cat([past_rows, its])
+            if not causal:
+                mask = ms if mask is None else torch.cat([mask, ms])
+            si += 1
+        if l == N:
+            break
+        h = runtime.run(ad, hidden=h, start_layer=l, stop_layer=l + 1, attention_mask=mask,
+                        past=prefix if causal else None, past_rows=past_rows if causal else None,
+                        patches=patches, logits=None).hidden
+    return h, past_rows, mask
 
 
 def _row_patch(pb: _LeafSite, off, n_rows, n_pos):
@@ -617,39 +640,45 @@ def _free_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
-def _bytes_per_item(lm: LM, layers: list, rows_per_group: int, T: int) -> int:
-    """Rough peak bytes of one item's step rows (autograd's saved tensors)."""
-    ad = lm.adapter
-    N = ad.n_layers
-    el = torch.finfo(lm.dtype).bits // 8
-    n_pos = 1 if ad.causal else T
-    # Saved activations of one row through one block; with the head's
-    # [rows, vocab] buffers this overestimates the measured peak by ~1.5x
-    # (GPT-2-small, 20 steps: ~200 MiB per prompt measured, 317 MiB estimated).
-    per_row_layer = el * n_pos * (16 * ad.d_model + 5 * ad.d_ff)
-    row_layers = sum(rows_per_group * (N - L) for L in layers)
-    head = len(layers) * rows_per_group * ad.vocab_size * 4 * 3
-    return row_layers * per_row_layer + head
+# Fraction of the free memory an "auto" batch may plan to use: the rest is
+# left to the allocator's fragmentation and to other processes.
+AUTO_MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.35}
 
 
-def _chunks(lm: LM, items: list, layers: list, rows_per_group: int, batch_size):
+def chunk_size(lm: LM, lengths: list, layers: list, per_group: int, site: str, batch_size,
+               budget_bytes: int | None = None, device_type: str | None = None) -> int:
+    """Items per chunk. ``"auto"``: the most items whose planned peak memory
+    (:func:`kncore.planner.attribute_chunk_memory`, the same step schedule costed
+    on the meta device) fits ``budget_bytes`` (default: a fraction of the free
+    memory), minus the weights."""
+    dev_type = device_type or lm.device.type
     if batch_size == "auto":
-        T = max(len(it.ids) for it in items)
-        per = _bytes_per_item(lm, layers, rows_per_group, T)
-        frac = 0.5 if lm.device.type == "cuda" else 0.35
-        k = max(1, int(_free_bytes(lm.device) * frac // max(per, 1)))
-        if lm.device.type != "cuda":
+        from .planner import attribute_chunk_memory
+        if budget_bytes is None:
+            budget_bytes = int(_free_bytes(lm.device) * AUTO_MEMORY_FRACTION.get(dev_type, 0.35))
+        fixed, per = attribute_chunk_memory(lm, max(lengths), layers, per_group, site)
+        k = max(1, int((budget_bytes - fixed) // max(per, 1)))
+        if dev_type != "cuda":
             # CPU: a [rows, 768] x [768, 3072] matmul runs at 36, 39 and 47
             # GFLOP/s with 240, 720 and 1440 rows (one core, GPT-2-small
             # shape): little is left to gain past ~2000 rows, while memory grows.
-            k = min(k, max(1, 2048 // max(1, rows_per_group * len(layers))))
-    elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
-        k = batch_size
-    else:
-        raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
-    # Items of similar length together: less padding in the one base pass.
-    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+            k = min(k, max(1, 2048 // max(1, per_group * len(layers))))
+        return min(k, len(lengths))
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
+        return batch_size
+    raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
+
+
+def chunk_items(lengths: list, k: int) -> list:
+    """Item indices in chunks of k, items of similar length together (less
+    padding in the one base pass)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i: i + k] for i in range(0, len(order), k)]
+
+
+def _chunks(lm: LM, items: list, layers: list, per_group: int, site: str, batch_size):
+    lengths = [len(it.ids) for it in items]
+    return chunk_items(lengths, chunk_size(lm, lengths, layers, per_group, site, batch_size))
 
 
 def _ig_chunk(lm, items, layers, site, scheme, steps, gap_tol, max_steps, prompts):
@@ -753,8 +782,7 @@ def attribute(
     if gap_tol is not None and max_steps is None:
         max_steps = 16 * steps
     items, prompt_ids, target_ids, contexts = build_items(lm, prompts, targets, multi_token)
-    per_group = steps + (0 if _has_zero(scheme) else 1)
-    chunks = _chunks(lm, items, layers, per_group, batch_size)
+    chunks = _chunks(lm, items, layers, rows_per_group(scheme, steps), site, batch_size)
     nI, nL = len(items), len(layers)
     dev = lm.device
     acc = torch.promote_types(lm.dtype, torch.float32)

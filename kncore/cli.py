@@ -402,6 +402,7 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--max-tensor-gb", type=float, help="refuse dense tensors above this size (default 2)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--profile", action="store_true", help="time and FLOP/s of each stage")
     return p
 
 
@@ -527,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    from .planner_cli import add_plan_command
+    add_plan_command(add)
+
     p = add("demo", cmd_demo, "a short tour on the embedded model", example="example:\n  kncore demo")
     p.add_argument("--quick", action="store_true", help="a smaller tour (fewer prompts, smaller statistics corpus)")
     p.add_argument("--fresh", action="store_true", help="delete an earlier demo run directory first")
@@ -551,6 +555,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "profile", False):
+            from .planner_cli import profiled
+            return profiled(args.func, args) or 0
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("kncore: interrupted; run the same command again to resume", file=sys.stderr)

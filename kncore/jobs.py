@@ -23,7 +23,7 @@ from .lm import InputError
 # Options that never change results: left out of the run's config, so they can
 # differ between the first run and a resumed one.
 NOT_CONFIG = frozenset({"out", "device", "debug", "progress", "chunk", "func", "command", "data_dir", "max_tensor_gb",
-                        "batch_size", "max_tokens", "open", "stats_cache", "batch_tokens"})
+                        "batch_size", "max_tokens", "open", "stats_cache", "batch_tokens", "profile"})
 
 
 class BackendMissing(RuntimeError):

@@ -155,6 +155,17 @@ def _apply_patches(x, plist, pos_ids):
     """Apply the patches of one (site, layer) to x [B, n, w]."""
     B = x.shape[0]
     for p in plist:
+        if p.positions is None and p.rows is None:
+            # Every entry, in row-major order: no index to build (also what
+            # lets kncore.planner run patched calls on the meta device).
+            sel = x.reshape(-1, x.shape[-1])
+            if p.neurons is not None:
+                nidx = torch.as_tensor(p.neurons, device=x.device, dtype=torch.long).reshape(-1)
+                sel = sel.index_copy(1, nidx, _edit(sel[:, nidx], p).to(sel.dtype))
+            else:
+                sel = _edit(sel, p)
+            x = sel.to(x.dtype).reshape(x.shape)
+            continue
         if p.positions is None:
             colmask = torch.ones_like(pos_ids, dtype=torch.bool)
         else:
@@ -386,12 +397,17 @@ def run(
         if past_rows is None:
             Bp = next(t for t in past.k if t is not None).shape[0]
             past_rows = torch.zeros(B, dtype=torch.long, device=dev) if Bp == 1 and B != 1 else torch.arange(B, device=dev)
+        # The row sharing is decided where past_rows lives: kncore.planner runs this
+        # on the meta device with past_rows on the CPU, so that the plan takes
+        # the same branch as the real run.
+        shared = _shared_slots(past_rows, next(t for t in past.k if t is not None).shape[0])
+        if shared is not None:
+            shared = (shared[0].to(dev), shared[1])
+        past_rows = past_rows.to(dev)
         past_valid = (torch.ones(len(past_rows), past.length, dtype=torch.bool, device=dev)
                       if past.mask is None else past.mask[past_rows].to(dev))
         key_valid = torch.cat([past_valid, attention_mask], dim=1)
         start_pos = past_valid.sum(-1)
-        past_rows = past_rows.to(dev)
-        shared = _shared_slots(past_rows, next(t for t in past.k if t is not None).shape[0])
     else:
         key_valid = attention_mask
         start_pos = torch.zeros(B, dtype=torch.long, device=dev)
@@ -418,7 +434,7 @@ def run(
         cp = torch.as_tensor(capture_positions, device=dev).long()
         cp = cp[:, None] if cp.dim() == 1 else cp
         cap_idx = cp - position_ids[:, :1]  # absolute -> column
-        if (cap_idx < 0).any() or (cap_idx >= n).any():
+        if cap_idx.device.type != "meta" and ((cap_idx < 0).any() or (cap_idx >= n).any()):
             raise ValueError("capture_positions outside the computed positions")
     captured: dict = {}
     kv_k = [None] * N

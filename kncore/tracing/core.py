@@ -293,20 +293,10 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
 
     job_list, cell_job = _jobs(kinds, T, N, b, window, ad.causal)
     probs = torch.full((len(job_list),), float("nan"))
-    groups: dict = {}
-    for i, j in enumerate(job_list):
-        groups.setdefault(j.t if ad.causal else 0, []).append(i)
     firsts: dict = {}  # (code, layer) -> _first_layers, shared by the walks of every token
-    for p0, idx in groups.items():
-        # Jobs in entry order, split so that a walk's hidden states stay under STATE_BYTES
-        # (the longest window of a start first, so that the shorter ones it parents
-        # tend to share its walk).
-        idx.sort(key=lambda i: (job_list[i].entry, -job_list[i].hi))
-        cap = max(1, STATE_BYTES // (samples * (T - p0) * ad.d_model * inputs[0].element_size()))
-        for c in range(0, len(idx), cap):
-            part = idx[c:c + cap]
-            probs[part] = _walk(lm, [job_list[i] for i in part], p0, inputs, clean, cor.kv, samples, tgt, tpos,
-                                max_tokens, firsts)
+    for p0, part in walk_parts(job_list, ad.causal, samples, T, ad.d_model, inputs[0].element_size()):
+        probs[part] = _walk(lm, [job_list[i] for i in part], p0, inputs, clean, cor.kv, samples, tgt, tpos,
+                            max_tokens, firsts)
 
     scores = {}
     for k in kinds:
@@ -353,6 +343,37 @@ def _jobs(kinds, T: int, N: int, b: int, window: int, causal: bool) -> tuple[lis
     return job_list, cell_job
 
 
+def walk_parts(job_list: list, causal: bool, samples: int, T: int, d_model: int, el: int) -> list:
+    """The walks of a trace: ``[(p0, job indices)]``. One group per restored
+    token (decoders; BERT: one group), jobs in entry order, split so that a
+    walk's hidden states stay under STATE_BYTES (the longest window of a start
+    first, so that the shorter ones it parents tend to share its walk)."""
+    groups: dict = {}
+    for i, j in enumerate(job_list):
+        groups.setdefault(j.t if causal else 0, []).append(i)
+    out = []
+    for p0, idx in groups.items():
+        idx.sort(key=lambda i: (job_list[i].entry, -job_list[i].hi))
+        cap = max(1, STATE_BYTES // (samples * (T - p0) * d_model * el))
+        out += [(p0, idx[c:c + cap]) for c in range(0, len(idx), cap)]
+    return out
+
+
+def walk_order(jobs: list) -> tuple[list, list, list]:
+    """(order, jobs sorted by the layer they join at, those layers): a job
+    whose parent is in the same walk joins at its hi, as a copy of the
+    parent's rows; the others at their entry."""
+    here = {id(j) for j in jobs}
+    joins = [j.hi if (j.parent is not None and id(j.parent) in here) else j.entry for j in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: joins[i])
+    return order, [jobs[i] for i in order], [joins[i] for i in order]
+
+
+def walk_step(max_tokens: int, n: int) -> int:
+    """Rows per runtime call of a walk computing n positions."""
+    return max(1, max_tokens // n)
+
+
 def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, target: int, tpos: int,
           max_tokens: int, firsts: dict) -> torch.Tensor:
     """Mean target probability of each job; all jobs compute positions p0.. .
@@ -368,20 +389,18 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
     N, causal = ad.n_layers, ad.causal
     here = {id(j) for j in jobs}
     branch = lambda j: j.parent is not None and id(j.parent) in here
-    joins = lambda j: j.hi if branch(j) else j.entry
-    order = sorted(range(len(jobs)), key=lambda i: joins(jobs[i]))
-    jobs = [jobs[i] for i in order]
+    order, jobs, joins = walk_order(jobs)
     row_of = {id(j): k * samples for k, j in enumerate(jobs)}
     J, S = len(jobs), samples
     R = J * S
     n = inputs[0].shape[1] - p0
     dev = inputs[0].device
-    entry = torch.tensor([joins(j) for j in jobs])
+    entry = torch.tensor(joins)
     field_of = lambda name: torch.tensor([getattr(j, name) for j in jobs]).repeat_interleave(S)
     code, lo, hi, tt = field_of("code"), field_of("lo"), field_of("hi"), field_of("t")
     row_sample = torch.arange(S, device=dev).repeat(J)
     past = kv.truncate(p0) if (causal and p0 > 0) else None
-    step = max(1, max_tokens // n)
+    step = walk_step(max_tokens, n)
     col = n - 1 if causal else tpos - p0  # the target position among the computed ones
 
     h = inputs[0].new_empty(R, n, inputs[0].shape[-1])
@@ -436,10 +455,11 @@ def _target_probs(ad, final: torch.Tensor, target: int) -> torch.Tensor:
     ran at about half the matmul rate (calls of 10 rows; [rows, vocab] logits
     over glibc's 32 MiB mmap threshold, fresh pages on every call)."""
     step = max(1, HEAD_BYTES // (ad.vocab_size * 4))
-    out = torch.empty(final.shape[0], dtype=torch.float32)
+    host = final.device if final.device.type == "meta" else "cpu"  # meta: kncore.planner's dry run
+    out = torch.empty(final.shape[0], dtype=torch.float32, device=host)
     for s in range(0, final.shape[0], step):
         logits = ad.final(final[s:s + step]).float()
-        out[s:s + step] = (logits[:, target] - torch.logsumexp(logits, -1)).exp().cpu()
+        out[s:s + step] = (logits[:, target] - torch.logsumexp(logits, -1)).exp().to(host)
     return out
 
 

@@ -1,0 +1,854 @@
+"""What a job will cost before it runs: FLOPs, bytes moved, peak memory, and
+the time on named GPUs.
+
+``kncore.plan(model, ...)`` takes a model config alone (a ``config.json``, a
+folder holding one, a name whose config ships with kncore, see
+:data:`SHIPPED`) or a loaded :class:`~kncore.LM`, and reads no weights: the
+model is built on PyTorch's meta device, where tensors have shapes and no
+storage.
+
+The figures are not a second formula. For each job the planner takes the
+decisions the engine takes (attribution's item chunks and rows per group,
+tracing's jobs, walks and walk order, the statistics' batches, ROME's rows)
+from the engine's own functions, and costs every step by running
+:func:`kncore.runtime.run` (and the autograd backward where the job has one)
+on the meta device under a dispatch mode:
+
+* FLOPs by torch's ``FlopCounterMode`` rules, op by op, over the same calls
+  (matmuls, attention; elementwise work is not counted, as FlopCounterMode
+  does not);
+* bytes moved: every aten op reads its tensor arguments and writes its
+  outputs (views move nothing), split into weights and activations; this is
+  the traffic of an unfused run, an upper bound for a fused one;
+* peak memory: the meter follows every tensor's storage from its creation to
+  its release (Python's reference counting frees them as in the real run,
+  autograd's saved tensors included), plus the weights.
+
+The time on a GPU is a roofline per stage: max(FLOPs / (peak x
+:data:`COMPUTE_EFFICIENCY`), bytes / (bandwidth x :data:`BANDWIDTH_EFFICIENCY`)),
+from the card's published dense peak for the model's dtype. Such times are
+predictions, not measurements.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from .lm import LM, InputError
+
+CONFIG_DIR = Path(__file__).parent / "plan_configs"
+# name -> config file shipped in kncore/plan_configs (the published Hugging Face configs)
+SHIPPED = {
+    "gpt2-xl": "gpt2-xl.json",
+    "gpt-j-6b": "gpt-j-6b.json",
+    "llama-2-7b": "llama-2-7b.json",
+    "llama-2-13b": "llama-2-13b.json",
+    "mistral-7b": "mistral-7b.json",
+    "llama-3-8b": "llama-3-8b.json",
+}
+_ALIASES = {
+    "openai-community/gpt2-xl": "gpt2-xl", "eleutherai/gpt-j-6b": "gpt-j-6b", "gptj-6b": "gpt-j-6b",
+    "meta-llama/llama-2-7b-hf": "llama-2-7b", "llama-2-7b-hf": "llama-2-7b",
+    "meta-llama/llama-2-13b-hf": "llama-2-13b", "llama-2-13b-hf": "llama-2-13b",
+    "mistralai/mistral-7b-v0.1": "mistral-7b", "mistral-7b-v0.1": "mistral-7b",
+    "meta-llama/meta-llama-3-8b": "llama-3-8b", "meta-llama-3-8b": "llama-3-8b",
+}
+
+# name: (dense bf16/fp16 tensor peak FLOP/s, fp32 (non-tensor) peak FLOP/s,
+#        memory bandwidth B/s, memory bytes), from each vendor's data sheet.
+GPUS = {
+    "A100-40GB": (312e12, 19.5e12, 1.555e12, 40e9),
+    "A100-80GB": (312e12, 19.5e12, 2.039e12, 80e9),
+    "H100": (989e12, 67e12, 3.35e12, 80e9),      # SXM5
+    "H200": (989e12, 67e12, 4.8e12, 141e9),
+    "L4": (121e12, 30.3e12, 0.3e12, 24e9),
+    "RTX4090": (165e12, 82.6e12, 1.008e12, 24e9),  # fp16/bf16 with fp32 accumulation
+}
+# Stated assumptions, not measurements: the fraction of the peak a
+# well-shaped matmul reaches, and of the bandwidth a streaming op reaches.
+COMPUTE_EFFICIENCY = 0.5
+BANDWIDTH_EFFICIENCY = 0.7
+
+
+# ---------------------------------------------------------------------------
+# the model, on the meta device
+# ---------------------------------------------------------------------------
+def _read_config(src) -> tuple[dict, str]:
+    if isinstance(src, dict):
+        return dict(src), src.get("_name_or_path") or src.get("model_type", "model")
+    s = str(src)
+    key = _ALIASES.get(s.lower(), s.lower())
+    if key in SHIPPED:
+        return json.loads((CONFIG_DIR / SHIPPED[key]).read_text()), key
+    p = Path(s)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise InputError(f"no model config at {s!r}: give a config.json, a folder holding one, a loaded model, "
+                         f"or one of the shipped names {sorted(SHIPPED)}")
+    try:
+        return json.loads(p.read_text()), p.parent.name if p.name == "config.json" else p.stem
+    except ValueError as e:
+        raise InputError(f"{p} is not valid JSON: {e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(cfg_json: str, dtype: str, name: str):
+    import transformers as tf
+
+    from .models import ADAPTERS
+    d = json.loads(cfg_json)
+    mt = d.get("model_type")
+    if mt not in ADAPTERS:
+        raise InputError(f"unsupported architecture {mt!r}; supported: {', '.join(sorted(ADAPTERS))}")
+    cfg = tf.AutoConfig.for_model(**d)
+    auto = tf.AutoModelForMaskedLM if mt == "bert" else tf.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(cfg)
+    model = model.to(getattr(torch, dtype)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=0)
+    return LM(model, tok, name=name)
+
+
+def _dtype_name(dtype) -> str:
+    from .loading import torch_dtype
+    return str(torch_dtype(dtype)).replace("torch.", "")
+
+
+def meta_lm(model, dtype=None) -> LM:
+    """The model's architecture on the meta device (no weights), in ``dtype``
+    (default: a loaded model's own dtype, else the config's ``torch_dtype``,
+    else float32)."""
+    if isinstance(model, LM):
+        d = model.model.config.to_dict()
+        dtype = dtype or model.dtype
+        name = model.name
+    else:
+        d, name = _read_config(model)
+        dtype = dtype or d.get("torch_dtype") or d.get("dtype") or "float32"
+    d.pop("torch_dtype", None)
+    d.pop("dtype", None)
+    d.pop("quantization_config", None)
+    return _meta_model(json.dumps(d, sort_keys=True, default=str), _dtype_name(dtype), str(name))
+
+
+# ---------------------------------------------------------------------------
+# the meter
+# ---------------------------------------------------------------------------
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _Meter(TorchDispatchMode):
+    """FLOPs (FlopCounterMode's own per-op rules), bytes moved by every op
+    and the live bytes of every storage created under it (released when its
+    last tensor is freed)."""
+
+    def __init__(self, weights: set):
+        super().__init__()
+        self.weights = weights
+        self.live: dict = {}
+        self.cur = self.peak = 0
+        self.weight_bytes = self.act_bytes = 0
+        self.flops = 0
+        self.rules = FlopCounterMode(display=False).flop_registry
+
+    def _drop(self, key):
+        ent = self.live.get(key)
+        if ent is not None:
+            ent[1] -= 1
+            if ent[1] == 0:
+                del self.live[key]
+                self.cur -= ent[0]
+
+    def _track(self, t: torch.Tensor):
+        key = _key(t)
+        ent = self.live.get(key)
+        if ent is None:
+            if key in self.weights:
+                return
+            ent = self.live[key] = [t.untyped_storage().nbytes(), 0]
+            self.cur += ent[0]
+            self.peak = max(self.peak, self.cur)
+        ent[1] += 1
+        weakref.finalize(t, self._drop, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        rule = self.rules.get(func._overloadpacket)
+        if rule is not None:
+            self.flops += rule(*args, **(kwargs or {}), out_val=out)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not func.is_view:
+            for t in tree_flatten((args, kwargs))[0] + outs:
+                if isinstance(t, torch.Tensor):
+                    nb = t.numel() * t.element_size()
+                    if _key(t) in self.weights:
+                        self.weight_bytes += nb
+                    else:
+                        self.act_bytes += nb
+        for t in outs:
+            self._track(t)
+        return out
+
+
+@dataclass
+class Stage:
+    """One stage of a job: ``calls`` identical repeats of what was costed."""
+    name: str
+    flops: float
+    weight_bytes: float
+    act_bytes: float
+    peak_bytes: int      # live bytes above the weights, at the stage's peak
+    calls: int = 1
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.act_bytes
+
+
+class _Costing:
+    """Meter a block of meta-device work as one stage."""
+
+    def __init__(self, lm: LM):
+        self.lm = lm
+        self.weights = {_key(p) for p in lm.model.parameters()} | {_key(b) for b in lm.model.buffers()}
+        self.stages: list[Stage] = []
+        self.peak = 0  # live bytes above the weights, over every stage
+        self.carry = 0  # bytes that earlier stages left alive (kept in a caller's state)
+
+    def stage(self, name: str, fn, calls: int = 1, *args, **kw):
+        meter = _Meter(self.weights)
+        with meter:
+            res = fn(*args, **kw)
+            del res
+        st = Stage(name, float(meter.flops) * calls, meter.weight_bytes * calls,
+                   meter.act_bytes * calls, self.carry + meter.peak, calls)
+        self.stages.append(st)
+        self.peak = max(self.peak, st.peak_bytes)
+        self.carry += meter.cur
+        return st
+
+
+def _weights_bytes(lm: LM) -> int:
+    seen, n = set(), 0
+    for t in list(lm.model.parameters()) + list(lm.model.buffers()):
+        if _key(t) not in seen:
+            seen.add(_key(t))
+            n += t.numel() * t.element_size()
+    return n
+
+
+# ---------------------------------------------------------------------------
+# jobs
+# ---------------------------------------------------------------------------
+@dataclass
+class JobPlan:
+    """The cost of one job. ``peak_bytes`` includes the weights."""
+    job: str
+    params: dict
+    stages: list
+    weights_bytes: int
+    peak_bytes: int
+    notes: list = field(default_factory=list)
+
+    @property
+    def flops(self) -> float:
+        return sum(s.flops for s in self.stages)
+
+    @property
+    def weight_bytes(self) -> float:
+        return sum(s.weight_bytes for s in self.stages)
+
+    @property
+    def act_bytes(self) -> float:
+        return sum(s.act_bytes for s in self.stages)
+
+    def seconds(self, gpu: str, dtype: torch.dtype) -> float:
+        """Predicted time on a named GPU (a roofline per stage, see the module doc)."""
+        peak16, peak32, bw, _ = GPUS[gpu]
+        peak = peak32 if dtype in (torch.float32, torch.float64) else peak16
+        if dtype == torch.float64:
+            peak /= 32  # consumer and data-centre fp64 rates differ; a floor, not a figure
+        return sum(max(s.flops / (peak * COMPUTE_EFFICIENCY), s.bytes / (bw * BANDWIDTH_EFFICIENCY))
+                   for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return {"job": self.job, "params": self.params, "flops": self.flops, "weight_bytes": self.weight_bytes,
+                "act_bytes": self.act_bytes, "peak_bytes": self.peak_bytes, "notes": self.notes,
+                "stages": [vars(s) | {"bytes": s.bytes} for s in self.stages]}
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _ids(B: int, T: int):
+    return torch.zeros(B, T, dtype=torch.long, device="meta")
+
+
+def _mask(lengths: Sequence[int], T: int):
+    return (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).to("meta")
+
+
+def _target_pos(lm: LM, lengths: Sequence[int]) -> list:
+    """Target position of each item: the last token for decoders, the [MASK]
+    (taken as the token before the last, [SEP]) for BERT."""
+    return [n - 1 if lm.adapter.causal else max(0, n - 2) for n in lengths]
+
+
+# -- attribute ----------------------------------------------------------------------------
+def _attr_chunk(lm: LM, lengths: list, layers: list, site: str, per_group: int, fixed_only: bool = False):
+    """One chunk of :func:`kncore.attribution.attribute` on the meta device:
+    the base pass, then the step pass with its backward and reduction (the
+    steps of ``attribution._step_pass``, in its order)."""
+    from . import runtime
+    from .attribution import _LeafSite, _Segment, _TargetProb, base_captures, expand_steps, reduce_steps, run_segments
+    from .runtime import KVCache
+
+    ad = lm.adapter
+    N, causal = ad.n_layers, ad.causal
+    B, T = len(lengths), max(lengths)
+    pos_l = _target_pos(lm, lengths)
+    pos = torch.tensor(pos_l).to("meta")
+    caps, inject = base_captures(ad, layers, site)
+    with torch.no_grad():
+        out = runtime.run(ad, _ids(B, T), attention_mask=_mask(lengths, T), capture=caps,
+                          capture_positions=pos if causal else None, return_kv=causal, logits=pos)
+        rows = torch.arange(B, device="meta")
+        act, entry, aux = {}, {}, {}
+        for L in layers:
+            a = out[(site, L)]
+            act[L] = a[:, 0] if causal else a[rows, pos]
+            if inject:
+                h = out[("resid_pre", L)][:, 0]
+                entry[L] = h + out[("attn_out", L)][:, 0]
+                if site == "pre_act":
+                    from .models.base import BLOCK_SEQUENTIAL
+                    x = ad.ln2(L, entry[L]) if ad.block_style == BLOCK_SEQUENTIAL else ad.ln1(L, h)
+                    aux[L] = ad.mlp_pre(L, x)[1]
+            else:
+                entry[L] = out[("resid_pre", L)]
+        probs = out.logits.float().softmax(-1)[:, 0]
+        prefix = None
+        if causal:
+            keep = (torch.arange(T - 1)[None] < torch.tensor(pos_l)[:, None]).to("meta")
+            first = min(layers)
+            cut = lambda ts: [None if (t is None or L < first) else t[:, :, : T - 1] for L, t in enumerate(ts)]
+            prefix = KVCache(cut(out.kv.k), cut(out.kv.v), keep)
+        mask = _mask(lengths, T)
+        del out
+    if fixed_only:
+        return prefix, act, entry, probs
+    with torch.enable_grad():
+        leaves, segs = [], []
+        for L in sorted(layers):
+            items_ = torch.arange(B).repeat_interleave(per_group)  # CPU, like the run's r_item order
+            items_m = items_.to("meta")
+            alphas = _meta(len(items_))
+            if site == "act":
+                y = act[L] @ ad.down_weight(L)
+                z = expand_steps(y, items_m, alphas, ad.down_bias(L))
+            else:
+                z = expand_steps(act[L], items_m, alphas)
+            z = z.detach().requires_grad_(True)
+            leaves.append(z)
+            if inject:
+                m = z if site == "act" else ad.mlp_down(L, ad.mlp_act(
+                    L, z, None if aux[L] is None else aux[L].index_select(0, items_m)))
+                segs.append(_Segment(L + 1, (entry[L].index_select(0, items_m) + m)[:, None], items_, None, None))
+            else:
+                # the step rows enter at L with the leaf patched in at the target column
+                # (the patch is an index_put: no FLOPs, its bytes are the rows')
+                h = entry[L].index_select(0, items_m)
+                where = torch.zeros(len(items_), dtype=torch.long) if causal else torch.tensor(pos_l).index_select(0, items_)
+                segs.append(_Segment(L, h, items_, None if causal else mask.index_select(0, items_m),
+                                     _LeafSite("mlp_out" if site == "act" else "pre_act", L, z, where.to("meta"))))
+        h, past_rows, rmask = run_segments(ad, segs, prefix, _rows_patch)
+        logits = runtime.run(ad, hidden=h, start_layer=N, attention_mask=rmask,
+                             logits="last" if causal else pos.index_select(0, past_rows.to("meta"))).logits
+        tgt = torch.zeros(len(past_rows), dtype=torch.long, device="meta")
+        p = _TargetProb.apply(logits, tgt)
+        grads = torch.autograd.grad(p, leaves, grad_outputs=_meta(len(past_rows), dtype=p.dtype))
+    del logits, p, h
+    ig = []
+    for L, g in zip(sorted(layers), grads):
+        local = torch.arange(B).repeat_interleave(per_group).to("meta")
+        ig.append(reduce_steps(g, local, B, act[L], ad.down_weight(L) if site == "act" else None))
+    return ig, probs, prefix
+
+
+def _rows_patch(pb, off: int, n_rows: int, n_pos: int):
+    """attribution._row_patch's index_put, as a patch over every entry of the
+    call (the meta device cannot build the row index the runtime would)."""
+    from .runtime import Patch
+    site, L, z, where = pb
+
+    def put(sel):
+        x = sel.reshape(-1, n_pos, sel.shape[-1])
+        rows = torch.arange(off, off + n_rows, device=x.device)
+        return x.index_put((rows, where), z.to(x.dtype)).reshape(sel.shape)
+    return Patch(site, L, fn=put)
+
+
+def attribute_chunk_memory(lm: LM, T: int, layers: list, per_group: int, site: str) -> tuple[int, int]:
+    """(fixed bytes, bytes per item) of one attribution chunk of prompts of T
+    tokens, above the weights: the planned peak of a one-item chunk. Every
+    tensor of a chunk (the base pass, its cache, the step rows and what
+    autograd saves of them) has the items as a factor, so the peak of k items
+    is k times it; the fixed part is 0."""
+    ml = lm if lm.device.type == "meta" else meta_lm(lm)
+    return 0, _attr_memory(ml, T, tuple(layers), per_group, site)
+
+
+@functools.lru_cache(maxsize=64)
+def _attr_memory(ml: LM, T: int, layers: tuple, per_group: int, site: str) -> int:
+    c = _Costing(ml)
+    c.stage("chunk", _attr_chunk, 1, ml, [T], list(layers), site, per_group)
+    return max(1, c.peak)
+
+
+def plan_attribute(lm: LM, *, prompts: int = 1, tokens: int = 16, target_tokens: int = 1, steps: int = 20,
+                   layers=None, scheme: str = "riemann-left", site: str = "act", batch_size="auto",
+                   memory_bytes: int | None = None, device_type: str = "cuda",
+                   lengths: Sequence[int] | None = None) -> JobPlan:
+    """Integrated gradients of ``prompts`` prompts of ``tokens`` tokens, each
+    with a target of ``target_tokens`` tokens (teacher forcing: one item per
+    target token, its context one token longer than the last); or of items
+    whose context lengths are ``lengths``. ``batch_size="auto"`` plans for
+    ``memory_bytes`` above the weights (default: this machine's free memory)
+    on a ``device_type`` device."""
+    from .attribution import (check_layers, _check_options, chunk_items, chunk_size, rows_per_group)
+
+    layers = check_layers(lm, layers)
+    _check_options(lm, scheme, site, steps, "teacher", None, None)
+    _positive(prompts=prompts, tokens=tokens, target_tokens=target_tokens)
+    if not lm.adapter.causal and target_tokens != 1:
+        raise InputError("a masked LM predicts one target token")
+    if lengths is None:
+        lengths = [tokens + j for _ in range(prompts) for j in range(target_tokens)]
+    else:
+        lengths = [int(n) for n in lengths]
+        _positive(**{f"lengths[{i}]": n for i, n in enumerate(lengths)})
+    per_group = rows_per_group(scheme, steps)
+    k = chunk_size(lm, lengths, layers, per_group, site, batch_size, budget_bytes=memory_bytes,
+                   device_type=device_type)
+    chunks = chunk_items(lengths, k)
+    c = _Costing(lm)
+    shapes: dict = {}
+    for ch in chunks:
+        key = tuple(lengths[i] for i in ch)
+        shapes[key] = shapes.get(key, 0) + 1
+    for key, n in shapes.items():
+        c.stage(f"chunk of {len(key)} items", _attr_chunk, n, lm, list(key), layers, site, per_group)
+    return JobPlan("attribute", dict(prompts=prompts, tokens=tokens, target_tokens=target_tokens, steps=steps,
+                                     layers=len(layers), scheme=scheme, site=site, batch=k,
+                                     rows_per_chunk=k * per_group * len(layers)),
+                   c.stages, _weights_bytes(lm), _weights_bytes(lm) + c.peak,
+                   ["no gap_tol refinement (it adds steps only where a gap exceeds the tolerance)"])
+
+
+# -- trace ----------------------------------------------------------------------------------
+def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, window: int, max_tokens: int):
+    """:func:`kncore.tracing.trace` on the meta device: the clean and
+    corrupted runs, then every walk of ``tracing.core.walk_parts`` in the
+    order of ``walk_order`` (``_walk``'s steps; restorations are index copies
+    without FLOPs)."""
+    from .tracing.core import (SITE_OF, _first_layers, _jobs, _target_probs, _top_layer, walk_order,
+                               walk_parts, walk_step)
+
+    ad = lm.adapter
+    N, causal = ad.n_layers, ad.causal
+    tpos = T - 1 if causal else max(0, T - 2)
+    x = _ids(1, T)
+    sites = sorted({SITE_OF[k] for k in kinds})
+    with torch.no_grad():
+        clean = lm.run(x, capture=[(s, L) for s in sites for L in range(N)],
+                       logits=torch.tensor([tpos]).to("meta"))
+        cor = lm.run(x.expand(samples, -1), capture=[("resid_pre", L) for L in range(N)], return_kv=causal,
+                     logits=torch.full((samples,), tpos).to("meta"))
+        # as trace() does: the clean distribution and the corrupted run stay alive
+        p_clean = clean.logits.float().softmax(-1)[0]  # noqa: F841
+        cor.logits.float().softmax(-1)[:, 0].mean()
+        inputs = [cor[("resid_pre", L)] for L in range(N)] + [cor.hidden]
+        kv = cor.kv
+        job_list, _ = _jobs(kinds, T, N, b, window, causal)
+        firsts = set()
+        d = ad.d_model
+        for p0, part in walk_parts(job_list, causal, samples, T, d, inputs[0].element_size()):
+            _, jobs, joins = walk_order([job_list[i] for i in part])
+            here = {id(j) for j in jobs}
+            S, R, n = samples, len(jobs) * samples, T - p0
+            past = kv.truncate(p0) if (causal and p0 > 0) else None
+            step = walk_step(max_tokens, n)
+            col = n - 1 if causal else tpos - p0
+            row_sample = torch.arange(S).repeat(len(jobs))
+            h = inputs[0].new_empty(R, n, d)
+            final = inputs[0].new_empty(R, d)
+            entry = torch.tensor(joins)
+            joined = 0
+            for L in range(joins[0], N + 1):
+                upto = int(torch.searchsorted(entry, L, right=True))
+                if upto > joined:
+                    h[joined * S: upto * S] = inputs[L][:, p0:].repeat(upto - joined, 1, 1)
+                    for j in jobs[joined:upto]:
+                        branch = j.parent is not None and id(j.parent) in here
+                        if causal and j.code and not branch and (j.code, L - 1) not in firsts:
+                            firsts.add((j.code, L - 1))  # once per (kind, layer), as the walk caches it
+                            _first_layers(lm, L - 1, j.code, inputs, clean)
+                    if L == N:
+                        final[joined * S: upto * S] = h[joined * S: upto * S, col]
+                    joined = upto
+                if L == N:
+                    break
+                active = joined * S
+                for s in range(0, active, step):
+                    e_ = min(active, s + step)
+                    rows = None if past is None else row_sample[s:e_]
+                    if L < N - 1:
+                        h[s:e_] = lm.run(hidden=h[s:e_], start_layer=L, stop_layer=L + 1, past=past, past_rows=rows,
+                                         logits=None).hidden
+                    elif causal and n > 1:
+                        final[s:e_] = _top_layer(lm, h[s:e_], p0, past, rows, [])
+                    else:
+                        final[s:e_] = lm.run(hidden=h[s:e_], start_layer=L, past=past, past_rows=rows,
+                                             logits=None).hidden[:, col]
+            _target_probs(ad, final, 0)
+            del h, final
+
+
+def plan_trace(lm: LM, *, tokens: int = 10, subject: tuple = (0, 3), kinds=("hidden", "mlp", "attn"),
+               samples: int = 10, window: int = 10, max_tokens: int | None = None) -> JobPlan:
+    """Causal tracing of one prompt of ``tokens`` tokens whose subject is
+    tokens ``subject = (b, e)``."""
+    from .tracing.core import DEFAULT_MAX_TOKENS, check_args
+
+    kinds = check_args(kinds, samples, window, 1)
+    _positive(tokens=tokens)
+    b, e = subject
+    if not 0 <= b < e <= tokens:
+        raise InputError(f"subject tokens {b}:{e} are not inside a prompt of {tokens} tokens")
+    mt = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    c = _Costing(lm)
+    c.stage("trace", _trace_run, 1, lm, tokens, b, e, kinds, samples, window, mt)
+    return JobPlan("trace", dict(tokens=tokens, subject=[b, e], kinds=list(kinds), samples=samples,
+                                 window=window, max_tokens=mt),
+                   c.stages, _weights_bytes(lm), _weights_bytes(lm) + c.peak)
+
+
+def _positive(**kw):
+    for k, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{k} must be a positive integer, got {v!r}")
+
+
+# -- layer statistics --------------------------------------------------------------------------
+def _stats_batch(lm: LM, B: int, width: int, layers: list, acc_dtype):
+    """One batch of ``rome.stats._compute`` on the meta device: the forward up
+    to the last layer, capturing the keys, then the covariance updates (the
+    C++ op computes C's lower triangle: d (d + 1) FLOPs per kept row, which
+    FlopCounterMode cannot see inside a custom op, so they are added here as
+    the op's cost)."""
+    with torch.no_grad():
+        out = lm.run(_ids(B, width), attention_mask=_mask([width] * B, width), stop_layer=max(layers) + 1,
+                     logits=None, capture=[("act", L) for L in layers])
+        for L in layers:
+            X = out.captured[("act", L)].reshape(-1, lm.d_ff).to(acc_dtype)
+            del X
+    return None
+
+
+def plan_stats(lm: LM, *, layers=None, texts: int = 100000, text_tokens: int | None = None,
+               batch_tokens: int | None = None, dtype: str = "float32",
+               chunk_texts: int | None = None) -> JobPlan:
+    """ROME's layer statistics over ``texts`` texts of ``text_tokens`` tokens
+    each (default: the truncation length, ``min(context, 2048)``: an upper
+    bound for a corpus of shorter texts). ``layers``: default, the layer a
+    ROME edit of this model uses (:func:`edit_hparams`)."""
+    from .rome.stats import _DTYPES, DEFAULT_BATCH_TOKENS, DEFAULT_CHUNK_TEXTS, _batches, _chunks
+
+    layers = sorted(set([layers] if isinstance(layers, int) else (layers or edit_hparams(lm).layers[:1])))
+    for L in layers:
+        if not isinstance(L, int) or not 0 <= L < lm.n_layers:
+            raise InputError(f"layer {L!r} is outside the model's {lm.n_layers} layers")
+    if dtype not in _DTYPES:
+        raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    max_len = min(lm.adapter.n_ctx, 2048)
+    n = max_len if text_tokens is None else min(int(text_tokens), max_len)
+    _positive(texts=texts, text_tokens=n)
+    bt = batch_tokens or DEFAULT_BATCH_TOKENS
+    shapes: dict = {}
+    fake = [range(n)] * texts  # _batches reads only the lengths
+    for chunk in _chunks(fake, chunk_texts or DEFAULT_CHUNK_TEXTS):
+        for idx in _batches(chunk, bt):
+            key = (len(idx), n)
+            shapes[key] = shapes.get(key, 0) + 1
+    acc = _DTYPES[dtype]
+    c = _Costing(lm)
+    accs = []
+
+    def setup():
+        for _ in layers:
+            accs.append(torch.zeros(lm.d_ff, lm.d_ff, dtype=acc, device="meta"))
+            accs.append(torch.zeros(lm.d_ff, dtype=acc, device="meta"))
+
+    c.stage("accumulators", setup)
+    el = torch.finfo(acc).bits // 8
+    rows = 0
+    for (B, w), k in shapes.items():
+        st = c.stage(f"batch of {B} x {w} tokens", _stats_batch, k, lm, B, w, layers, acc)
+        cov = float(len(layers) * B * w * lm.d_ff * (lm.d_ff + 1)) * k
+        st.flops += cov
+        st.act_bytes += len(layers) * k * (lm.d_ff * lm.d_ff * el * 2 + B * w * lm.d_ff * el)
+        rows += B * w * k
+    peak = c.peak  # the accumulators (carried) and the largest batch
+    accs.clear()
+    return JobPlan("stats", dict(layers=layers, texts=texts, text_tokens=n, tokens=rows, batch_tokens=bt,
+                                 dtype=dtype, batches=sum(shapes.values())),
+                   c.stages, _weights_bytes(lm), _weights_bytes(lm) + peak,
+                   ["texts of text_tokens tokens each: an upper bound for a corpus of shorter texts",
+                    "covariance FLOPs: the C++ op's lower triangle, d_ff (d_ff + 1) per token"])
+
+
+# -- ROME edit ---------------------------------------------------------------------------------
+def _edit_prepare(lm: LM, hp, layer: int, tokens: int, subject_end: int, target_tokens: int, templates: list,
+                  state: dict):
+    """ROME's edit up to its optimisation (``rome.editing._edit_one``): the
+    keys over the rewriting prompts up to the layer, then the base pass with
+    its cache; what the steps need is left in ``state``."""
+    from .runtime import KVCache
+
+    N = lm.adapter.n_layers
+    # rows: each template's prefix + prompt + target[:-1], then the KL prompts ("{} is a": subject + 2)
+    lens = [t + tokens + target_tokens - 1 for t in templates] + [subject_end + 2] * len(hp.kl_prompts)
+    look = [t + subject_end - 1 for t in templates] + [subject_end - 1] * len(hp.kl_prompts)
+    with torch.no_grad():
+        key_lens = [t + tokens for t in (templates[:1] if hp.fact_token == "last" else templates)]
+        Tk = max(key_lens)
+        lm.run(_ids(len(key_lens), Tk), attention_mask=_mask(key_lens, Tk), stop_layer=layer + 1, logits=None,
+               capture=[("act", layer), ("mlp_out", layer)],
+               capture_positions=torch.tensor(look[:len(key_lens)]).to("meta"))
+        B, T = len(lens), max(lens)
+        pre = lm.run(_ids(B, T), attention_mask=_mask(lens, T), return_kv=layer + 1 < N, logits=None,
+                     capture=[("resid_post", layer), ("mlp_out", layer)])
+        P = max(look)
+        cache = None
+        S = T
+        if P > 0 and layer + 1 < N:
+            keep = lambda ts: [None if (l <= layer or t is None) else t[:, :, :P] for l, t in enumerate(ts)]
+            cache = KVCache(keep(pre.kv.k), keep(pre.kv.v),
+                            (torch.arange(P)[None] < torch.tensor(look)[:, None]).to("meta"))
+            S = max(n - p for n, p in zip(lens, look))
+        state.update(cache=cache, h_suf=pre[("resid_post", layer)][:, :S].clone(),
+                     n_scored=len(templates) * target_tokens + len(hp.kl_prompts))
+        del pre
+
+
+def _edit_step(lm: LM, layer: int, state: dict, backward: bool):
+    """One evaluation of ROME's ``compute_v`` loop on the cached suffix
+    (``optimise_delta``): the layers above the edit, the head at the scored
+    positions, and (but for the last) the gradient with respect to delta."""
+    ad = lm.adapter
+    vd = torch.float64 if lm.dtype == torch.float64 else torch.float32
+    h_suf, cache = state["h_suf"], state["cache"]
+    delta = torch.zeros(ad.d_model, dtype=vd, device="meta", requires_grad=True)
+    sel = torch.zeros(state["n_scored"], dtype=torch.long, device="meta")
+    with torch.enable_grad():
+        h_in = h_suf + delta.to(h_suf.dtype)
+        o = lm.run(hidden=h_in, start_layer=layer + 1, past=cache, logits=None) if layer + 1 < ad.n_layers else None
+        h = h_in if o is None else o.hidden
+        loss = ad.final(h[sel, sel]).to(vd).log_softmax(-1)[:, 0].sum()
+        if backward:
+            torch.autograd.grad(loss, [delta])
+
+
+def edit_hparams(lm: LM, hparams=None):
+    """ROME's hyper-parameters for a plan: ``hparams`` (an ROMEHparams, a
+    shipped name or a file), else the model's shipped file, else ROME's
+    defaults at the middle layer."""
+    from .rome.hparams import ROMEHparams, available, load_hparams
+
+    if hparams is None:
+        name = str(lm.name).lower()
+        return load_hparams(name) if name in available() else ROMEHparams(layers=[lm.n_layers // 2])
+    return hparams if isinstance(hparams, ROMEHparams) else load_hparams(hparams)
+
+
+def plan_edit(lm: LM, *, tokens: int = 8, subject_end: int | None = None, target_tokens: int = 1,
+              hparams=None, layer: int | None = None) -> JobPlan:
+    """One ROME edit of a prompt of ``tokens`` tokens whose subject ends at
+    token ``subject_end`` (default: the prompt's middle), with a target of
+    ``target_tokens`` tokens. ``hparams``: a :class:`~kncore.rome.ROMEHparams`,
+    a shipped name or a file (default: the model's shipped file when kncore
+    has one, else ROME's defaults at the middle layer)."""
+    hp = edit_hparams(lm, hparams)
+    L = hp.layers[0] if layer is None else int(layer)
+    if not 0 <= L < lm.n_layers:
+        raise InputError(f"edit layer {L} outside the model's {lm.n_layers} layers")
+    _positive(tokens=tokens, target_tokens=target_tokens)
+    se = max(1, tokens // 2) if subject_end is None else int(subject_end)
+    if not 1 <= se <= tokens:
+        raise InputError(f"subject_end {se} outside a prompt of {tokens} tokens")
+    # context templates: "{}" and one per generated prefix of `length` tokens (ROME's
+    # get_context_templates), followed by ". "
+    templates = [0] + [length + 1 for length, n in hp.context_template_length_params
+                       for _ in range(n // len(hp.context_prompts) * len(hp.context_prompts))]
+    c = _Costing(lm)
+    state: dict = {}
+    c.stage("keys and base pass", _edit_prepare, 1, lm, hp, L, tokens, se, target_tokens, templates, state)
+    if hp.v_num_grad_steps > 1:
+        c.stage("optimisation step (forward and backward)", _edit_step, hp.v_num_grad_steps - 1, lm, L, state, True)
+    c.stage("last evaluation", _edit_step, 1, lm, L, state, False)
+    state.clear()
+    if hp.mom2_adjustment:
+        # u = C^-1 k*: the Cholesky factor of C (d_ff^3 / 3, cached per layer) and
+        # its solve; linear algebra that FlopCounterMode does not count.
+        d = lm.d_ff
+        c.stages.append(Stage("cholesky of C (once per layer)", d ** 3 / 3 + 2 * d * d, 0.0, 3 * d * d * 8.0,
+                              2 * d * d * 8))
+    return JobPlan("edit", dict(layer=L, tokens=tokens, subject_end=se, target_tokens=target_tokens,
+                                rows=len(templates) + len(hp.kl_prompts), v_num_grad_steps=hp.v_num_grad_steps),
+                   c.stages, _weights_bytes(lm), _weights_bytes(lm) + c.peak,
+                   ["no early stop: all v_num_grad_steps evaluated",
+                    "context templates' generation (once per model) not included"])
+
+
+# ---------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------
+@dataclass
+class Plan:
+    model: str
+    dtype: torch.dtype
+    config: dict
+    weights_bytes: int
+    jobs: list
+    auto_batch: dict  # GPU name -> the attribute batch "auto" picks for its memory
+
+    def times(self) -> dict:
+        return {g: {j.job: j.seconds(g, self.dtype) for j in self.jobs} for g in GPUS}
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "dtype": str(self.dtype).replace("torch.", ""), "config": self.config,
+                "weights_bytes": self.weights_bytes, "jobs": [j.to_dict() for j in self.jobs],
+                "gpus": {g: {"peak_flops": GPUS[g][0 if self.dtype not in (torch.float32, torch.float64) else 1],
+                             "bandwidth": GPUS[g][2], "memory": GPUS[g][3]} for g in GPUS},
+                "efficiency": {"compute": COMPUTE_EFFICIENCY, "bandwidth": BANDWIDTH_EFFICIENCY},
+                "seconds": self.times(), "auto_batch": self.auto_batch,
+                "note": "predictions from the engine's schedule costed on the meta device; not measured on GPU"}
+
+    def __str__(self) -> str:
+        c = self.config
+        lines = [f"plan for {self.model} ({c['arch']}, {c['n_layers']} layers, d_model {c['d_model']}, d_ff "
+                 f"{c['d_ff']}, vocab {c['vocab']}), {str(self.dtype).replace('torch.', '')}: weights "
+                 f"{_gb(self.weights_bytes)}",
+                 "", f"{'job':10s} {'FLOPs':>10s} {'weights moved':>14s} {'activations moved':>18s} "
+                     f"{'peak memory':>12s}  parameters"]
+        for j in self.jobs:
+            ps = ", ".join(f"{k}={v}" for k, v in j.params.items())
+            lines.append(f"{j.job:10s} {_si(j.flops):>10s} {_gb(j.weight_bytes):>14s} {_gb(j.act_bytes):>18s} "
+                         f"{_gb(j.peak_bytes):>12s}  {ps}")
+        lines += ["", f"predicted time (roofline at {COMPUTE_EFFICIENCY:.0%} of peak FLOP/s and "
+                      f"{BANDWIDTH_EFFICIENCY:.0%} of bandwidth; not measured on GPU):",
+                  f"{'GPU':10s} " + " ".join(f"{j.job:>10s}" for j in self.jobs) + f" {'memory':>8s} {'fits':>6s}"
+                  + ("  auto batch (attribute)" if self.auto_batch else "")]
+        for g, t in self.times().items():
+            fits = all(j.peak_bytes <= GPUS[g][3] for j in self.jobs)
+            row = f"{g:10s} " + " ".join(f"{_sec(t[j.job]):>10s}" for j in self.jobs)
+            row += f" {_gb(GPUS[g][3]):>8s} {'yes' if fits else 'NO':>6s}"
+            if self.auto_batch:
+                b = self.auto_batch.get(g)
+                row += f"  {b if b else 'does not fit'}"
+            lines.append(row)
+        for j in self.jobs:
+            for n in j.notes:
+                lines.append(f"note ({j.job}): {n}")
+        return "\n".join(lines)
+
+
+def _si(x: float) -> str:
+    for unit, v in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= v:
+            return f"{x / v:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.3g} GB" if x >= 1e8 else f"{x / 1e6:.3g} MB"
+
+
+def _sec(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.3g} h"
+    if s >= 60:
+        return f"{s / 60:.3g} min"
+    if s >= 1:
+        return f"{s:.3g} s"
+    return f"{s * 1e3:.3g} ms"
+
+
+JOBS = ("attribute", "trace", "stats", "edit")
+
+
+def plan(model, *, jobs: Sequence[str] = JOBS, dtype=None, attribute: dict | None = None,
+         trace: dict | None = None, stats: dict | None = None, edit: dict | None = None) -> Plan:
+    """FLOPs, bytes moved, peak memory and predicted GPU time of each job.
+
+    ``model``: a loaded :class:`~kncore.LM`, a ``config.json``, a folder
+    holding one, or a shipped name (:data:`SHIPPED`). No weights are read.
+    ``dtype``: the dtype the jobs run in (default: the model's, or the
+    config's ``torch_dtype``). ``attribute``/``trace``/``stats``/``edit``:
+    keyword arguments of :func:`plan_attribute`, :func:`plan_trace`,
+    :func:`plan_stats` and :func:`plan_edit`.
+    """
+    jobs = [jobs] if isinstance(jobs, str) else list(jobs)
+    for j in jobs:
+        if j not in JOBS:
+            raise InputError(f"unknown job {j!r}; choose from {JOBS}")
+    ml = meta_lm(model, dtype)
+    if ml.adapter.causal is False:
+        jobs = [j for j in jobs if j in ("attribute", "trace")]
+    fns = {"attribute": (plan_attribute, attribute), "trace": (plan_trace, trace), "stats": (plan_stats, stats),
+           "edit": (plan_edit, edit)}
+    out = [fns[j][0](ml, **(fns[j][1] or {})) for j in jobs]
+    auto = {}
+    if "attribute" in jobs:
+        kw = dict(attribute or {})
+        kw.pop("batch_size", None)
+        kw.pop("memory_bytes", None)
+        from .attribution import AUTO_MEMORY_FRACTION
+        for g, (_, _, _, mem) in GPUS.items():
+            budget = int((mem - _weights_bytes(ml)) * AUTO_MEMORY_FRACTION["cuda"])
+            auto[g] = _auto_batch(ml, budget, kw) if budget > 0 else 0
+    ad = ml.adapter
+    cfg = {"arch": ad.arch, "n_layers": ad.n_layers, "d_model": ad.d_model, "d_ff": ad.d_ff,
+           "n_heads": ad.n_heads, "n_kv_heads": getattr(ad, "n_kv_heads", ad.n_heads), "vocab": ad.vocab_size}
+    return Plan(ml.name, ml.dtype, cfg, _weights_bytes(ml), out, auto)
+
+
+def _auto_batch(ml: LM, budget: int, kw: dict) -> int:
+    """The items per chunk ``batch_size="auto"`` picks under ``budget`` bytes
+    above the weights, for a job of enough prompts to fill it (0: not even one
+    item fits)."""
+    from .attribution import check_layers, chunk_size, rows_per_group
+    layers = check_layers(ml, kw.get("layers"))
+    per_group = rows_per_group(kw.get("scheme", "riemann-left"), kw.get("steps", 20))
+    lengths = [kw.get("tokens", 16) + kw.get("target_tokens", 1) - 1]
+    fixed, per = attribute_chunk_memory(ml, max(lengths), layers, per_group, kw.get("site", "act"))
+    if fixed + per > budget:
+        return 0
+    # a job of one item more than fits: chunk_size then says how many it packs
+    return chunk_size(ml, lengths * int((budget - fixed) // per + 1), layers, per_group, kw.get("site", "act"),
+                      "auto", budget_bytes=budget, device_type="cuda")
