@@ -222,6 +222,14 @@ _GPU_CONFIGS = [] if triton is None else [
                              (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4),
                              (16, 128, 128, 3, 4), (16, 64, 128, 4, 4)]
 ]
+# fp32 with IEEE dots (torch's allow_tf32 off) runs the matmuls on FMA units,
+# operand fragments in registers. Compiled with Triton 3.9's ptxas, gated with
+# all flags: 64x64x64 spilled 3240 B on sm_80 and 1916 B on sm_90, 64x64x32
+# 688 / 8364 B, 32x64x32 12 B on sm_90, 16x64x64 496 / 24 B, and 64x64x16 16 B
+# on sm_90 in the LLaMA variant (gated, no bias); 32x32x32 spilled nowhere.
+_IEEE_CONFIGS = [] if triton is None else [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4)]
+_AUTOTUNE_CONFIGS = _GPU_CONFIGS + _IEEE_CONFIGS
 # Limits that _prune_configs applies, measured by compiling every configuration
 # for sm_80 and sm_90 (tests/test_kernels_compile.py; the table is in
 # bench/results/bench_kernels_compile_*): every configuration with 128 fp32
@@ -246,10 +254,11 @@ def _fits(cfg, gated: bool, elem_bytes: int) -> bool:
 
 def _prune_configs(configs, elem_bytes: int, flags: dict):
     """The configurations autotuning tries for a launch with these constexprs
-    and inputs of ``elem_bytes``: those within the register and shared-memory
-    limits above (the one place they are applied: the autotuner and the
-    ahead-of-time compile test both call this)."""
-    out = [c for c in configs if _fits(c, bool(flags["GATED"]), elem_bytes)]
+    and inputs of ``elem_bytes``: the IEEE list for IEEE dots, else the others,
+    within the register and shared-memory limits above (the one place they are
+    applied: the autotuner and the ahead-of-time compile test both call this)."""
+    out = [c for c in configs if any(c is i for i in _IEEE_CONFIGS) == bool(flags["IEEE"])
+           and _fits(c, bool(flags["GATED"]), elem_bytes)]
     if not out:
         raise ValueError(f"no mlp_capture configuration fits {elem_bytes}-byte inputs with {flags}")
     return out
@@ -264,8 +273,8 @@ _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
 
 if INTERPRETED or not AVAILABLE:
     _kernel = _mlp_capture_kernel
-else:
-    _kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M_KEY", "N", "K"],
+else:  # GATED and IEEE in the key: each has its own pruned list (tensor dtypes are in every key)
+    _kernel = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["M_KEY", "N", "K", "GATED", "IEEE"],
                               prune_configs_by={"early_config_prune": lambda configs, nargs, **kw:
                                                 _prune_configs(configs, nargs["x_ptr"].element_size(), kw)})(_mlp_capture_kernel)
 

@@ -9,8 +9,6 @@ Compiles run in two fresh processes with an empty Triton cache, so nothing
 from an earlier run can make this pass. bench/bench_kernels_compile.py writes
 the same figures as a table.
 """
-import dataclasses
-
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -21,37 +19,27 @@ A = kernel_module("aot")
 
 
 def test_kernels_compile_for_sm80_and_sm90():
-    selected = A.cases(full=False)
-    kernels = {c.kernel for c, _ in selected}
-    assert kernels == {"_mlp_capture_kernel", "_expand_kernel", "_segment_sum_kernel", "_project_kernel"}
-    assert {c.variant.split()[0] for c, _ in selected} == {"fp32-ieee", "fp32-tf32", "fp16", "bf16"}
-    rows = A.compile_all(selected, workers=2)
+    rows = A.compile_all(full=False, workers=2)
+    assert {r["kernel"] for r in rows} == {"_mlp_capture_kernel", "_expand_kernel", "_segment_sum_kernel",
+                                           "_project_kernel"}
+    for kernel in ("_mlp_capture_kernel", "_project_kernel"):
+        assert {r["variant"].split()[0] for r in rows if r["kernel"] == kernel} == {"fp32-ieee", "fp32-tf32", "fp16",
+                                                                                  "bf16"}
+    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     bad = [f"{r['kernel']}[{r['config']}]({r['variant']}) {r['target']}: {'; '.join(A.problems(r))}"
            for r in rows if A.problems(r)]
     assert not bad, "\n".join(bad)
     assert all(r["registers"] > 0 for r in rows)
 
 
-def _replace_config(case, **blocks):
-    const = dict(case.constexprs)
-    for name, v in blocks.items():
-        const[(case.fn.arg_names.index(name),)] = v
-    return dataclasses.replace(case, constexprs=const)
-
-
-def test_compile_check_catches_spills_and_shared_memory(tmp_path, monkeypatch):
-    """The checks can fail: configurations outside the lists are flagged."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    by_key = {(c.key, a): c for c, a in A.cases(full=False)}
-    # a gated bf16 128x128 tile on 4 warps: 256 fp32 accumulators a thread
-    mlp = next(c for (k, a), c in by_key.items() if a == 90 and c.variant == "bf16 all-flags")
-    row = A.compile_case(_replace_config(mlp, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 90)
-    assert any("spills" in p for p in A.problems(row)), row
-    # the IG projection with 3 stages of fp32 64x128 and 128x256 tiles: ~480 KiB
-    proj = next(c for (k, a), c in by_key.items() if a == 80 and c.kernel == "_project_kernel"
-                and c.variant == "fp32-tf32")
-    row = A.compile_case(_replace_config(proj, BLOCK_G=64, BLOCK_F=256, BLOCK_D=128), 80)
-    assert any("shared memory" in p for p in A.problems(row)), row
+def test_compile_check_catches_spills_and_shared_memory():
+    """The checks can fail: block sizes outside the lists are flagged."""
+    proj = "_project_kernel[G16_F64_D64_w4_s4](fp32-tf32 linear)"
+    jobs = [(proj, 90, dict(BLOCK_G=128, BLOCK_F=128, BLOCK_D=16)),  # 128 accumulators a thread, and operands
+            (proj, 80, dict(BLOCK_G=16, BLOCK_F=64, BLOCK_D=512))]   # 2 stages of 16x512 and 512x64 fp32 tiles
+    spill, smem = A.compile_all(jobs=jobs, workers=2)
+    assert any("spills" in p for p in A.problems(spill)), spill
+    assert any("shared memory" in p for p in A.problems(smem)), smem
 
 
 def test_parse_ptxas_reads_the_report():
