@@ -1,10 +1,10 @@
 """Registers, spills and shared memory of every Triton kernel, compiled for sm_80 and sm_90 on the CPU.
 
-    .venv/bin/python bench/bench_kernels_compile.py [--workers 2] [--test-set] [--kernel NAME...] [--no-write]
+    .venv/bin/python bench/bench_kernels_compile.py [--workers 2] [--kernel NAME...] [--no-write]
 
 Compiles what dispatch can launch (kncore.kernels.aot.cases: every autotune
-configuration after pruning, every dtype, every flag set; ``--test-set`` only
-what tests/test_kernels_compile.py compiles) with Triton's compiler and the
+configuration after pruning, every dtype, every flag set: the cases
+tests/test_kernels_compile.py compiles) with Triton's compiler and the
 ptxas of the Triton wheel, in fresh processes with an empty Triton cache. No
 GPU is needed; the figures are the compiler's, not run times. Results:
 bench/results/bench_kernels_compile_<machine>_<commit>.{csv,md}. Exits 1 when
@@ -32,7 +32,6 @@ COLUMNS = ["kernel", "config", "variant", "target", "registers", "spill_stores",
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--test-set", action="store_true", help="only the cases the test compiles")
     ap.add_argument("--kernel", nargs="+", help="only these kernel functions (e.g. _expand_kernel); implies --no-write")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -43,7 +42,7 @@ def main(argv=None) -> int:
 
     A = kernel_module("aot")
     t0 = time.perf_counter()
-    rows = A.compile_all(full=not args.test_set, workers=args.workers, kernels=args.kernel)
+    rows = A.compile_all(workers=args.workers, kernels=args.kernel)
     wall = time.perf_counter() - t0
     for r in rows:
         r["problems"] = "; ".join(A.problems(r)) or ""
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     md += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
     text = "\n".join(md) + "\n"
     print(text)
-    if not (args.no_write or args.test_set or args.kernel):
+    if not (args.no_write or args.kernel):
         stem = RESULTS / f"bench_kernels_compile_{machine('cpu')}_{commit()}"
         write_atomic(stem.with_suffix(".csv"), buf.getvalue())
         write_atomic(stem.with_suffix(".md"), text)

@@ -151,14 +151,7 @@ def _mlp_variants(dtype):
     return out
 
 
-# In the test (full=False) this variant compiles at one configuration only (the
-# bench compiles it on all): no optional input, the ReLU epilogue; every other
-# non-gated case carries more (a bias, stored pre-activations). ("all-flags" does not cover "llama": with IEEE
-# dots, 64x64x16 spilled 16 B on sm_90 in "llama" and none in "all-flags".)
-SUBSUMED = ("relu-none",)
-
-
-def _mlp_cases(full: bool):
+def _mlp_cases():
     MC = kernel_module("mlp_capture")
     fn = MC._mlp_capture_kernel
     for (dname, dtype, tf32), (vname, kw) in itertools.product(dtype_modes(), _mlp_variants(torch.float32).items()):
@@ -166,15 +159,13 @@ def _mlp_cases(full: bool):
         with _allow_tf32(tf32):
             _, args, flags = MC._launch(**kw)
         configs = MC._prune_configs(MC._AUTOTUNE_CONFIGS, dtype.itemsize, flags)
-        if not full and vname in SUBSUMED:
-            configs = configs[:1]
         for cfg in configs:
             sig, const, attrs = _specialize(fn, args, dict(flags, **cfg.kwargs))
             yield Case(fn.__name__, _config_name(cfg), f"{dname} {vname}", fn, sig, const, attrs,
                        cfg.num_warps, cfg.num_stages)
 
 
-def _ig_cases(full: bool):
+def _ig_cases():
     IG = kernel_module("ig_steps")
     R = ROWS
     for dname, dtype, tf32 in dtype_modes():
@@ -209,14 +200,15 @@ def _ig_cases(full: bool):
                                cfg.num_warps, cfg.num_stages)
 
 
-def cases(archs=ARCHS, full: bool = True) -> list[tuple[Case, int]]:
-    """Every (case, arch) dispatch can launch; ``full=False``: the variants of
-    :data:`SUBSUMED` at one configuration each."""
+def cases(archs=ARCHS) -> list[tuple[Case, int]]:
+    """Every (case, arch) dispatch can launch. No variant stands for another:
+    ptxas spilled in the flag-free ReLU variant and in LLaMA's where the variant
+    with every flag did not."""
     if kernel_module("mlp_capture").INTERPRETED:
         raise RuntimeError("kncore.kernels.aot.cases needs Triton out of interpreter mode "
                            "(TRITON_INTERPRET unset before triton is imported); compile_all runs it in such workers")
     out = []
-    for c in itertools.chain(_mlp_cases(full), _ig_cases(full)):
+    for c in itertools.chain(_mlp_cases(), _ig_cases()):
         out += [(c, a) for a in archs]
     return out
 
@@ -321,8 +313,8 @@ def _all_cases() -> dict:
     return _CASES
 
 
-def _keys(full: bool) -> list:
-    return [(c.key, a) for c, a in cases(full=full)]
+def _keys() -> list:
+    return [(c.key, a) for c, a in cases()]
 
 
 def _compile_job(job):
@@ -358,11 +350,11 @@ def _pool(workers: int):
             os.environ["TRITON_INTERPRET"] = interp
 
 
-def compile_all(full: bool = True, workers: int = 2, jobs=None, kernels=None) -> list[dict]:
+def compile_all(workers: int = 2, jobs=None, kernels=None) -> list[dict]:
     """Compile :func:`cases` (those of the kernel functions named in ``kernels``,
     or ``jobs``, see :func:`_compile_job`) in ``workers`` fresh processes; one
     row per case and target, in order."""
     with _pool(workers) as ex:
         if jobs is None:
-            jobs = [k for k in ex.submit(_keys, full).result() if not kernels or k[0].split("[")[0] in kernels]
+            jobs = [k for k in ex.submit(_keys).result() if not kernels or k[0].split("[")[0] in kernels]
         return list(ex.map(_compile_job, jobs))

@@ -213,14 +213,15 @@ INTERPRETED = AVAILABLE and not isinstance(_mlp_capture_kernel, triton.runtime.J
 # GPU tiles: the standard Triton matmul configurations for Ampere/Hopper, cut
 # by _prune_configs for each launch. Not yet timed on a GPU (none in the
 # development sessions): bench/bench_kernels.py measures the choice.
-# (128, 128, 32, 4, 4) was dropped: compiled for sm_90 (ptxas of Triton 3.9) its
-# plain variant spills 8 B at 255 registers and its gated one 3.7 KB, 128 fp32
-# accumulators a thread (bench/results/bench_kernels_compile_*).
+# Dropped, as compiled by Triton 3.9 and its ptxas (bench/results/bench_kernels_compile_*):
+# (128, 128, 32, 4, 4): its plain variant spills 8 B at 255 registers on sm_90
+# and its gated one 3.7 KB (128 fp32 accumulators a thread); (32, 128, 64, 4, 4):
+# 4 B spilled on sm_80 in fp32 (tf32) without optional inputs; (16, 128, 128, 3, 4):
+# 20 B on sm_90 in bf16 and fp16 without optional inputs.
 _GPU_CONFIGS = [] if triton is None else [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-    for bm, bn, bk, s, w in [(128, 128, 64, 3, 8), (64, 128, 64, 4, 4),
-                             (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4),
-                             (16, 128, 128, 3, 4), (16, 64, 128, 4, 4)]
+    for bm, bn, bk, s, w in [(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                             (64, 64, 64, 4, 4), (16, 64, 128, 4, 4)]
 ]
 # fp32 with IEEE dots (torch's allow_tf32 off) runs the matmuls on FMA units,
 # operand fragments in registers. Compiled with Triton 3.9's ptxas, gated with

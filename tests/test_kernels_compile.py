@@ -19,7 +19,7 @@ A = kernel_module("aot")
 
 
 def test_kernels_compile_for_sm80_and_sm90():
-    rows = A.compile_all(full=False, workers=2)
+    rows = A.compile_all(workers=2)
     assert {r["kernel"] for r in rows} == {"_mlp_capture_kernel", "_expand_kernel", "_segment_sum_kernel",
                                            "_project_kernel"}
     for kernel in ("_mlp_capture_kernel", "_project_kernel"):
