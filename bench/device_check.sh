@@ -6,7 +6,8 @@
 # machine is warm and keeps the built extension:
 #
 #   bash bench/device_check.sh 1   # build kncore._C, op and kernel tests compiled on the GPU,
-#                                  # bench_kernels (#4), bench_cov + bench_rank1 (#5)
+#                                  # bench_kernels (#4), the kernels' ptxas table with the image's
+#                                  # Triton (#16), bench_cov + bench_rank1 (#5)
 #   bash bench/device_check.sh 2   # bench_ig at LLaMA-2-7B shape in bf16 (#3), one ROME edit
 #                                  # at GPT-2 XL shape (#6), bench_trace at GPT-2-medium and -XL shapes (#7)
 #
@@ -63,10 +64,13 @@ if [ "$PART" = 1 ]; then
     tests/test_mlp_capture.py tests/test_ig_steps.py tests/test_cov_accumulate.py tests/test_rank1_update.py
   if [ "$SMOKE" = 1 ]; then
     step bench_kernels 300 "$PY" bench/bench_kernels.py --smoke
+    step kernels_compile 120 "$PY" bench/bench_kernels_compile.py --kernel _expand_kernel --workers 1
     step bench_cov 120 "$PY" bench/bench_cov.py --d 256 --rows 512 --reps 2 --cases fp32 masked --no-write
     step bench_rank1 120 "$PY" bench/bench_rank1.py --shape 256 512 --quick --no-write
   else
     step bench_kernels 150 "$PY" bench/bench_kernels.py --quick
+    # every kernel configuration compiled with this image's Triton: registers, spills, shared memory
+    step kernels_compile 60 "$PY" bench/bench_kernels_compile.py --workers "$(nproc)"
     step bench_cov 90 "$PY" bench/bench_cov.py --d 4096 16384 --cases fp32 tf32 'bf16->fp32' masked
     step bench_rank1 60 "$PY" bench/bench_rank1.py --quick
   fi

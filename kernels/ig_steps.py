@@ -231,46 +231,68 @@ def _launcher(kernel):
     return torch.library.wrap_triton(kernel) if hasattr(torch.library, "wrap_triton") else kernel
 
 
-def _expand_impl(base: torch.Tensor, index: torch.Tensor, alphas: torch.Tensor,
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+# The _*_launch functions are the one place each kernel's arguments and flags
+# are derived from a call: the impls launch what they return, and
+# kernels/aot.py calls them on meta tensors to compile what dispatch would.
+
+def _expand_launch(base, index, alphas, bias):
+    """(out, grid, kernel arguments, constexprs) of :func:`_expand_impl`."""
     R, D = index.shape[0], base.shape[1]
     out = torch.empty((R, D), device=base.device, dtype=base.dtype)
+    bs = (0, 0) if bias is None else ((0, bias.stride(0)) if bias.dim() == 1 else bias.stride())
+    args = (base, index, alphas, bias, out, D, base.stride(0), base.stride(1), bs[0], bs[1])
+    flags = dict(HAS_B=bias is not None, EMU_BF16=INTERPRETED and base.dtype == torch.bfloat16, BLOCK_D=_BLOCK_D)
+    return out, (R, triton.cdiv(D, _BLOCK_D)), args, flags
+
+
+def _expand_impl(base: torch.Tensor, index: torch.Tensor, alphas: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    out, grid, args, flags = _expand_launch(base, index, alphas, bias)
     if out.numel() == 0:
         return out
-    bs = (0, 0) if bias is None else ((0, bias.stride(0)) if bias.dim() == 1 else bias.stride())
-    _launcher(_expand_kernel)[(R, triton.cdiv(D, _BLOCK_D))](
-        base, index, alphas, bias, out, D, base.stride(0), base.stride(1), bs[0], bs[1],
-        HAS_B=bias is not None, EMU_BF16=INTERPRETED and base.dtype == torch.bfloat16, BLOCK_D=_BLOCK_D)
+    _launcher(_expand_kernel)[grid](*args, **flags)
     return out
 
 
-def _segment_sum_impl(rows: torch.Tensor, index: torch.Tensor, n_groups: int,
-                      weights: Optional[torch.Tensor]) -> torch.Tensor:
+def _segment_sum_launch(rows, index, n_groups, weights):
+    """(out, grid, kernel arguments, constexprs) of :func:`_segment_sum_impl`."""
     D = rows.shape[1]
     out = torch.zeros((n_groups, D), device=rows.device, dtype=torch.float32)
-    if out.numel() == 0 or rows.shape[0] == 0:
-        return out
     # The rows of each group, in row order: a CSR built on the device, no host sync.
     perm = torch.argsort(index, stable=True)
     counts = torch.zeros(n_groups + 1, device=rows.device, dtype=torch.long)
     counts.index_add_(0, index + 1, torch.ones_like(index))
     offsets = counts.cumsum(0)
-    _launcher(_segment_sum_kernel)[(n_groups, triton.cdiv(D, _BLOCK_D))](
-        rows, perm, offsets, weights, out, D, rows.stride(0), rows.stride(1),
-        HAS_W=weights is not None, BLOCK_D=_BLOCK_D)
+    args = (rows, perm, offsets, weights, out, D, rows.stride(0), rows.stride(1))
+    flags = dict(HAS_W=weights is not None, BLOCK_D=_BLOCK_D)
+    return out, (n_groups, triton.cdiv(D, _BLOCK_D)), args, flags
+
+
+def _segment_sum_impl(rows: torch.Tensor, index: torch.Tensor, n_groups: int,
+                      weights: Optional[torch.Tensor]) -> torch.Tensor:
+    if n_groups * rows.shape[1] == 0 or rows.shape[0] == 0:
+        return torch.zeros((n_groups, rows.shape[1]), device=rows.device, dtype=torch.float32)
+    out, grid, args, flags = _segment_sum_launch(rows, index, n_groups, weights)
+    _launcher(_segment_sum_kernel)[grid](*args, **flags)
     return out
 
 
-def _project_impl(gs: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+def _project_launch(gs, w_down, act):
+    """(out, grid, kernel arguments, constexprs) of :func:`_project_impl`."""
     G, D = gs.shape
     F = w_down.shape[0]
     out = torch.empty((G, F), device=act.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out
     grid = lambda META: (triton.cdiv(G, META["BLOCK_G"]), triton.cdiv(F, META["BLOCK_F"]))
     ieee = INTERPRETED or (w_down.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
-    _launcher(_project)[grid](gs, w_down, act, out, G, F, D, w_down.stride(0), w_down.stride(1), act.stride(0),
-                              act.stride(1), IEEE=ieee, **_PROJECT_META)
+    args = (gs, w_down, act, out, G, F, D, w_down.stride(0), w_down.stride(1), act.stride(0), act.stride(1))
+    return out, grid, args, dict(IEEE=ieee, **_PROJECT_META)
+
+
+def _project_impl(gs: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    out, grid, args, flags = _project_launch(gs, w_down, act)
+    if out.numel() == 0:
+        return out
+    _launcher(_project)[grid](*args, **flags)
     return out
 
 

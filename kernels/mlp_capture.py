@@ -211,25 +211,74 @@ def _mlp_capture_kernel(
 AVAILABLE = triton is not None
 INTERPRETED = AVAILABLE and not isinstance(_mlp_capture_kernel, triton.runtime.JITFunction)
 
-# GPU tiles: the standard Triton matmul configurations for Ampere/Hopper. Tiles
-# stay <= 128x128 because the gated variant holds two fp32 accumulators.
-# Not yet tuned on a GPU (no GPU in the development session): bench/bench_kernels.py
-# measures the choice.
+# GPU tiles: the standard Triton matmul configurations for Ampere/Hopper, cut
+# by _prune_configs for each launch. Not yet timed on a GPU (none in the
+# development sessions): bench/bench_kernels.py measures the choice.
+# Dropped, as compiled by Triton 3.9 and its ptxas (bench/results/bench_kernels_compile_*):
+# (128, 128, 32, 4, 4): its plain variant spills 8 B at 255 registers on sm_90
+# and its gated one 3.7 KB (128 fp32 accumulators a thread); (32, 128, 64, 4, 4):
+# 4 B spilled on sm_80 in fp32 (tf32) without optional inputs; (16, 128, 128, 3, 4):
+# 20 B on sm_90 in bf16 and fp16 without optional inputs.
 _GPU_CONFIGS = [] if triton is None else [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-    for bm, bn, bk, s, w in [(128, 128, 64, 3, 8), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                             (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4),
-                             (16, 128, 128, 3, 4), (16, 64, 128, 4, 4)]
+    for bm, bn, bk, s, w in [(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                             (64, 64, 64, 4, 4), (16, 64, 128, 4, 4)]
 ]
+# fp32 with IEEE dots (torch's allow_tf32 off) runs the matmuls on FMA units,
+# operand fragments in registers. Compiled with Triton 3.9's ptxas, gated with
+# all flags: 64x64x64 spilled 3240 B on sm_80 and 1916 B on sm_90, 64x64x32
+# 688 / 8364 B, 32x64x32 12 B on sm_90, 16x64x64 496 / 24 B, and 64x64x16 16 B
+# on sm_90 in the LLaMA variant (gated, no bias); 32x32x32 spilled nowhere.
+_IEEE_CONFIGS = [] if triton is None else [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4)]
+_AUTOTUNE_CONFIGS = _GPU_CONFIGS + _IEEE_CONFIGS
+# Limits that _prune_configs applies, measured by compiling every configuration
+# for sm_80 and sm_90 (tests/test_kernels_compile.py; the table is in
+# bench/results/bench_kernels_compile_*): every configuration with 128 fp32
+# accumulators a thread (one per output element and matmul: 2 * BLOCK_M *
+# BLOCK_N / threads when gated) spilled on one target or both (bf16, all flags:
+# 48 to 3752 B); every one with at most 64 did not.
+_MAX_ACC_PER_THREAD = 64
+# Shared memory: Triton stages the x and weight tiles in up to num_stages
+# buffers on sm_90 and num_stages - 1 on sm_80 (measured: bf16 64x64x64, 4
+# stages, gated: 98304 B on sm_90, 73728 B on sm_80), against 227 KiB and
+# 163 KiB a block.
+_STAGED_LIMITS = ((0, 227 * 1024), (-1, 163 * 1024))  # (buffers - num_stages, bytes)
+
+
+def _fits(cfg, gated: bool, elem_bytes: int) -> bool:
+    kw = cfg.kwargs
+    n_mm = 2 if gated else 1
+    tile = (kw["BLOCK_M"] * kw["BLOCK_K"] + n_mm * kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_bytes
+    return (n_mm * kw["BLOCK_M"] * kw["BLOCK_N"] <= _MAX_ACC_PER_THREAD * 32 * cfg.num_warps
+            and all((cfg.num_stages + d) * tile <= limit for d, limit in _STAGED_LIMITS))
+
+
+def _prune_configs(configs, elem_bytes: int, flags: dict):
+    """The configurations autotuning tries for a launch with these constexprs
+    and inputs of ``elem_bytes``: the IEEE list for IEEE dots, else the others,
+    within the register and shared-memory limits above (the one place they are
+    applied: the autotuner and the ahead-of-time compile test both call this)."""
+    out = [c for c in configs if any(c is i for i in _IEEE_CONFIGS) == bool(flags["IEEE"])
+           and _fits(c, bool(flags["GATED"]), elem_bytes)]
+    if not out:
+        raise ValueError(f"no mlp_capture configuration fits {elem_bytes}-byte inputs with {flags}")
+    return out
+
+
 # The interpreter runs each program in numpy: 32x64x32 tiles ran a 51x40x123
 # call in 0.09 s against 0.35 s for 16x32x16, and still leave several partial
 # tiles on odd test shapes.
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
 
+
+
 if INTERPRETED or not AVAILABLE:
     _kernel = _mlp_capture_kernel
-else:
-    _kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M_KEY", "N", "K"])(_mlp_capture_kernel)
+else:  # GATED and IEEE in the key: each has its own pruned list (tensor dtypes are in every key)
+    _kernel = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["M_KEY", "N", "K", "GATED", "IEEE"],
+                              prune_configs_by={"early_config_prune": lambda configs, nargs, **kw:
+                                                _prune_configs(configs, nargs["x_ptr"].element_size(), kw)})(_mlp_capture_kernel)
 
 
 def _launcher(kernel):
@@ -242,9 +291,13 @@ def _ieee(dtype) -> bool:
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def _forward(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
-             act: str, store_pre: bool, store_up: bool):
-    """Launch the kernel. Returns (act, pre, up, cap); unrequested ones are empty."""
+def _launch(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
+            act: str, store_pre: bool, store_up: bool):
+    """What :func:`_forward` launches: (outputs (act, pre, up, cap), kernel arguments, constexprs).
+
+    The one place the kernel's arguments and flags are derived from a call;
+    ``kernels/aot.py`` calls it on meta tensors to compile what dispatch would.
+    """
     M, K = x.shape
     N = w.shape[1]
     gated = w_up is not None
@@ -257,23 +310,32 @@ def _forward(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_
         slot[capture_rows] = torch.arange(capture_rows.numel(), device=x.device, dtype=torch.int32)
     else:
         cap, slot = x.new_empty(0), None
-    if M == 0:
-        return out, pre, up, cap
     nr = None if neuron_rows is None else neuron_rows.to(torch.int8)
-    meta = _INTERP_CONFIG if INTERPRETED else {}
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-    _launcher(_kernel)[grid](
-        x, w, b, w_up if gated else w, b_up, row_scale, neuron_scale, nr, slot,
-        out, pre, up, cap,
-        M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        (w_up if gated else w).stride(0), (w_up if gated else w).stride(1),
-        min(triton.next_power_of_2(M), 4096),
+    args = (x, w, b, w_up if gated else w, b_up, row_scale, neuron_scale, nr, slot,
+            out, pre, up, cap,
+            M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            (w_up if gated else w).stride(0), (w_up if gated else w).stride(1),
+            min(triton.next_power_of_2(max(M, 1)), 4096))
+    flags = dict(
         ACT=_ACT_CODE[act], GATED=gated, HAS_B=b is not None, HAS_BU=b_up is not None,
         HAS_RS=row_scale is not None, HAS_NS=neuron_scale is not None, HAS_NR=nr is not None,
         HAS_CAP=slot is not None, STORE_PRE=store_pre, STORE_UP=store_up and gated,
-        EMU_BF16=INTERPRETED and x.dtype == torch.bfloat16, IEEE=_ieee(x.dtype) or INTERPRETED,
-        **meta)
-    return out, pre, up, cap
+        EMU_BF16=INTERPRETED and x.dtype == torch.bfloat16, IEEE=_ieee(x.dtype) or INTERPRETED)
+    return (out, pre, up, cap), args, flags
+
+
+def _forward(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
+             act: str, store_pre: bool, store_up: bool):
+    """Launch the kernel. Returns (act, pre, up, cap); unrequested ones are empty."""
+    outs, args, flags = _launch(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
+                                act, store_pre, store_up)
+    M, N = x.shape[0], w.shape[1]
+    if M == 0:
+        return outs
+    meta = _INTERP_CONFIG if INTERPRETED else {}
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+    _launcher(_kernel)[grid](*args, **flags, **meta)
+    return outs
 
 
 # --------------------------------------------------------------------------- autograd
