@@ -1,0 +1,276 @@
+"""Methods on T5 (encoder-decoder): logits, KN attribution, KN edits and causal tracing.
+
+The prompt is the encoder's input; the target is teacher-forced in the
+decoder with the decoder input shifted right (``decoder_start_token_id``
+first), so decoder position q predicts target[q]. Every function drives
+:mod:`kncore.runtime_t5`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from .attribution import Attribution, expand_steps, reduce_steps, scheme_points, _check_prompts, _probs
+from .lm import LM, InputError
+from .models.t5 import T5Adapter
+from .runtime import KVCache, Patch
+from .runtime_t5 import decode, encode, shift_right
+from .selection import KNSet
+
+STACKS = ("decoder", "encoder")
+
+
+def adapter(lm: LM) -> T5Adapter:
+    """The T5 adapter of ``lm``, or a one-line error for any other model."""
+    ad = lm.adapter
+    if not isinstance(ad, T5Adapter):
+        raise InputError(f"kncore.t5 needs a T5 model; {lm.name!r} is {ad.arch!r} (use the decoder-only methods)")
+    return ad
+
+
+def target_ids(lm: LM, target: str) -> list:
+    """Token ids of a target (tokenised alone, no special tokens; T5's
+    sentencepiece marks the word start itself)."""
+    ad = adapter(lm)
+    if not isinstance(target, str) or not target.strip():
+        raise InputError("empty target")
+    ids = list(lm.tokenizer(target.strip(), add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise InputError(f"target {target!r} tokenises to nothing")
+    if len(ids) > ad.n_ctx:
+        raise InputError(f"target {target!r} is {len(ids)} tokens, longer than the decoder context of {ad.n_ctx}")
+    return ids
+
+
+def _pair(lm: LM, prompt: str, target: str):
+    """(encoder ids [1, S], target ids [1, T], decoder input ids [1, T])."""
+    ad = adapter(lm)
+    enc = torch.tensor([lm.tokenize(prompt)], device=lm.device)
+    tgt = torch.tensor([target_ids(lm, target)], device=lm.device)
+    return enc, tgt, shift_right(ad, tgt)
+
+
+@torch.no_grad()
+def target_probs(lm: LM, prompt: str, target: str, patches=(), enc_patches=()) -> torch.Tensor:
+    """P(target[q] | prompt, target[:q]) for every target token q, fp32 [T]."""
+    ad = adapter(lm)
+    enc_ids, tgt, dec_in = _pair(lm, prompt, target)
+    enc = encode(ad, enc_ids, patches=enc_patches)
+    logits = decode(ad, dec_in, enc=enc, patches=patches).logits[0]
+    return _probs(logits).gather(1, tgt[0][:, None])[:, 0].float()
+
+
+@torch.no_grad()
+def top_k(lm: LM, prompt: str, k: int = 5, patches=(), enc_patches=()) -> list:
+    """The k most likely first target tokens (decoder position 0)."""
+    ad = adapter(lm)
+    enc = encode(ad, torch.tensor([lm.tokenize(prompt)], device=lm.device), patches=enc_patches)
+    start = torch.tensor([[ad.start_id]], device=lm.device)
+    p = _probs(decode(ad, start, enc=enc, patches=patches).logits[0, 0])
+    v, i = p.topk(k)
+    return [(lm.tokenizer.decode([int(t)]), float(x)) for t, x in zip(i, v)]
+
+
+# -- KN attribution ---------------------------------------------------------------------
+def _check_stack_layers(ad: T5Adapter, stack: str, layers):
+    sa = ad.stack_adapter(stack)
+    N = sa.n_layers
+    layers = list(range(N)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+    if not layers or len(set(layers)) != len(layers) or any(
+            isinstance(L, bool) or not isinstance(L, int) or not 0 <= L < N for L in layers):
+        raise ValueError(f"layers must be distinct integers in 0..{N - 1} (the {stack} has {N} layers), "
+                         f"got {layers!r}")
+    return sa, layers
+
+
+def attribute(lm: LM, prompts, targets, *, layers=None, stack: str = "decoder", site: str = "act",
+              steps: int = 20, scheme: str = "riemann-left") -> Attribution:
+    """Integrated-gradients scores of the neurons of a T5 stack (Dai et al.'s
+    objective: the target token's probability, baseline zero).
+
+    ``stack="decoder"`` (default): decoder layer L's neurons at decoder position
+    q are scaled, for each target token q; the step rows enter the residual
+    stream after layer L and run layers L+1.. over the unmodified prefix's
+    cached keys/values (positions < q) and the encoder's cross-attention
+    keys/values, computed once. ``stack="encoder"``: encoder layer L's neurons
+    at every prompt position are scaled together (the prompt's representation,
+    as there is no target position in the encoder); the step rows rerun the
+    encoder from layer L and the whole decoder. Scores are the mean over the
+    target tokens of each token's attribution.
+    """
+    ad = adapter(lm)
+    prompts, targets = _check_prompts(prompts, targets)
+    if site not in ("act", "pre_act"):
+        raise ValueError(f"unknown site {site!r}; expected 'act' or 'pre_act'")
+    sa, layers = _check_stack_layers(ad, stack, layers)
+    alphas, weights = scheme_points(scheme, steps)
+    n = len(prompts)
+    scores = torch.zeros(n, len(layers), ad.d_ff)
+    gap = torch.zeros(n, len(layers))
+    delta = torch.zeros(n, len(layers))
+    pids, tids, ctxs, base, tok_probs = [], [], [], torch.zeros(n), []
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        try:
+            enc_ids, tgt, dec_in = _pair(lm, p, t)
+        except InputError as e:
+            raise InputError(f"prompt {i} ({p[:60]!r}): {e}") from None
+        pids.append(enc_ids[0].tolist())
+        tids.append(tgt[0].tolist())
+        ctxs.append([dec_in[0, : q + 1].tolist() for q in range(tgt.shape[1])])
+        fn = _ig_decoder if stack == "decoder" else _ig_encoder
+        ig, f1, d, sig = fn(ad, sa, enc_ids, tgt, dec_in, layers, site, alphas, weights)
+        scores[i] = ig
+        tok_probs.append(f1.tolist())
+        base[i] = f1.prod()
+        delta[i] = d.mean(-1)
+        gap[i] = ((sig - d).abs() / d.abs().clamp_min(1e-30)).amax(-1)
+    return Attribution(scores, layers, site, scheme, steps, "teacher", prompts, targets, pids, tids, ctxs,
+                       base, tok_probs, gap, delta, torch.full((n, len(layers)), steps), str(lm.name),
+                       meta={"stack": stack, "arch": "t5"})
+
+
+def _f_ig(z, p, weights_rows):
+    """Gradients of sum_r w_r p_r with respect to the step rows z."""
+    return torch.autograd.grad((p * weights_rows.to(p.dtype)).sum(), z)[0]
+
+
+def _ig_decoder(ad, sa, enc_ids, tgt, dec_in, layers, site, alphas, weights):
+    """IG of decoder neurons at each target position. Returns (IG [layers, d_ff]
+    averaged over target tokens, F(1) [T], F(1) - F(0) [layers, T], sum IG [layers, T])."""
+    T = tgt.shape[1]
+    caps = [(site, L) for L in layers] + [(s, L) for L in layers for s in ("resid_pre", "attn_out")]
+    with torch.no_grad():
+        enc = encode(ad, enc_ids)
+        out = decode(ad, dec_in, enc=enc, capture=caps, return_kv=True)
+        f1 = _probs(out.logits[0]).gather(1, tgt[0][:, None])[:, 0]
+    if not torch.isfinite(f1).all():
+        raise ValueError("the target probability is not finite (NaN/inf in the model's output)")
+    m = len(alphas)
+    rows_a = torch.cat([alphas, alphas.new_zeros(1)])  # the last row is F(0), weight 0
+    rows_w = torch.cat([weights, weights.new_zeros(1)])
+    ig = torch.zeros(len(layers), ad.d_ff, dtype=torch.float64)
+    f0 = torch.zeros(len(layers), T)
+    sig = torch.zeros(len(layers), T)
+    for q in range(T):
+        # the unmodified prefix (positions < q) for every layer above L
+        past = None if q == 0 else KVCache([k[:, :, :q] for k in out.kv.k], [v[:, :, :q] for v in out.kv.v])
+        for j, L in enumerate(layers):
+            a = out[(site, L)][0, q]
+            entry = (out[("resid_pre", L)][0, q] + out[("attn_out", L)][0, q])[None]
+            idx = torch.zeros(m + 1, dtype=torch.long, device=a.device)
+            with torch.inference_mode(False), torch.enable_grad():
+                if site == "act":
+                    z = expand_steps((a[None] @ ad.down_weight(L)), idx, rows_a.to(a.device)).requires_grad_(True)
+                    mo = z
+                else:
+                    z = expand_steps(a[None], idx, rows_a.to(a.device)).requires_grad_(True)
+                    aux = ad.mlp_pre(L, ad.ln2(L, entry))[1]
+                    mo = ad.mlp_down(L, ad.mlp_act(L, z, None if aux is None else aux.expand(m + 1, -1)))
+                h = (entry + mo)[:, None]
+                res = decode(ad, hidden=h, enc=enc, start_layer=L + 1, past=past,
+                             past_rows=None if past is None else idx, enc_rows=idx, logits="last")
+                p = _probs(res.logits).gather(1, tgt[0, q].expand(m + 1, 1))[:, 0]
+                if not torch.isfinite(p).all():
+                    raise ValueError(f"decoder layer {L}, target token {q}: the target probability is not finite")
+                g = _f_ig(z, p, rows_w.to(p.device))
+            w = ad.down_weight(L) if site == "act" else None
+            one = reduce_steps(g, idx, 1, a[None], w)[0]
+            ig[j] += one.double() / T
+            f0[j, q] = float(p[-1].detach())
+            sig[j, q] = float(one.double().sum())
+    return ig.float(), f1.float().cpu(), f1.float().cpu()[None] - f0, sig
+
+
+def _ig_encoder(ad, sa, enc_ids, tgt, dec_in, layers, site, alphas, weights):
+    """IG of encoder neurons, every prompt position scaled together; the
+    objective is the mean over target tokens of their probabilities."""
+    T = tgt.shape[1]
+    S = enc_ids.shape[1]
+    caps = [(site, L) for L in layers] + [("resid_pre", L) for L in layers]
+    with torch.no_grad():
+        clean = encode(ad, enc_ids, capture=caps, cross=False)
+        f1 = _probs(decode(ad, dec_in, enc=encode(ad, enc_ids)).logits[0]).gather(1, tgt[0][:, None])[:, 0]
+    m = len(alphas)
+    rows_a = torch.cat([alphas, alphas.new_zeros(1)])
+    rows_w = torch.cat([weights, weights.new_zeros(1)])
+    R = m + 1
+    ig = torch.zeros(len(layers), ad.d_ff)
+    f0 = torch.zeros(len(layers), 1)
+    sig = torch.zeros(len(layers), 1)
+    for j, L in enumerate(layers):
+        a = clean[(site, L)][0]  # [S, d_ff]
+        idx = torch.zeros(R, dtype=torch.long, device=a.device)
+        with torch.inference_mode(False), torch.enable_grad():
+            z = expand_steps(a.reshape(1, -1), idx, rows_a.to(a.device)).requires_grad_(True)  # [R, S*d_ff]
+            enc = encode(ad, hidden=clean[("resid_pre", L)].expand(R, -1, -1), start_layer=L,
+                         patches=[Patch(site, L, value=z.reshape(R * S, -1))])
+            logits = decode(ad, dec_in.expand(R, -1), enc=enc).logits  # [R, T, V]
+            p = _probs(logits).gather(2, tgt.expand(R, -1)[..., None])[..., 0].mean(-1)
+            if not torch.isfinite(p).all():
+                raise ValueError(f"encoder layer {L}: the target probability is not finite")
+            g = _f_ig(z, p, rows_w.to(p.device))
+        one = reduce_steps(g, idx, 1, a.reshape(1, -1))[0].reshape(S, -1).sum(0)
+        ig[j] = one
+        f0[j, 0] = float(p[-1].detach())
+        sig[j, 0] = float(one.double().sum())
+    # the gap compares with the mean objective's F(1) - F(0)
+    return ig, f1.float().cpu(), f1.float().cpu().mean() - f0, sig
+
+
+def attribute_ref(lm: LM, prompt: str, target: str, layer: int, *, stack: str = "decoder", site: str = "act",
+                  steps: int = 20, scheme: str = "riemann-left") -> torch.Tensor:
+    """The plain reference: IG through forward hooks on the Hugging Face T5
+    (``model(input_ids, decoder_input_ids=shifted target)``), one full forward
+    of every step, as the knowledge-neurons package computes IG (with
+    ``scheme="linspace"`` its exact quadrature) but with the decoder input
+    shifted right. Decoder: each target token's neurons at its own position,
+    scores averaged over target tokens; encoder: every position scaled
+    together, the objective the mean of the target tokens' probabilities.
+    Returns [d_ff] float32."""
+    ad = adapter(lm)
+    sa, _ = _check_stack_layers(ad, stack, [layer])
+    enc_ids, tgt, dec_in = _pair(lm, prompt, target)
+    alphas, weights = scheme_points(scheme, steps)
+    mod = sa.down_module(layer) if site == "act" else sa.pre_act_module(layer)
+    T = tgt.shape[1]
+    state = {}
+
+    def hook_pre(module, args):  # act: the input of wo
+        return (state["fn"](args[0]),)
+
+    def hook_out(module, args, output):  # pre_act: the output of wi / wi_0
+        return state["fn"](output)
+
+    capture = lambda x: state.__setitem__("a", x.detach().clone()) or x
+    h = mod.register_forward_pre_hook(hook_pre) if site == "act" else mod.register_forward_hook(hook_out)
+    try:
+        state["fn"] = capture
+        with torch.no_grad():
+            lm.model(input_ids=enc_ids, decoder_input_ids=dec_in)
+        a = state["a"][0].double()  # [n, d_ff] at every position of the stack
+        out = torch.zeros(a.shape[-1], dtype=torch.float64)
+        for q in (range(T) if stack == "decoder" else [None]):
+            total = torch.zeros_like(a)
+            for al, w in zip(alphas.tolist(), weights.tolist()):
+                with torch.enable_grad():
+                    x = (a * al).to(lm.dtype).requires_grad_(True)
+
+                    def fn(t, x=x, q=q):
+                        if q is None:
+                            return x[None]
+                        t = t.clone()
+                        t[0, q] = x[q]
+                        return t
+                    state["fn"] = fn
+                    logits = lm.model(input_ids=enc_ids, decoder_input_ids=dec_in).logits[0]
+                    pr = _probs(logits).gather(1, tgt[0][:, None])[:, 0]
+                    obj = pr.mean() if q is None else pr[q]
+                    total += w * torch.autograd.grad(obj, x)[0].double()
+            ig = a * total
+            out += ig.sum(0) if q is None else ig[q] / T
+        return out.float()
+    finally:
+        h.remove()
