@@ -274,3 +274,81 @@ def attribute_ref(lm: LM, prompt: str, target: str, layer: int, *, stack: str = 
         return out.float()
     finally:
         h.remove()
+
+
+# -- KN edits on the weights ------------------------------------------------------------
+EDIT_MODES = ("erase", "edit")
+
+
+class NeuronWeightEdit:
+    """Erase (rows of ``wo`` set to zero) or Dai et al.'s edit (each neuron's
+    ``wo`` row += 2 (E[target] - E[prediction]), E the token embedding
+    matrix, the prediction the model's top-1 first target token for ``prompt``
+    before the edit) on the neurons of one T5 stack. Suppress and enhance
+    need no weights: :func:`kncore.patch_neurons` acts on the decoder's
+    neurons at the decoder position that predicts (the kncore runtime and the
+    Hugging Face forward alike).
+
+    Use it as a context manager, or :meth:`apply` / :meth:`undo`; undo restores
+    the saved rows bit for bit. Every check runs before any weight changes."""
+
+    def __init__(self, lm: LM, neurons, mode: str = "erase", *, prompt: str | None = None,
+                 target: str | None = None, stack: str = "decoder"):
+        ad = adapter(lm)
+        if mode not in EDIT_MODES:
+            raise InputError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
+        sa = ad.stack_adapter(stack)
+        pairs = KNSet.of(neurons).neurons
+        for l, i in pairs:
+            if not (0 <= l < sa.n_layers and 0 <= i < sa.d_ff):
+                raise InputError(f"neuron ({l}, {i}) outside the {stack}'s {sa.n_layers} layers x {sa.d_ff}")
+        self.lm, self.sa, self.mode, self.pairs = lm, sa, mode, [(int(l), int(i)) for l, i in pairs]
+        self.delta = None
+        if mode == "edit":
+            if prompt is None or target is None:
+                raise InputError("Dai's edit needs a prompt and a target")
+            new = target_ids(lm, target)[0]
+            pred = _top1(lm, prompt)
+            emb = ad.embedding_module().weight
+            self.delta = (emb[new] - emb[pred]) * 2
+        self._saved = []
+
+    def apply(self) -> "NeuronWeightEdit":
+        if self._saved:
+            raise RuntimeError("this edit is already applied")
+        with torch.no_grad():
+            for l, i in self.pairs:
+                w = self.sa.down_weight(l)  # [d_ff, d_model] view: row i is neuron i's value vector
+                self._saved.append((w, i, w[i].clone()))
+                if self.mode == "edit":
+                    w[i] += self.delta.to(w.dtype)
+                else:
+                    w[i] = 0
+        return self
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for w, i, old in reversed(self._saved):
+                w[i] = old
+        self._saved = []
+
+    def __enter__(self):
+        return self.apply()
+
+    def __exit__(self, *exc):
+        self.undo()
+        return False
+
+
+@torch.no_grad()
+def _top1(lm: LM, prompt: str) -> int:
+    ad = adapter(lm)
+    enc = encode(ad, torch.tensor([lm.tokenize(prompt)], device=lm.device))
+    start = torch.tensor([[ad.start_id]], device=lm.device)
+    return int(decode(ad, start, enc=enc).logits[0, 0].argmax())
+
+
+def edit_neurons(lm: LM, neurons, mode: str = "erase", *, prompt: str | None = None, target: str | None = None,
+                 stack: str = "decoder") -> NeuronWeightEdit:
+    """Erase or Dai-edit T5 neurons (see :class:`NeuronWeightEdit`); use in a ``with`` block."""
+    return NeuronWeightEdit(lm, neurons, mode, prompt=prompt, target=target, stack=stack)

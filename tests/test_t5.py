@@ -182,3 +182,66 @@ def test_attribute_errors(t5lm):
         t5.attribute(t5lm, PROMPT, TARGET, stack="both")
     with pytest.raises(InputError, match="prompt 0 .*longer than the decoder context"):
         t5.attribute(t5lm, PROMPT, " ".join(["rome"] * 70))
+
+
+# -- KN edits ----------------------------------------------------------------------------------
+def _active_neurons(lm, prompt):
+    """Three decoder neurons active at position 0 (ReLU zeroes many): two of layer 1, one of layer 0."""
+    ad = lm.adapter
+    enc_ids, _, _ = t5._pair(lm, prompt, "ottawa")
+    with torch.no_grad():
+        d = decode(ad, torch.tensor([[ad.start_id]]), enc=encode(ad, enc_ids), capture=[("act", 0), ("act", 1)])
+    top0 = d[("act", 0)][0, 0].abs().topk(1).indices.tolist()
+    top1 = sorted(d[("act", 1)][0, 0].abs().topk(2).indices.tolist())
+    return [(0, top0[0]), (1, top1[0]), (1, top1[1])]
+
+
+def _hf_probs(lm, prompt, target):
+    enc_ids, tgt, dec_in = t5._pair(lm, prompt, target)
+    with torch.no_grad():
+        p = lm.model(input_ids=enc_ids, decoder_input_ids=dec_in).logits[0].softmax(-1)
+    return p.gather(1, tgt[0][:, None])[:, 0]
+
+
+@pytest.mark.parametrize("mode,site", [("suppress", "act"), ("enhance", "act"), ("enhance", "pre_act")])
+def test_patch_neurons_on_the_decoder(t5lm, mode, site):
+    """patch_neurons acts at the predicting decoder position: in the runtime and in
+    the HF forward alike, and as an explicit runtime Patch there."""
+    KNS = _active_neurons(t5lm, PROMPT)
+    before = t5.target_probs(t5lm, PROMPT, "ottawa")
+    idx = {0: [KNS[0][1]], 1: [KNS[1][1], KNS[2][1]]}
+    kw = {"value": torch.zeros(())} if mode == "suppress" else {"scale": 2.0}
+    manual = t5.target_probs(t5lm, PROMPT, "ottawa",
+                             patches=[Patch(site, L, positions=[0], neurons=ix, **kw) for L, ix in idx.items()])
+    with kncore.patch_neurons(t5lm, KNS, mode=mode, site=site):
+        ours = t5.target_probs(t5lm, PROMPT, "ottawa")
+        hf = _hf_probs(t5lm, PROMPT, "ottawa")
+    assert not torch.allclose(ours, before)
+    torch.testing.assert_close(ours, manual, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ours, hf, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(t5.target_probs(t5lm, PROMPT, "ottawa"), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["erase", "edit"])
+def test_erase_and_dai_edit_undo_exactly(t5lm, mode):
+    ad = t5lm.adapter
+    KNS = _active_neurons(t5lm, PROMPT)
+    before = {k: v.clone() for k, v in t5lm.model.state_dict().items()}
+    p0 = t5.target_probs(t5lm, PROMPT, "paris")
+    pred = t5._top1(t5lm, PROMPT)
+    emb = ad.embedding_module().weight
+    new = t5.target_ids(t5lm, "paris")[0]
+    with t5.edit_neurons(t5lm, KNS, mode=mode, prompt=PROMPT, target="paris"):
+        for l, i in KNS:
+            want = torch.zeros(ad.d_model) if mode == "erase" else before[f"decoder.block.{l}.layer.2.DenseReluDense.wo.weight"][:, i] + 2 * (emb[new] - emb[pred])
+            torch.testing.assert_close(ad.down_weight(l)[i], want)
+        ours = t5.target_probs(t5lm, PROMPT, "paris")
+        torch.testing.assert_close(ours, _hf_probs(t5lm, PROMPT, "paris"), rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(ours, p0)
+    after = t5lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+    with pytest.raises(InputError, match=r"neuron \(5, 0\) outside the decoder's 2 layers"):
+        t5.edit_neurons(t5lm, [(0, 1), (5, 0)], mode="erase")
+    with pytest.raises(InputError, match="needs a prompt and a target"):
+        t5.edit_neurons(t5lm, KNS, mode="edit")
+    assert all(torch.equal(before[k], after[k]) for k in before)
