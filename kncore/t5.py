@@ -352,3 +352,117 @@ def edit_neurons(lm: LM, neurons, mode: str = "erase", *, prompt: str | None = N
                  stack: str = "decoder") -> NeuronWeightEdit:
     """Erase or Dai-edit T5 neurons (see :class:`NeuronWeightEdit`); use in a ``with`` block."""
     return NeuronWeightEdit(lm, neurons, mode, prompt=prompt, target=target, stack=stack)
+
+
+# -- causal tracing -----------------------------------------------------------------------
+@dataclass
+class T5Trace:
+    """Causal trace of a T5 prompt: ``encoder`` and ``decoder`` are
+    :class:`kncore.tracing.TraceResult` grids. Each cell is the probability of
+    the whole target (the product of its teacher-forced token probabilities),
+    averaged over the corrupted runs, with the clean state restored there:
+
+    * encoder cell (prompt token t, encoder layer l): ``hidden`` the output of
+      encoder block l at t; ``mlp`` / ``attn`` the MLP / self-attention
+      outputs at t of the ``window`` encoder layers centred on l;
+    * decoder cell (decoder position q, decoder layer l): the same states of
+      the decoder at position q (decoder position 0 holds the start token and
+      predicts the first target token); ``attn`` restores both attention
+      sublayers' outputs (self-attention plus cross-attention).
+
+    The noise corrupts the subject's token embeddings in the encoder only;
+    the decoder's inputs (the start token and the teacher-forced target) stay
+    clean, so a decoder cell measures how much of the corruption's effect
+    passes through that decoder state."""
+    encoder: object
+    decoder: object
+
+    def __repr__(self):
+        return f"T5Trace(encoder={self.encoder!r}, decoder={self.decoder!r})"
+
+
+def _target_of(lm, ad, enc_ids, target) -> list:
+    if target is None:
+        with torch.no_grad():
+            enc = encode(ad, enc_ids)
+            start = torch.tensor([[ad.start_id]], device=enc_ids.device)
+            return [int(decode(ad, start, enc=enc).logits[0, 0].argmax())]
+    if isinstance(target, str):
+        return target_ids(lm, target)
+    if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < ad.vocab_size:
+        return [int(target)]
+    raise InputError(f"target must be None, a string or a token id in the vocabulary, got {target!r}")
+
+
+@torch.no_grad()
+def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str] = ("hidden", "mlp", "attn"),
+          samples: int = 10, noise="3sd", noise_subjects: Sequence[str] | None = None, window: int = 10,
+          seed: int = 1, max_rows: int = 512) -> T5Trace:
+    """ROME's causal trace on T5 (see :class:`T5Trace` for what a cell means).
+    Every cell is a full recompute of the encoder (from its first restored
+    layer's input) and the decoder, batched over cells (``max_rows`` rows per
+    call): unlike the decoder-only trace, a restoration in the bidirectional
+    encoder reaches every position, so there is no cached prefix to reuse."""
+    from .tracing.core import SITE_OF, TraceResult, check_args, noise_array, resolve_noise, window_layers
+    ad = adapter(lm)
+    kinds = check_args(kinds, samples, window, seed)
+    ids = lm.tokenize(prompt)
+    b, e = lm.subject_span(prompt, subject)
+    scale = resolve_noise(lm, noise, noise_subjects)
+    noise_t = scale * torch.from_numpy(noise_array(seed, samples, e - b, lm.d_model))
+    dev = lm.device
+    enc_ids = torch.tensor([ids], device=dev)
+    tgt = torch.tensor([_target_of(lm, ad, enc_ids, target)], device=dev)
+    dec_in = shift_right(ad, tgt)
+    T = tgt.shape[1]
+    Ne, Nd = ad.encoder.n_layers, ad.n_layers
+    sites = sorted({SITE_OF[k] for k in kinds} | {"resid_post"})
+    clean_e = encode(ad, enc_ids, capture=[(s, L) for s in sites for L in range(Ne)])
+    clean_d = decode(ad, dec_in, enc=clean_e, capture=[(s, L) for s in sites for L in range(Nd)])
+
+    def score(logits):  # [R, T, V] -> [R]: P(whole target)
+        return _probs(logits).gather(2, tgt.expand(logits.shape[0], -1)[..., None])[..., 0].prod(-1)
+
+    high = float(score(clean_d.logits)[0])
+    emb = ad.encoder.embed(enc_ids).repeat(samples, 1, 1)
+    emb[:, b:e] += noise_t.to(emb.device)  # ROME adds its float64 draw to the embedding output
+    corrupt = encode(ad, hidden=emb)
+    low = float(score(decode(ad, dec_in.expand(samples, -1), enc=corrupt).logits).mean())
+
+    def restore(clean, kind, l, t, rows, N):
+        site = SITE_OF[kind]
+        Ls = [l] if kind == "hidden" else list(window_layers(l, window, N))
+        return [Patch(site, L, positions=[t], rows=rows, value=clean[(site, L)][0, t]) for L in Ls]
+
+    def grid(stack):
+        N, n_tok = (Ne, enc_ids.shape[1]) if stack == "encoder" else (Nd, T)
+        clean = clean_e if stack == "encoder" else clean_d
+        cells = [(k, t, l) for k in kinds for t in range(n_tok) for l in range(N)]
+        out = {k: torch.zeros(n_tok, N) for k in kinds}
+        per = max(1, max_rows // samples)
+        for c0 in range(0, len(cells), per):
+            chunk = cells[c0:c0 + per]
+            R = len(chunk) * samples
+            patches = []
+            for j, (k, t, l) in enumerate(chunk):
+                patches += restore(clean, k, l, t, range(j * samples, (j + 1) * samples), N)
+            if stack == "encoder":
+                enc = encode(ad, hidden=emb.repeat(len(chunk), 1, 1), patches=patches)
+                logits = decode(ad, dec_in.expand(R, -1), enc=enc).logits
+            else:
+                rows = torch.arange(R, device=dev) % samples
+                logits = decode(ad, dec_in.expand(R, -1), enc=corrupt, enc_rows=rows, patches=patches).logits
+            s = score(logits).view(len(chunk), samples).mean(-1).float().cpu()
+            for (k, t, l), v in zip(chunk, s):
+                out[k][t, l] = v
+        return out
+
+    tok = lambda xs: [lm.tokenizer.decode([int(x)]) for x in xs]
+    common = dict(low=low, high=high, target=int(tgt[0, 0]), answer=lm.tokenizer.decode(tgt[0].tolist()),
+                  target_position=0, prompt=prompt, subject=subject, kinds=kinds, window=int(window),
+                  samples=int(samples), noise=scale, seed=int(seed), model=str(lm.name))
+    enc_res = TraceResult(scores=grid("encoder"), tokens=tok(ids), input_ids=list(ids), subject_range=(b, e),
+                          **common)
+    dec_res = TraceResult(scores=grid("decoder"), tokens=tok(dec_in[0]), input_ids=dec_in[0].tolist(),
+                          subject_range=(0, 0), **common)
+    return T5Trace(enc_res, dec_res)

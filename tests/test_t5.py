@@ -245,3 +245,72 @@ def test_erase_and_dai_edit_undo_exactly(t5lm, mode):
     with pytest.raises(InputError, match="needs a prompt and a target"):
         t5.edit_neurons(t5lm, KNS, mode="edit")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- causal tracing --------------------------------------------------------------------------------
+def _rome_loop_hf(lm, prompt, subject, target, kind, stack, t, l, samples, noise_t, window):
+    """ROME's loop for one cell on the HF model: row 0 clean, rows 1.. corrupted
+    (noise added to the subject's embeddings at the input of encoder block 0),
+    forward hooks copying row 0's state into the others at the restored cell."""
+    from kncore.tracing.core import window_layers
+    ad = lm.adapter
+    enc_ids, tgt, dec_in = t5._pair(lm, prompt, target)
+    b, e = lm.subject_span(prompt, subject)
+    sa = ad.stack_adapter(stack)
+    hooks = []
+
+    def corrupt(m, args):
+        h = args[0].clone()
+        h[1:, b:e] += noise_t
+        return (h, *args[1:])
+
+    def restore(m, a, o):
+        first = o[0] if isinstance(o, tuple) else o
+        first = first.clone()
+        first[1:, t] = first[0, t]
+        return (first, *o[1:]) if isinstance(o, tuple) else first
+    hooks.append(ad.encoder.blocks[0].register_forward_pre_hook(corrupt))
+    mods = []
+    if kind == "hidden":
+        mods = [sa.blocks[l]]
+    else:
+        for L in window_layers(l, window, sa.n_layers):
+            blk = sa.blocks[L]
+            mods += ([blk.layer[-1].DenseReluDense] if kind == "mlp" else
+                     [blk.layer[0].SelfAttention] + ([blk.layer[1].EncDecAttention] if stack == "decoder" else []))
+    hooks += [m.register_forward_hook(restore) for m in mods]
+    try:
+        with torch.no_grad():
+            R = samples + 1
+            logits = lm.model(input_ids=enc_ids.expand(R, -1), decoder_input_ids=dec_in.expand(R, -1)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    p = logits.softmax(-1).gather(2, tgt.expand(R, -1)[..., None])[..., 0].prod(-1)
+    return float(p[1:].mean())
+
+
+def test_trace_matches_rome_loop_on_hf(t5lm):
+    from kncore.tracing.core import noise_array, resolve_noise
+    prompt, subject = "the capital of canada is", "canada"
+    tr = t5.trace(t5lm, prompt, subject, target="ottawa ,", samples=3, window=3, seed=2, max_rows=20)
+    noise_t = resolve_noise(t5lm, "3sd") * torch.from_numpy(noise_array(2, 3, 1, t5lm.d_model))
+    assert tr.encoder.scores["mlp"].shape == (5, 3) and tr.decoder.scores["attn"].shape == (2, 2)
+    assert tr.encoder.subject_range == (3, 4) and tr.encoder.low < tr.encoder.high
+    for stack, res in (("encoder", tr.encoder), ("decoder", tr.decoder)):
+        for kind in ("hidden", "mlp", "attn"):
+            for t in range(res.scores[kind].shape[0]):
+                for l in range(res.scores[kind].shape[1]):
+                    ref = _rome_loop_hf(t5lm, prompt, subject, "ottawa ,", kind, stack, t, l, 3, noise_t, 3)
+                    assert res.scores[kind][t, l] == pytest.approx(ref, rel=1e-4, abs=1e-9), (stack, kind, t, l)
+    # one target token: restoring the last decoder block's output at position 0 gives the clean run back
+    one = t5.trace(t5lm, prompt, subject, target="ottawa", kinds=["hidden"], samples=2)
+    assert one.decoder.scores["hidden"][0, -1] == pytest.approx(one.decoder.high, rel=1e-5)
+    assert one.decoder.answer == "ottawa"
+
+
+def test_trace_bad_input(t5lm):
+    with pytest.raises(InputError, match="subject 'paris' is not in the prompt"):
+        t5.trace(t5lm, PROMPT, "paris")
+    with pytest.raises(InputError, match="unknown kind"):
+        t5.trace(t5lm, PROMPT, "canada", kinds=["resid"])
