@@ -86,7 +86,8 @@ def _load_hf(path: str):
     if cfg.model_type not in ADAPTERS:
         raise ValueError(f"unsupported architecture {cfg.model_type!r} in {path!r}; supported: "
                          f"{', '.join(sorted(ADAPTERS))} ({FAMILIES})")
-    auto = AutoModelForMaskedLM if cfg.model_type == "bert" else AutoModelForCausalLM
+    from transformers import AutoModelForSeq2SeqLM
+    auto = {"bert": AutoModelForMaskedLM, "t5": AutoModelForSeq2SeqLM}.get(cfg.model_type, AutoModelForCausalLM)
     model = auto.from_pretrained(path, local_files_only=local)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
     return model, tok

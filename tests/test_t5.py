@@ -314,3 +314,13 @@ def test_trace_bad_input(t5lm):
         t5.trace(t5lm, PROMPT, "paris")
     with pytest.raises(InputError, match="unknown kind"):
         t5.trace(t5lm, PROMPT, "canada", kinds=["resid"])
+
+
+def test_local_folder_loads_through_load(t5lm, tmp_path):
+    """A saved Hugging Face T5 folder loads through kncore.load (AutoModelForSeq2SeqLM)."""
+    t5lm.model.save_pretrained(tmp_path)
+    t5lm.tokenizer.save_pretrained(tmp_path)
+    got = kncore.load(str(tmp_path))
+    assert type(got.adapter) is type(t5lm.adapter) and got.adapter.gated == t5lm.adapter.gated
+    torch.testing.assert_close(t5.target_probs(got, PROMPT, TARGET), t5.target_probs(t5lm, PROMPT, TARGET),
+                               rtol=0, atol=0)
