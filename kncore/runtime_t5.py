@@ -28,7 +28,8 @@ from typing import Iterable
 import torch
 
 from .models.t5 import T5Adapter, T5StackAdapter
-from .runtime import KVCache, Patch, RunOutput, _allowed, _apply_patches, _capture, _mlp, _norm_patches, parse_site
+from .runtime import (KVCache, Patch, RunOutput, _allowed, _mlp, _norm_patches, check_run_inputs, parse_site,
+                      patch_setup, site_fn)
 
 
 @dataclass
@@ -58,24 +59,6 @@ def _attend(q, k, v, bias, allowed):
     return o.transpose(1, 2).reshape(B, n, H * Dh)
 
 
-def _sites(table, wanted, captured, cap_idx, keep_grad, pos_ids):
-    def site(name, L, x):
-        ps = table.get((name, L))
-        if ps:
-            x = _apply_patches(x, ps, pos_ids)
-        if (name, L) in wanted:
-            _capture(captured, (name, L), x, cap_idx, keep_grad)
-        return x
-    return site
-
-
-def _check_layers(N, start, stop):
-    stop = N if stop is None else stop
-    if not (0 <= start <= stop <= N):
-        raise ValueError(f"layers must satisfy 0 <= start ({start}) <= stop ({stop}) <= {N}")
-    return stop
-
-
 def encode(ad: T5Adapter, input_ids: torch.Tensor | None = None, *, hidden: torch.Tensor | None = None,
            attention_mask: torch.Tensor | None = None, start_layer: int = 0, stop_layer: int | None = None,
            patches: Iterable[Patch] = (), capture: Iterable = (), capture_grad: bool = False,
@@ -86,21 +69,17 @@ def encode(ad: T5Adapter, input_ids: torch.Tensor | None = None, *, hidden: torc
     (``cross``) the decoder's cross-attention keys/values are computed once."""
     enc: T5StackAdapter = ad.encoder
     N = enc.n_layers
-    stop = _check_layers(N, start_layer, stop_layer)
-    if (input_ids is None) == (hidden is None):
-        raise ValueError("give exactly one of input_ids= or hidden=")
-    if input_ids is not None and start_layer != 0:
-        raise ValueError("input_ids start at layer 0; give hidden= to start at a later layer")
-    ref = input_ids if input_ids is not None else hidden
+    stop, ref = check_run_inputs(N, start_layer, stop_layer, input_ids, hidden)
     B, S = ref.shape[:2]
     dev = ref.device
     mask = (torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None
             else attention_mask.to(device=dev, dtype=torch.bool))
     pos = torch.arange(S, device=dev).expand(B, S)
+    # no persistent patches here: kncore.patch_neurons' layers are the decoder's
     table = _norm_patches(patches)
     wanted = {parse_site(c) for c in capture}
     captured: dict = {}
-    site = _sites(table, wanted, captured, None, capture_grad, pos)
+    site = site_fn(table, wanted, captured, None, capture_grad, pos)
     allowed = mask[:, None, :].expand(B, S, S)
     bias = enc.position_bias(pos[:1], pos[:1])  # [1, H, S, S], shared by every block
     h = enc.embed(input_ids) if input_ids is not None else hidden
@@ -137,12 +116,7 @@ def decode(ad: T5Adapter, input_ids: torch.Tensor | None = None, *, enc: Encoded
     row). ``ad.persistent_patches`` (kncore.patch_neurons) apply too.
     """
     N = ad.n_layers
-    stop = _check_layers(N, start_layer, stop_layer)
-    if (input_ids is None) == (hidden is None):
-        raise ValueError("give exactly one of input_ids= or hidden=")
-    if input_ids is not None and start_layer != 0:
-        raise ValueError("input_ids start at layer 0; give hidden= to start at a later layer")
-    ref = input_ids if input_ids is not None else hidden
+    stop, ref = check_run_inputs(N, start_layer, stop_layer, input_ids, hidden)
     B, n = ref.shape[:2]
     if n == 0:
         raise ValueError("nothing to compute: zero positions")
@@ -177,26 +151,9 @@ def decode(ad: T5Adapter, input_ids: torch.Tensor | None = None, *, enc: Encoded
     allowed = _allowed(ad, 0, key_valid, pos, P, n)
     cross_allowed = enc.mask[enc_rows][:, None, :].expand(B, n, enc.mask.shape[1])
 
-    held = []
-    for hp in getattr(ad, "persistent_patches", ()):
-        held.extend([hp] if isinstance(hp, Patch) else hp(input_ids, mask, pos))
-    table = _norm_patches([*patches, *held])
-    wanted = {parse_site(c) for c in capture}
-    last_col = mask.long().cumsum(1).argmax(1)
-    if capture_positions is None:
-        cap_idx = None
-    elif isinstance(capture_positions, str):
-        if capture_positions != "last":
-            raise ValueError("capture_positions must be None, 'last' or a tensor of positions")
-        cap_idx = last_col[:, None]
-    else:
-        cp = torch.as_tensor(capture_positions, device=dev).long()
-        cp = cp[:, None] if cp.dim() == 1 else cp
-        cap_idx = cp - pos[:, :1]
-        if (cap_idx < 0).any() or (cap_idx >= n).any():
-            raise ValueError("capture_positions outside the computed positions")
+    table, wanted, last_col, cap_idx = patch_setup(ad, patches, capture, capture_positions, input_ids, mask, pos)
     captured: dict = {}
-    site = _sites(table, wanted, captured, cap_idx, capture_grad, pos)
+    site = site_fn(table, wanted, captured, cap_idx, capture_grad, pos)
     kv_k, kv_v = [None] * N, [None] * N
 
     h = ad.embed(input_ids) if input_ids is not None else hidden

@@ -7,7 +7,6 @@ first), so decoder position q predicts target[q]. Every function drives
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 

@@ -8,9 +8,9 @@ import torch
 
 import kncore
 from kncore import InputError, t5
-from kncore.runtime import KVCache, Patch
+from kncore.runtime import Patch
 from kncore.runtime_t5 import decode, encode, shift_right
-from kncore.testing import ENC_DEC_ARCHS, tiny_lm, tiny_model
+from kncore.testing import ENC_DEC_ARCHS, tiny_lm
 
 PROMPT = "the capital of canada is"
 TARGET = "ottawa , canada"
