@@ -408,6 +408,9 @@ def run(
     ``logits``: ``"all"``, ``"last"``, None (no head), or absolute positions [B].
     ``ad.persistent_patches`` (if the adapter has that list) are applied too.
     """
+    if getattr(ad, "encoder_decoder", False):
+        raise ValueError(f"{ad.arch!r} is an encoder-decoder model: use kncore.t5 (target_probs, attribute, "
+                         "trace, edit_neurons) or kncore.runtime_t5, not the decoder-only runtime")
     N = ad.n_layers
     stop, ref = check_run_inputs(N, start_layer, stop_layer, input_ids, hidden)
     B, n = ref.shape[0], ref.shape[1]

@@ -324,3 +324,16 @@ def test_local_folder_loads_through_load(t5lm, tmp_path):
     assert type(got.adapter) is type(t5lm.adapter) and got.adapter.gated == t5lm.adapter.gated
     torch.testing.assert_close(t5.target_probs(got, PROMPT, TARGET), t5.target_probs(t5lm, PROMPT, TARGET),
                                rtol=0, atol=0)
+
+
+def test_decoder_only_methods_refuse_t5(t5lm):
+    """The decoder-only entry points name the T5 path instead of running a decoder without cross-attention."""
+    with pytest.raises(ValueError, match="encoder-decoder model: use kncore.t5"):
+        t5lm.top_k(PROMPT)
+    with pytest.raises(ValueError, match="encoder-decoder model: use kncore.t5"):
+        kncore.attribute(t5lm, PROMPT, "ottawa")
+    with pytest.raises(ValueError, match="encoder-decoder model: use kncore.t5"):
+        kncore.trace(t5lm, PROMPT, "canada")
+    with pytest.raises(InputError, match="ROME on T5 .* not supported"):
+        kncore.rome.edit(t5lm, {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome"},
+                         kncore.rome.ROMEHparams(layers=[0]))
