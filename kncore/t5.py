@@ -465,3 +465,109 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
     dec_res = TraceResult(scores=grid("decoder"), tokens=tok(dec_in[0]), input_ids=dec_in[0].tolist(),
                           subject_range=(0, 0), **common)
     return T5Trace(enc_res, dec_res)
+
+
+# -- ROME on the encoder ------------------------------------------------------------------
+@torch.no_grad()
+def layer_stats(lm: LM, layer: int, texts: Sequence[str], *, stack: str = "encoder", batch: int = 16):
+    """ROME's key statistics on T5: E[k k^T] of the ``wo`` inputs of one layer
+    of a stack over every real token of ``texts`` (the encoder reads each text
+    as its input; accumulated in fp64). Returns a
+    :class:`kncore.rome.LayerStats` (in memory: no cache identity)."""
+    from .rome.stats import LayerStats
+    ad = adapter(lm)
+    if stack != "encoder":
+        raise InputError("T5 statistics are for the encoder's MLP (where ROME on T5 edits)")
+    _check_stack_layers(ad, stack, [layer])
+    if isinstance(texts, str) or not texts:
+        raise InputError("texts must be a non-empty list of strings")
+    C = torch.zeros(ad.d_ff, ad.d_ff, dtype=torch.float64, device=lm.device)
+    n = 0
+    for i in range(0, len(texts), batch):
+        b = lm.batch(list(texts[i:i + batch]))
+        e = encode(ad, b.input_ids, attention_mask=b.attention_mask, stop_layer=layer + 1, capture=[("act", layer)])
+        k = e[("act", layer)][b.attention_mask].double()
+        C += k.T @ k
+        n += k.shape[0]
+    return LayerStats.from_tensor(layer, C / n, n_tokens=n)
+
+
+def rome_edit(lm: LM, request, layer: int, *, hparams=None, stats=None):
+    """ROME on T5: a rank-one update of encoder layer ``layer``'s ``wo`` so that
+    the key at the subject's last prompt token, k* (the ``wo`` input there),
+    maps to v* = v + delta, delta optimised through the decoder's loss on the
+    teacher-forced ``target_new`` (plus ROME's KL term on "{} is a" at the
+    decoder's first position and its weight decay and norm clamp).
+
+    Differences from decoder-only ROME: the key is that of the prompt itself
+    (no generated context templates); the delta is added at the subject's last
+    token in the encoder, which every decoder position reads through
+    cross-attention. ``stats``: :func:`layer_stats` of that layer (or a
+    [d_ff, d_ff] tensor) for ``mom2_adjustment``. Returns a
+    :class:`kncore.rome.Edit`; ``undo()`` restores ``wo`` bit for bit."""
+    import torch.nn.functional as F
+    from .rome.editing import Edit, EditStep, _rank1, _vec_dtype, left_vector, parse_request
+    from .rome.hparams import ROMEHparams, load_hparams
+    from .rome.stats import LayerStats
+    ad = adapter(lm)
+    enc_ad, _ = _check_stack_layers(ad, "encoder", [layer])
+    hp = ROMEHparams(layers=[layer]) if hparams is None else load_hparams(hparams)
+    hp.validate()
+    req = parse_request(request)
+    if hp.mom2_adjustment:
+        if stats is None:
+            raise InputError("ROME on T5 needs stats= (kncore.t5.layer_stats of the layer) for mom2_adjustment")
+        stats = stats if isinstance(stats, LayerStats) else LayerStats.from_tensor(layer, stats)
+    text = req.text()
+    kl_texts = [t.replace("{}", req.subject) for t in hp.kl_prompts]
+    tgt = torch.tensor([target_ids(lm, req.target)], device=lm.device)
+    b = lm.batch([text] + kl_texts)
+    look = torch.tensor([lm.subject_span(t, req.subject)[1] - 1 for t in [text] + kl_texts], device=lm.device)
+    R = len(look)
+    rows = torch.arange(R, device=lm.device)
+    vd = _vec_dtype(lm)
+    with torch.no_grad():
+        pre = encode(ad, b.input_ids, attention_mask=b.attention_mask,
+                     capture=[("act", layer), ("mlp_out", layer), ("resid_post", layer)], cross=False)
+    key = pre[("act", layer)][0, look[0]].to(vd)
+    value = pre[("mlp_out", layer)][0, look[0]].to(vd)
+    left = left_vector(lm, layer, key, hp, stats)
+    onehot = torch.zeros(R, b.input_ids.shape[1], 1, dtype=lm.dtype, device=lm.device)
+    onehot[rows, look] = 1
+    dec_rw = shift_right(ad, tgt)
+    start = torch.full((R - 1, 1), ad.start_id, device=lm.device)
+    delta = torch.zeros(ad.d_model, dtype=vd, device=lm.device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    max_norm = hp.clamp_norm_factor * value.norm()
+    kl_init, losses, p_target = None, [], float("nan")
+    with torch.inference_mode(False), torch.enable_grad():
+        for it in range(hp.v_num_grad_steps):
+            h = pre[("resid_post", layer)] + onehot * delta.to(lm.dtype)
+            enc = encode(ad, hidden=h, attention_mask=b.attention_mask, start_layer=layer + 1)
+            lp = decode(ad, dec_rw, enc=enc, enc_rows=rows[:1]).logits[0].to(vd).log_softmax(-1)
+            tok_lp = lp.gather(1, tgt[0][:, None])[:, 0]
+            nll = -tok_lp.mean()
+            kl_lp = decode(ad, start, enc=enc, enc_rows=rows[1:]).logits[:, 0].to(vd).log_softmax(-1)
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = hp.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+            wd = hp.v_weight_decay * (delta.norm() / value.norm() ** 2)
+            loss = nll + kl + wd
+            losses.append(float(loss.detach()))
+            p_target = float(torch.exp(-nll.detach()))
+            if losses[-1] < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                break
+            (grad,) = torch.autograd.grad(loss, [delta])
+            delta.grad = grad
+            opt.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    v_star = value + delta.detach()
+    right = (v_star - value) / torch.dot(key, left)
+    W = enc_ad.down_module(layer).weight.data  # [d_model, d_ff]: the update is right left^T
+    with torch.no_grad():
+        rec = _rank1(W, right.to(W.dtype), left.to(W.dtype))
+    ed = Edit(lm, hp)
+    ed.steps.append(EditStep(req, layer, left, right, key, key, value, v_star, losses, p_target, W, rec))
+    return ed

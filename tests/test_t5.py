@@ -337,3 +337,59 @@ def test_decoder_only_methods_refuse_t5(t5lm):
     with pytest.raises(InputError, match="ROME on T5 .* not supported"):
         kncore.rome.edit(t5lm, {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome"},
                          kncore.rome.ROMEHparams(layers=[0]))
+
+
+# -- ROME on the encoder ------------------------------------------------------------------------
+STATS_TEXTS = [" ".join(w) for w in (
+    "the capital of france is paris and the capital of italy is rome".split(),
+    "dogs and cats were born in tokyo".split(), "she speaks french and english".split(),
+    "a small red apple was on the big blue sketch".split(), "he works in physics and music".split())] * 4
+
+
+def test_layer_stats_match_hf_hooks(t5lm):
+    st = t5.layer_stats(t5lm, 1, STATS_TEXTS[:5], batch=2)
+    ks = []
+    h = t5lm.adapter.encoder.down_module(1).register_forward_pre_hook(lambda m, a: ks.append(a[0][0].double()))
+    try:
+        with torch.no_grad():
+            for s in STATS_TEXTS[:5]:
+                ids = torch.tensor([t5lm.tokenize(s)])
+                t5lm.model(input_ids=ids, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
+    finally:
+        h.remove()
+    k = torch.cat(ks)
+    assert st.n_tokens == k.shape[0]
+    ref = k.T @ k / k.shape[0]  # fp32 keys from two code paths: 1e-5 of the matrix's scale
+    assert (st.second_moment - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_rome_on_the_encoder(t5lm):
+    from kncore.rome import ROMEHparams
+    req = {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome"}
+    stats = t5.layer_stats(t5lm, 1, STATS_TEXTS)
+    # a looser clamp and decay than ROME's defaults: one encoder token moves these
+    # random tiny decoders little (v1.0 measured p 0.0097 -> 0.020, v1.1 -> 0.48)
+    hp = ROMEHparams(layers=[1], mom2_reg=1e-2, v_num_grad_steps=30, clamp_norm_factor=50, v_weight_decay=0.01,
+                     v_lr=1.0)
+    before = {k: v.clone() for k, v in t5lm.model.state_dict().items()}
+    p0 = float(t5.target_probs(t5lm, "the capital of canada is", "rome")[0])
+    with t5.rome_edit(t5lm, req, 1, hparams=hp, stats=stats) as ed:
+        s = ed.steps[0]
+        ad = t5lm.adapter
+        # ROME's identity: the edited wo maps k* to v*; only that weight moved
+        torch.testing.assert_close(s.key @ ad.encoder.down_weight(1), s.v_star, rtol=1e-4, atol=1e-5)
+        changed = [k for k, v in t5lm.model.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed == ["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+        p1 = float(t5.target_probs(t5lm, "the capital of canada is", "rome")[0])
+        assert p1 > 1.5 * p0 and p1 == pytest.approx(s.p_target, rel=0.2)
+        assert t5.top_k(t5lm, "the capital of canada is", 1)[0][0] == "rome"
+        with torch.no_grad():  # the HF forward sees the same edit
+            hf = _hf_probs(t5lm, "the capital of canada is", "rome")
+        assert float(hf[0]) == pytest.approx(p1, rel=1e-4)
+    after = t5lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(InputError, match="subject 'paris' is not in the prompt"):
+        t5.rome_edit(t5lm, {"prompt": "the capital of canada is", "subject": "paris", "target_new": "rome"}, 1,
+                     hparams=hp, stats=stats)
+    with pytest.raises(InputError, match="needs stats="):
+        t5.rome_edit(t5lm, req, 1, hparams=hp)
