@@ -334,7 +334,7 @@ def test_decoder_only_methods_refuse_t5(t5lm):
         kncore.attribute(t5lm, PROMPT, "ottawa")
     with pytest.raises(ValueError, match="encoder-decoder model: use kncore.t5"):
         kncore.trace(t5lm, PROMPT, "canada")
-    with pytest.raises(InputError, match="ROME on T5 .* not supported"):
+    with pytest.raises(InputError, match="ROME on T5 .* kncore.t5.rome_edit"):
         kncore.rome.edit(t5lm, {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome"},
                          kncore.rome.ROMEHparams(layers=[0]))
 
@@ -368,7 +368,7 @@ def test_rome_on_the_encoder(t5lm):
     req = {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome"}
     stats = t5.layer_stats(t5lm, 1, STATS_TEXTS)
     # a looser clamp and decay than ROME's defaults: one encoder token moves these
-    # random tiny decoders little (v1.0 measured p 0.0097 -> 0.020, v1.1 -> 0.48)
+    # random tiny decoders little (measured: v1.0 p 0.0097 -> 0.020, v1.1 -> 0.48)
     hp = ROMEHparams(layers=[1], mom2_reg=1e-2, v_num_grad_steps=30, clamp_norm_factor=50, v_weight_decay=0.01,
                      v_lr=1.0)
     before = {k: v.clone() for k, v in t5lm.model.state_dict().items()}
@@ -393,3 +393,81 @@ def test_rome_on_the_encoder(t5lm):
                      hparams=hp, stats=stats)
     with pytest.raises(InputError, match="needs stats="):
         t5.rome_edit(t5lm, req, 1, hparams=hp)
+
+
+def _rome_ref_hf(lm, req, layer, hp, C):
+    """Plain ROME on T5 through hooks on an fp64 copy of the HF model: one
+    forward per row, the delta added to encoder wo's output at the subject's
+    last token, ROME's loss and Adam loop, then W += (v* - v) / (k . u) u^T."""
+    import copy
+    import torch.nn.functional as F
+    model = copy.deepcopy(lm.model).double()
+    wo = model.encoder.block[layer].layer[-1].DenseReluDense.wo
+    text = req["prompt"].replace("{}", req["subject"])
+    texts = [text] + [t.replace("{}", req["subject"]) for t in hp.kl_prompts]
+    ids = [torch.tensor([lm.tokenize(t)]) for t in texts]
+    look = [lm.subject_span(t, req["subject"])[1] - 1 for t in texts]
+    tgt = torch.tensor([t5.target_ids(lm, req["target_new"])])
+    dec = shift_right(lm.adapter, tgt)
+    start = torch.tensor([[lm.adapter.start_id]])
+    state = {}
+
+    def hook(m, a, o):
+        state["k"], state["v"] = a[0][0, state["pos"]].detach(), o[0, state["pos"]].detach()
+        if "delta" in state:
+            o = o.clone()
+            o[0, state["pos"]] += state["delta"]
+        return o
+    h = wo.register_forward_hook(hook)
+    try:
+        state["pos"] = look[0]
+        with torch.no_grad():
+            model(input_ids=ids[0], decoder_input_ids=dec)
+        k, v = state["k"], state["v"]
+        Cr = C + hp.mom2_reg * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+        u = torch.linalg.solve(Cr, k)
+        u = u / u.norm()
+        delta = torch.zeros_like(v, requires_grad=True)
+        state["delta"] = delta
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        kl0 = None
+        for it in range(hp.v_num_grad_steps):
+            state["pos"] = look[0]
+            lp = model(input_ids=ids[0], decoder_input_ids=dec).logits[0].log_softmax(-1)
+            nll = -lp.gather(1, tgt[0][:, None]).mean()
+            kls = []
+            for r in range(1, len(texts)):
+                state["pos"] = look[r]
+                kls.append(model(input_ids=ids[r], decoder_input_ids=start).logits[0, 0].log_softmax(-1))
+            kl_lp = torch.stack(kls)
+            if kl0 is None:
+                kl0 = kl_lp.detach()
+            loss = (nll + hp.kl_factor * F.kl_div(kl0, kl_lp, log_target=True, reduction="batchmean")
+                    + hp.v_weight_decay * delta.norm() / v.norm() ** 2)
+            if float(loss.detach()) < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if delta.norm() > hp.clamp_norm_factor * v.norm():
+                    delta.mul_(hp.clamp_norm_factor * v.norm() / delta.norm())
+    finally:
+        h.remove()
+    right = delta.detach() / torch.dot(k, u)
+    return u, right, wo.weight.detach() + torch.outer(right, u)
+
+
+def test_rome_on_the_encoder_matches_plain_rome_on_hf(t5lm):
+    from kncore.rome import ROMEHparams
+    req = {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome ,"}
+    stats = t5.layer_stats(t5lm, 0, STATS_TEXTS)
+    hp = ROMEHparams(layers=[0], mom2_reg=1e-2, v_num_grad_steps=6)
+    u_ref, right_ref, W_ref = _rome_ref_hf(t5lm, req, 0, hp, stats.second_moment)
+    with t5.rome_edit(t5lm, req, 0, hparams=hp, stats=stats) as ed:
+        s = ed.steps[0]
+        W = t5lm.adapter.encoder.down_module(0).weight
+        assert len(s.losses) == 6
+        torch.testing.assert_close(s.left.double(), u_ref, rtol=1e-4, atol=1e-6)
+        assert (s.right.double() - right_ref).abs().max() <= 1e-3 * right_ref.abs().max()
+        assert (W.double() - W_ref).abs().max() <= 1e-4 * W_ref.abs().max()

@@ -467,7 +467,8 @@ def edit(lm, request, hparams=None, *, stats=None, cache_dir=None) -> Edit:
     if lm.is_mlm:
         raise InputError("ROME edits causal LMs; this is a masked LM")
     if getattr(lm.adapter, "encoder_decoder", False):
-        raise InputError("ROME on T5 (encoder-decoder) is not supported yet (docs/architectures.md)")
+        raise InputError("ROME on T5 (encoder-decoder) edits the encoder: use kncore.t5.rome_edit "
+                         "with kncore.t5.layer_stats (docs/architectures.md)")
     if lm.adapter.block_style not in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL, BLOCK_SANDWICH):
         raise InputError(f"ROME needs a residual MLP output; block style {lm.adapter.block_style!r} is not supported")
     hp = hparams_for(lm) if hparams is None else load_hparams(hparams)
