@@ -99,12 +99,16 @@ def attribute(lm: LM, prompts, targets, *, layers=None, stack: str = "decoder", 
     as there is no target position in the encoder); the step rows rerun the
     encoder from layer L and the whole decoder. Scores are the mean over the
     target tokens of each token's attribution.
+
+    Not benchmarked: each call runs the step rows of one (target token, layer)
+    group (plus an alpha = 0 row for the completeness gap); the decoder-only
+    engine's batching of every layer's rows into one walk is not done here.
     """
     ad = adapter(lm)
     prompts, targets = _check_prompts(prompts, targets)
     if site not in ("act", "pre_act"):
         raise ValueError(f"unknown site {site!r}; expected 'act' or 'pre_act'")
-    sa, layers = _check_stack_layers(ad, stack, layers)
+    _, layers = _check_stack_layers(ad, stack, layers)
     alphas, weights = scheme_points(scheme, steps)
     n = len(prompts)
     scores = torch.zeros(n, len(layers), ad.d_ff)
@@ -120,7 +124,7 @@ def attribute(lm: LM, prompts, targets, *, layers=None, stack: str = "decoder", 
         tids.append(tgt[0].tolist())
         ctxs.append([dec_in[0, : q + 1].tolist() for q in range(tgt.shape[1])])
         fn = _ig_decoder if stack == "decoder" else _ig_encoder
-        ig, f1, d, sig = fn(ad, sa, enc_ids, tgt, dec_in, layers, site, alphas, weights)
+        ig, f1, d, sig = fn(ad, enc_ids, tgt, dec_in, layers, site, alphas, weights)
         scores[i] = ig
         tok_probs.append(f1.tolist())
         base[i] = f1.prod()
@@ -136,7 +140,7 @@ def _f_ig(z, p, weights_rows):
     return torch.autograd.grad((p * weights_rows.to(p.dtype)).sum(), z)[0]
 
 
-def _ig_decoder(ad, sa, enc_ids, tgt, dec_in, layers, site, alphas, weights):
+def _ig_decoder(ad, enc_ids, tgt, dec_in, layers, site, alphas, weights):
     """IG of decoder neurons at each target position. Returns (IG [layers, d_ff]
     averaged over target tokens, F(1) [T], F(1) - F(0) [layers, T], sum IG [layers, T])."""
     T = tgt.shape[1]
@@ -183,7 +187,7 @@ def _ig_decoder(ad, sa, enc_ids, tgt, dec_in, layers, site, alphas, weights):
     return ig.float(), f1.float().cpu(), f1.float().cpu()[None] - f0, sig
 
 
-def _ig_encoder(ad, sa, enc_ids, tgt, dec_in, layers, site, alphas, weights):
+def _ig_encoder(ad, enc_ids, tgt, dec_in, layers, site, alphas, weights):
     """IG of encoder neurons, every prompt position scaled together; the
     objective is the mean over target tokens of their probabilities."""
     T = tgt.shape[1]
