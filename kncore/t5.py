@@ -509,8 +509,7 @@ def rome_edit(lm: LM, request, layer: int, *, hparams=None, stats=None):
     cross-attention. ``stats``: :func:`layer_stats` of that layer (or a
     [d_ff, d_ff] tensor) for ``mom2_adjustment``. Returns a
     :class:`kncore.rome.Edit`; ``undo()`` restores ``wo`` bit for bit."""
-    import torch.nn.functional as F
-    from .rome.editing import Edit, EditStep, _rank1, _vec_dtype, left_vector, parse_request
+    from .rome.editing import Edit, EditStep, _rank1, _vec_dtype, left_vector, parse_request, v_loop
     from .rome.hparams import ROMEHparams, load_hparams
     from .rome.stats import LayerStats
     ad = adapter(lm)
@@ -540,34 +539,17 @@ def rome_edit(lm: LM, request, layer: int, *, hparams=None, stats=None):
     onehot[rows, look] = 1
     dec_rw = shift_right(ad, tgt)
     start = torch.full((R - 1, 1), ad.start_id, device=lm.device)
-    delta = torch.zeros(ad.d_model, dtype=vd, device=lm.device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * value.norm()
-    kl_init, losses, p_target = None, [], float("nan")
+
+    def forward(delta):
+        h = pre[("resid_post", layer)] + onehot * delta.to(lm.dtype)
+        enc = encode(ad, hidden=h, attention_mask=b.attention_mask, start_layer=layer + 1)
+        lp = decode(ad, dec_rw, enc=enc, enc_rows=rows[:1]).logits[0].to(vd).log_softmax(-1)
+        nll = -lp.gather(1, tgt[0][:, None])[:, 0].mean()
+        return nll[None], decode(ad, start, enc=enc, enc_rows=rows[1:]).logits[:, 0].to(vd).log_softmax(-1)
+
     with torch.inference_mode(False), torch.enable_grad():
-        for it in range(hp.v_num_grad_steps):
-            h = pre[("resid_post", layer)] + onehot * delta.to(lm.dtype)
-            enc = encode(ad, hidden=h, attention_mask=b.attention_mask, start_layer=layer + 1)
-            lp = decode(ad, dec_rw, enc=enc, enc_rows=rows[:1]).logits[0].to(vd).log_softmax(-1)
-            tok_lp = lp.gather(1, tgt[0][:, None])[:, 0]
-            nll = -tok_lp.mean()
-            kl_lp = decode(ad, start, enc=enc, enc_rows=rows[1:]).logits[:, 0].to(vd).log_softmax(-1)
-            if kl_init is None:
-                kl_init = kl_lp.detach().clone()
-            kl = hp.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
-            wd = hp.v_weight_decay * (delta.norm() / value.norm() ** 2)
-            loss = nll + kl + wd
-            losses.append(float(loss.detach()))
-            p_target = float(torch.exp(-nll.detach()))
-            if losses[-1] < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
-                break
-            (grad,) = torch.autograd.grad(loss, [delta])
-            delta.grad = grad
-            opt.step()
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    v_star = value + delta.detach()
+        delta, losses, p_target = v_loop(forward, value, hp)
+    v_star = value + delta
     right = (v_star - value) / torch.dot(key, left)
     W = enc_ad.down_module(layer).weight.data  # [d_model, d_ff]: the update is right left^T
     with torch.no_grad():

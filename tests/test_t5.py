@@ -471,3 +471,10 @@ def test_rome_on_the_encoder_matches_plain_rome_on_hf(t5lm):
         torch.testing.assert_close(s.left.double(), u_ref, rtol=1e-4, atol=1e-6)
         assert (s.right.double() - right_ref).abs().max() <= 1e-3 * right_ref.abs().max()
         assert (W.double() - W_ref).abs().max() <= 1e-4 * W_ref.abs().max()
+
+
+def test_lazy_submodule(monkeypatch):
+    # without the attribute an earlier import set, kncore.t5 must come from kncore.__getattr__
+    monkeypatch.delattr(kncore, "t5")
+    monkeypatch.delattr(kncore, "runtime_t5")
+    assert kncore.t5.attribute is t5.attribute and kncore.runtime_t5.decode is decode
