@@ -283,50 +283,29 @@ def attribute_ref(lm: LM, prompt: str, target: str, layer: int, *, stack: str = 
 EDIT_MODES = ("erase", "edit")
 
 
-class NeuronWeightEdit:
-    """Erase (rows of ``wo`` set to zero) or Dai et al.'s edit (each neuron's
-    ``wo`` row += 2 (E[target] - E[prediction]), E the token embedding
-    matrix, the prediction the model's top-1 first target token for ``prompt``
-    before the edit) on the neurons of one T5 stack. Suppress and enhance
-    need no weights: :func:`kncore.patch_neurons` acts on the decoder's
-    neurons at the decoder position that predicts (the kncore runtime and the
-    Hugging Face forward alike).
+class NeuronErase:
+    """The rows of ``wo`` of some neurons of one T5 stack set to zero (the
+    knowledge-neurons package's ``erase_knowledge``); a context manager, or
+    :meth:`apply` / :meth:`undo`, which restores the saved rows bit for bit.
+    Every check runs before any weight changes."""
 
-    Use it as a context manager, or :meth:`apply` / :meth:`undo`; undo restores
-    the saved rows bit for bit. Every check runs before any weight changes."""
-
-    def __init__(self, lm: LM, neurons, mode: str = "erase", *, prompt: str | None = None,
-                 target: str | None = None, stack: str = "decoder"):
-        ad = adapter(lm)
-        if mode not in EDIT_MODES:
-            raise InputError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
-        sa = ad.stack_adapter(stack)
+    def __init__(self, lm: LM, neurons, stack: str = "decoder"):
+        sa = adapter(lm).stack_adapter(stack)
         pairs = KNSet.of(neurons).neurons
         for l, i in pairs:
             if not (0 <= l < sa.n_layers and 0 <= i < sa.d_ff):
                 raise InputError(f"neuron ({l}, {i}) outside the {stack}'s {sa.n_layers} layers x {sa.d_ff}")
-        self.lm, self.sa, self.mode, self.pairs = lm, sa, mode, [(int(l), int(i)) for l, i in pairs]
-        self.delta = None
-        if mode == "edit":
-            if prompt is None or target is None:
-                raise InputError("Dai's edit needs a prompt and a target")
-            new = target_ids(lm, target)[0]
-            pred = _top1(lm, prompt)
-            emb = ad.embedding_module().weight
-            self.delta = (emb[new] - emb[pred]) * 2
+        self.sa, self.pairs = sa, [(int(l), int(i)) for l, i in pairs]
         self._saved = []
 
-    def apply(self) -> "NeuronWeightEdit":
+    def apply(self) -> "NeuronErase":
         if self._saved:
-            raise RuntimeError("this edit is already applied")
+            raise RuntimeError("this erase is already applied")
         with torch.no_grad():
             for l, i in self.pairs:
                 w = self.sa.down_weight(l)  # [d_ff, d_model] view: row i is neuron i's value vector
                 self._saved.append((w, i, w[i].clone()))
-                if self.mode == "edit":
-                    w[i] += self.delta.to(w.dtype)
-                else:
-                    w[i] = 0
+                w[i] = 0
         return self
 
     def undo(self) -> None:
@@ -352,9 +331,27 @@ def _top1(lm: LM, prompt: str) -> int:
 
 
 def edit_neurons(lm: LM, neurons, mode: str = "erase", *, prompt: str | None = None, target: str | None = None,
-                 stack: str = "decoder") -> NeuronWeightEdit:
-    """Erase or Dai-edit T5 neurons (see :class:`NeuronWeightEdit`); use in a ``with`` block."""
-    return NeuronWeightEdit(lm, neurons, mode, prompt=prompt, target=target, stack=stack)
+                 stack: str = "decoder"):
+    """KN weight edits on T5, each a context manager undone bit for bit:
+
+    ``"erase"``: the neurons' ``wo`` rows set to zero (either stack);
+    ``"edit"``: Dai et al.'s fact update on decoder neurons, the experiments'
+    :class:`kncore.experiments.editing.KNWeightEdit` (each row += 2 (E[new] -
+    E[old]), E the token embeddings), with old = the model's top-1 first
+    target token for ``prompt`` before the edit and new = ``target``'s first
+    token. Suppress and enhance need no weights: :func:`kncore.patch_neurons`
+    acts on the decoder's neurons at the predicting decoder position."""
+    adapter(lm)
+    if mode not in EDIT_MODES:
+        raise InputError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
+    if mode == "erase":
+        return NeuronErase(lm, neurons, stack)
+    if stack != "decoder":
+        raise InputError("Dai's edit on T5 acts on decoder neurons (the adapter's down-projections)")
+    if prompt is None or target is None:
+        raise InputError("Dai's edit needs a prompt and a target")
+    from .experiments.editing import KNWeightEdit
+    return KNWeightEdit(lm, neurons, _top1(lm, prompt), target_ids(lm, target)[0])
 
 
 # -- causal tracing -----------------------------------------------------------------------

@@ -242,8 +242,14 @@ def test_erase_and_dai_edit_undo_exactly(t5lm, mode):
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
     with pytest.raises(InputError, match=r"neuron \(5, 0\) outside the decoder's 2 layers"):
         t5.edit_neurons(t5lm, [(0, 1), (5, 0)], mode="erase")
+    with pytest.raises(InputError, match=r"neuron \(5, 0\) outside 2 layers"):
+        t5.edit_neurons(t5lm, [(0, 1), (5, 0)], mode="edit", prompt=PROMPT, target="paris")
     with pytest.raises(InputError, match="needs a prompt and a target"):
         t5.edit_neurons(t5lm, KNS, mode="edit")
+    with t5.edit_neurons(t5lm, [(2, 5)], mode="erase", stack="encoder"):  # the encoder's neurons
+        assert not t5lm.adapter.encoder.down_weight(2)[5].any()
+        torch.testing.assert_close(t5.target_probs(t5lm, PROMPT, "paris"), _hf_probs(t5lm, PROMPT, "paris"),
+                                   rtol=1e-4, atol=1e-7)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
