@@ -31,7 +31,7 @@ _LAZY = {
 }
 _SUBMODULES = ("ops", "rome", "compat", "data", "tracing", "attribution", "selection",
                "interventions", "evaluation", "localisation", "experiments", "rundir", "info", "cli",
-               "testing", "demo", "distributed", "report", "planner")
+               "testing", "demo", "distributed", "report", "planner", "t5", "runtime_t5")
 
 
 def __getattr__(name):

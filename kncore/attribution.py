@@ -776,6 +776,7 @@ def attribute(
     ``gap_tol``: double the steps (up to ``max_steps``, default 16 x steps) of
     each (prompt, layer) whose completeness gap exceeds it.
     """
+    runtime.check_decoder_only(lm.adapter)  # before any planning, which builds a decoder-only model
     prompts, targets = _check_prompts(prompts, targets)
     layers = check_layers(lm, layers)
     _check_options(lm, scheme, site, steps, multi_token, gap_tol, max_steps)

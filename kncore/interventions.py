@@ -160,6 +160,8 @@ class NeuronPatch:
         ids = bound.get("input_ids")
         emb = bound.get("inputs_embeds")
         mask = bound.get("attention_mask")
+        if getattr(self.lm.adapter, "encoder_decoder", False):  # T5: the patched neurons are the decoder's
+            ids, emb, mask = bound.get("decoder_input_ids"), None, bound.get("decoder_attention_mask")
         n = ids.shape[1] if ids is not None else (emb.shape[1] if emb is not None else None)
         past = bound.get("past_key_values", bound.get("cache"))  # transformers >= 5.2x calls it cache
         extra = bound.get("kwargs") or {}
@@ -225,11 +227,15 @@ class NeuronPatch:
                 if self.site == "act":
                     h = ad.down_module(L).register_forward_pre_hook(self._act_hook(L))
                 else:
-                    mods = ad.mlp_modules(L)
-                    if mods is None:
-                        raise InputError(f"site='pre_act' on the Hugging Face forward: {type(ad).__name__} "
-                                         f"does not name its MLP modules (mlp_modules)")
-                    h = mods.up.register_forward_hook(self._pre_act_hook(L))
+                    if hasattr(ad, "pre_act_module"):  # T5: wi or wi_0 of either stack
+                        mod = ad.pre_act_module(L)
+                    else:
+                        mods = ad.mlp_modules(L)
+                        if mods is None:
+                            raise InputError(f"site='pre_act' on the Hugging Face forward: {type(ad).__name__} "
+                                             f"does not name its MLP modules (mlp_modules)")
+                        mod = mods.up
+                    h = mod.register_forward_hook(self._pre_act_hook(L))
                 self._handles.append(h)
             self._entry = self._runtime_patches
             ad.persistent_patches.append(self._entry)

@@ -121,7 +121,8 @@ def _load_hf(path: str, dtype=None, device_map=None):
     if cfg.model_type not in ADAPTERS:
         raise ValueError(f"unsupported architecture {cfg.model_type!r} in {path!r}; supported: "
                          f"{', '.join(sorted(ADAPTERS))} ({FAMILIES})")
-    auto = AutoModelForMaskedLM if cfg.model_type == "bert" else AutoModelForCausalLM
+    from transformers import AutoModelForSeq2SeqLM
+    auto = {"bert": AutoModelForMaskedLM, "t5": AutoModelForSeq2SeqLM}.get(cfg.model_type, AutoModelForCausalLM)
     kw = {}
     if dtype is not None:
         # Read in the checkpoint's own dtype (never an upcast copy), then convert

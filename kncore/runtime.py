@@ -343,6 +343,66 @@ def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, shared
     return ad.attn_proj(L, o), k, v
 
 
+def site_fn(table, wanted, captured, cap_idx, keep_grad, pos_ids):
+    """``site(name, L, x) -> x``: applies the patches of (name, L) to x and
+    captures it where wanted (the one hook point of every layer loop)."""
+    def site(name, L, x):
+        ps = table.get((name, L))
+        if ps:
+            x = _apply_patches(x, ps, pos_ids)
+        if (name, L) in wanted:
+            _capture(captured, (name, L), x, cap_idx, keep_grad)
+        return x
+    return site
+
+
+def check_run_inputs(N: int, start_layer: int, stop_layer: int | None, input_ids, hidden):
+    """(stop layer, the given input) of a run over blocks start..stop-1 of N;
+    a one-line error for a bad layer range or not exactly one input."""
+    stop = N if stop_layer is None else stop_layer
+    if not (0 <= start_layer <= stop <= N):
+        raise ValueError(f"layers must satisfy 0 <= start ({start_layer}) <= stop ({stop}) <= {N}")
+    if (input_ids is None) == (hidden is None):
+        raise ValueError("give exactly one of input_ids= or hidden=")
+    if input_ids is not None and start_layer != 0:
+        raise ValueError("input_ids start at layer 0; give hidden= to start at a later layer")
+    return stop, (input_ids if input_ids is not None else hidden)
+
+
+def check_decoder_only(ad) -> None:
+    """Refuse an encoder-decoder model (T5), which has its own loop."""
+    if getattr(ad, "encoder_decoder", False):
+        raise ValueError(f"{ad.arch!r} is an encoder-decoder model: use kncore.t5 (target_probs, attribute, "
+                         "trace, edit_neurons) or kncore.runtime_t5, not the decoder-only runtime")
+
+
+def patch_setup(ad, patches, capture, capture_positions, input_ids, attention_mask, position_ids):
+    """(patch table by (site, layer), wanted captures, each row's last real
+    column, capture columns or None) of one run over position_ids [B, n]."""
+    # Patches held on the adapter (kncore.patch_neurons) apply to every run,
+    # after the call's own: a Patch, or a callable that builds Patches for
+    # this call's (input_ids, attention_mask, position_ids).
+    held = []
+    for hp in getattr(ad, "persistent_patches", ()):  # (T5's stack adapters hold none)
+        held.extend([hp] if isinstance(hp, Patch) else hp(input_ids, attention_mask, position_ids))
+    table = _norm_patches([*patches, *held])
+    wanted = {parse_site(c) for c in capture}
+    last_col = attention_mask.long().cumsum(1).argmax(1)  # each row's last real token
+    if capture_positions is None:
+        cap_idx = None
+    elif isinstance(capture_positions, str):
+        if capture_positions != "last":
+            raise ValueError("capture_positions must be None, 'last' or a tensor of positions")
+        cap_idx = last_col[:, None]
+    else:
+        cp = torch.as_tensor(capture_positions, device=position_ids.device).long()
+        cp = cp[:, None] if cp.dim() == 1 else cp
+        cap_idx = cp - position_ids[:, :1]  # absolute -> column
+        if cap_idx.device.type != "meta" and ((cap_idx < 0).any() or (cap_idx >= position_ids.shape[1]).any()):
+            raise ValueError("capture_positions outside the computed positions")
+    return table, wanted, last_col, cap_idx
+
+
 def run(
     ad: Adapter,
     input_ids: torch.Tensor | None = None,
@@ -374,15 +434,9 @@ def run(
     ``logits``: ``"all"``, ``"last"``, None (no head), or absolute positions [B].
     ``ad.persistent_patches`` are applied too.
     """
+    check_decoder_only(ad)
     N = ad.n_layers
-    stop = N if stop_layer is None else stop_layer
-    if not (0 <= start_layer <= stop <= N):
-        raise ValueError(f"layers must satisfy 0 <= start ({start_layer}) <= stop ({stop}) <= {N}")
-    if (input_ids is None) == (hidden is None):
-        raise ValueError("give exactly one of input_ids= or hidden=")
-    if input_ids is not None and start_layer != 0:
-        raise ValueError("input_ids start at layer 0; give hidden= to start at a later layer")
-    ref = input_ids if input_ids is not None else hidden
+    stop, ref = check_run_inputs(N, start_layer, stop_layer, input_ids, hidden)
     B, n = ref.shape[0], ref.shape[1]
     if n == 0:
         raise ValueError("nothing to compute: zero positions")
@@ -415,38 +469,13 @@ def run(
         position_ids = start_pos[:, None] + torch.arange(n, device=dev)[None]
     position_ids = position_ids.to(dev)
 
-    # Patches held on the adapter (kncore.patch_neurons) apply to every run,
-    # after the call's own: a Patch, or a callable that builds Patches for
-    # this call's (input_ids, attention_mask, position_ids).
-    held = []
-    for hp in ad.persistent_patches:
-        held.extend([hp] if isinstance(hp, Patch) else hp(input_ids, attention_mask, position_ids))
-    table = _norm_patches([*patches, *held])
-    wanted = {parse_site(c) for c in capture}
-    last_col = attention_mask.long().cumsum(1).argmax(1)  # each row's last real token
-    if capture_positions is None:
-        cap_idx = None
-    elif isinstance(capture_positions, str):
-        if capture_positions != "last":
-            raise ValueError("capture_positions must be None, 'last' or a tensor of positions")
-        cap_idx = last_col[:, None]
-    else:
-        cp = torch.as_tensor(capture_positions, device=dev).long()
-        cp = cp[:, None] if cp.dim() == 1 else cp
-        cap_idx = cp - position_ids[:, :1]  # absolute -> column
-        if cap_idx.device.type != "meta" and ((cap_idx < 0).any() or (cap_idx >= n).any()):
-            raise ValueError("capture_positions outside the computed positions")
+    table, wanted, last_col, cap_idx = patch_setup(ad, patches, capture, capture_positions, input_ids,
+                                                   attention_mask, position_ids)
     captured: dict = {}
     kv_k = [None] * N
     kv_v = [None] * N
 
-    def site(name, L, x):
-        ps = table.get((name, L))
-        if ps:
-            x = _apply_patches(x, ps, position_ids)
-        if (name, L) in wanted:
-            _capture(captured, (name, L), x, cap_idx, capture_grad)
-        return x
+    site = site_fn(table, wanted, captured, cap_idx, capture_grad, position_ids)
 
     h = ad.embed(input_ids, position_ids) if input_ids is not None else hidden
     for L in range(start_layer, stop):

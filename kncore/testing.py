@@ -11,6 +11,9 @@ from .lm import LM
 # first four; tests marked ``every_arch`` run on all (tests/conftest.py).
 CORE_ARCHS = ("gpt2", "gptj", "llama", "bert")
 ARCHS = CORE_ARCHS + ("gpt_neox", "gpt_neox_seq", "qwen2", "qwen3", "gemma2", "gemma3")
+# Encoder-decoder models (kncore.t5; not in ARCHS: the decoder-only methods'
+# tests do not apply): T5 v1.0 (ReLU, tied head) and v1.1 / Flan-T5 (gated GELU, untied).
+ENC_DEC_ARCHS = ("t5", "t5_v11")
 
 _WORDS = (
     "the capital of canada is ottawa france paris italy rome germany berlin japan tokyo "
@@ -101,8 +104,19 @@ def tiny_model(arch: str, *, seed: int = 0, d_model: int = 40, d_ff: int = 123, 
         cfg = tf.BertConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
                             intermediate_size=d_ff, vocab_size=V, max_position_embeddings=n_ctx, pad_token_id=0)
         model = tf.BertForMaskedLM(cfg)
+    elif arch in ENC_DEC_ARCHS:
+        # encoder n_layers, decoder one fewer (so the stacks cannot be mixed up
+        # unnoticed); 8 buckets up to distance 12, so 17-token inputs reach the
+        # logarithmic buckets.
+        cfg = tf.T5Config(d_model=d_model, d_kv=d_model // n_heads, d_ff=d_ff, num_layers=n_layers,
+                          num_decoder_layers=max(1, n_layers - 1), num_heads=n_heads, vocab_size=V,
+                          relative_attention_num_buckets=8, relative_attention_max_distance=12,
+                          feed_forward_proj="relu" if arch == "t5" else "gated-gelu",
+                          tie_word_embeddings=(arch == "t5"), dropout_rate=0.0, pad_token_id=0,
+                          eos_token_id=6, decoder_start_token_id=0, n_positions=n_ctx)
+        model = tf.T5ForConditionalGeneration(cfg)
     else:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
+        raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS + ENC_DEC_ARCHS}")
     _widen(model, vectors=arch not in CORE_ARCHS)
     return model.eval()
 
@@ -114,12 +128,11 @@ def _widen(model, vectors: bool = False) -> None:
     weights give attributions, traces and edits structure worth testing.
     ``vectors``: also perturb biases and norm weights, which HF zeroes (and
     Gemma's (1 + w) norms would leave at exactly 1)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.6 / p.shape[-1] ** 0.5 * 2)
-            elif vectors:
-                p.add_(torch.randn_like(p), alpha=0.1)
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, 0.6 / p.shape[-1] ** 0.5 * 2)
+        elif vectors:
+            p.add_(torch.randn_like(p), alpha=0.1)
 
 
 def tiny_lm(arch: str, *, seed: int = 0, dtype=None, **kw) -> LM:

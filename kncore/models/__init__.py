@@ -9,6 +9,7 @@ from .gpt_neox import GPTNeoXAdapter
 from .gptj import GPTJAdapter
 from .llama import LlamaAdapter
 from .qwen import Qwen2Adapter, Qwen3Adapter
+from .t5 import T5Adapter
 
 ADAPTERS = {
     "gpt2": GPT2Adapter,
@@ -21,10 +22,11 @@ ADAPTERS = {
     "gemma3_text": Gemma3Adapter,
     "gpt_neox": GPTNeoXAdapter,
     "bert": BertAdapter,
+    "t5": T5Adapter,
 }
 # What each model_type is, for the unsupported-architecture error.
 FAMILIES = ("GPT-2, GPT-J, GPT-NeoX (Pythia), the LLaMA family incl. SmolLM2 and Mistral, Qwen2/2.5, "
-            "Qwen3, Gemma-2, Gemma-3 text (gemma3_text), BERT masked LM; not yet: T5")
+            "Qwen3, Gemma-2, Gemma-3 text (gemma3_text), BERT masked LM, T5 v1.0 and v1.1 / Flan-T5 (encoder-decoder, kncore.t5)")
 
 
 def adapter_for(model) -> Adapter:

@@ -304,14 +304,9 @@ def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
     row_of = sel_r[:n_scored]
 
     vd = _vec_dtype(lm)
-    delta = torch.zeros(ad.d_model, dtype=vd, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
-    kl_init = None
-    losses = []
-    p_target = float("nan")
-    max_norm = hparams.clamp_norm_factor * v_init.norm()
     start = layer + 1
-    for it in range(hparams.v_num_grad_steps):
+
+    def forward(delta):
         if post is None:
             h_in = h_suf + onehot * delta.to(h_suf.dtype)
         else:
@@ -324,12 +319,34 @@ def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
         logp = ad.final(h[sel_r, sel_c]).to(vd).log_softmax(-1)
         tok_lp = logp[:n_scored].gather(1, labels[:, None])[:, 0]
         nll_each = -torch.zeros(rows.n_rewrite, dtype=vd, device=dev).index_add(0, row_of, tok_lp) / nt
+        return nll_each, logp[n_scored:]
+
+    delta, losses, p_target = v_loop(forward, v_init.to(vd), hparams)
+    return delta, v_init.to(vd), losses, p_target
+
+
+def v_loop(forward, v_init: torch.Tensor, hparams: ROMEHparams):
+    """ROME's ``compute_v`` optimisation of delta [d] (v* = v_init + delta).
+
+    ``forward(delta) -> (nll_each [rewrite rows], kl_logp [KL rows, V])``:
+    each rewriting row's mean target NLL and the KL rows' log-probabilities.
+    The loss is mean(nll_each) + kl_factor KL(initial || current) +
+    v_weight_decay ||delta|| / ||v_init||^2; Adam steps, the norm clamped to
+    clamp_norm_factor ||v_init||, stopping at early_stop_loss. Returns
+    (delta, losses, p_target: the mean target probability at the last step)."""
+    delta = torch.zeros_like(v_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    kl_init = None
+    losses = []
+    p_target = float("nan")
+    max_norm = hparams.clamp_norm_factor * v_init.norm()
+    for it in range(hparams.v_num_grad_steps):
+        nll_each, kl_lp = forward(delta)
         nll = nll_each.mean()
-        kl_lp = logp[n_scored:]
         if kl_init is None:
             kl_init = kl_lp.detach().clone()
         kl = hparams.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
-        wd = hparams.v_weight_decay * (delta.norm() / v_init.norm().to(vd) ** 2)
+        wd = hparams.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
         loss = nll + kl + wd
         loss_val = float(loss.detach())
         losses.append(loss_val)
@@ -344,7 +361,7 @@ def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
         with torch.no_grad():
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    return delta.detach(), v_init.to(vd), losses, p_target
+    return delta.detach(), losses, p_target
 
 
 # -- applying and undoing ----------------------------------------------------------------
@@ -466,6 +483,9 @@ def edit(lm, request, hparams=None, *, stats=None, cache_dir=None) -> Edit:
     """
     if lm.is_mlm:
         raise InputError("ROME edits causal LMs; this is a masked LM")
+    if getattr(lm.adapter, "encoder_decoder", False):
+        raise InputError("ROME on T5 (encoder-decoder) edits the encoder: use kncore.t5.rome_edit "
+                         "with kncore.t5.layer_stats (docs/architectures.md)")
     if lm.adapter.block_style not in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL, BLOCK_SANDWICH):
         raise InputError(f"ROME needs a residual MLP output; block style {lm.adapter.block_style!r} is not supported")
     hp = hparams_for(lm) if hparams is None else load_hparams(hparams)
