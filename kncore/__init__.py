@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import importlib
 
-from .lm import LM, Batch, InputError
-from .loading import from_hf, load
-from .runtime import KVCache, Patch, RunOutput, hook_name, run
+from .errors import InputError
 
 __version__ = "0.1.0"
 
-# Names served lazily from their modules, so `import kncore` stays light.
+# Names served lazily from their modules, so `import kncore` stays light: the
+# command line's --help and its argument checks need no torch (importing torch
+# and transformers is most of the CLI's start-up; see kncore.cli).
 _LAZY = {
+    "LM": "kncore.lm",
+    "Batch": "kncore.lm",
+    "load": "kncore.loading",
+    "from_hf": "kncore.loading",
+    "run": "kncore.runtime",
+    "Patch": "kncore.runtime",
+    "KVCache": "kncore.runtime",
+    "RunOutput": "kncore.runtime",
+    "hook_name": "kncore.runtime",
     "attribute": "kncore.attribution",
     "Attribution": "kncore.attribution",
     "select_coarse": "kncore.selection",
@@ -28,8 +37,8 @@ _LAZY = {
     "trace": "kncore.tracing",
     "TraceResult": "kncore.tracing",
 }
-_SUBMODULES = ("ops", "rome", "compat", "data", "tracing", "attribution", "selection",
-               "interventions", "evaluation", "localisation", "experiments", "rundir", "info", "cli",
+_SUBMODULES = ("lm", "loading", "runtime", "models", "ops", "rome", "compat", "data", "tracing", "attribution",
+               "selection", "interventions", "evaluation", "localisation", "experiments", "rundir", "info", "cli",
                "testing", "demo", "distributed", "report")
 
 
@@ -41,5 +50,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'kncore' has no attribute {name!r}")
 
 
-__all__ = ["LM", "Batch", "InputError", "load", "from_hf", "run", "Patch", "KVCache", "RunOutput",
-           "hook_name", *_LAZY]
+__all__ = ["InputError", *_LAZY]
