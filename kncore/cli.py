@@ -426,7 +426,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (the usage block is one ``--help`` away)."""
 
     def error(self, message):
-        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(USER_ERROR, f"kncore: error: {message} (see {self.prog} --help)\n")
 
 
 def _trace_kinds(text: str) -> tuple:

@@ -96,8 +96,8 @@ RANGES: dict[str, Range] = {
     "batch_size": Range(int, 1, none=True, words=("auto",)),
     "adaptive_threshold": Range(float, 0, 1),  # keeps score > t x max: t > 1 keeps nothing
     # interventions (kncore.patch_neurons)
-    "enhance_factor": Range(float, 0),
-    "factor": Range(float, 0),
+    "enhance_factor": Range(float, 0),  # `localise` enhances: multiplies activations by this
+    "factor": Range(float),  # patch_neurons(mode="scale") takes any finite factor, negative too
     "layer": Range(int, 0),
     "neuron": Range(int, 0),
     # causal tracing (kncore.trace)
@@ -186,7 +186,7 @@ def text(name: str, value) -> str:
     if not isinstance(value, str):
         raise InputError(f"{name} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise InputError(f"{name} is empty")
+        raise InputError(f"empty {name}: give some text")
     return value
 
 

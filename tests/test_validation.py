@@ -139,7 +139,7 @@ def test_jsonl_errors_name_the_line_and_hparams_errors_the_file(tmp_path, capsys
     data.write_text('{"prompt": "the dog is", "target": " red"}\n{"prompt": "a cat\n')
     assert main(["attribute", *TINY, "--data", str(data), "--out", str(tmp_path / "a")]) == 2
     line = _one_err_line(capsys)
-    assert f"{data} line 2" in line, line
+    assert f"{data}, line 2" in line, line
     hp = tmp_path / "hp.yaml"
     hp.write_text("layers: [0\nv_lr: 0.5\n")
     assert main(["edit", *TINY, *E, "--hparams", str(hp), "--out", str(tmp_path / "e")]) == 2
@@ -176,7 +176,7 @@ def test_api_entry_points_refuse_out_of_range_values(tmp_path):
     for kw, name in (({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"), ({"steps": 2.5}, "steps")):
         with pytest.raises(InputError, match=name):
             kncore.attribute(lm, "the dog is", " red", progress=False, **kw)
-    with pytest.raises(InputError, match="prompt 0 is empty"):
+    with pytest.raises(InputError, match="empty prompt 0"):
         kncore.attribute(lm, "", " red", progress=False)
     att = kncore.attribute(lm, "the dog is", " red", steps=2, layers=[0], progress=False)
     with pytest.raises(InputError, match="adaptive_threshold"):
@@ -191,7 +191,7 @@ def test_api_entry_points_refuse_out_of_range_values(tmp_path):
             kncore.trace(lm, "the dog is", "dog", **kw)
     with pytest.raises(InputError, match="not in the prompt"):
         kncore.trace(lm, "the dog is", "cat")
-    with pytest.raises(InputError, match="prompt is empty"):
+    with pytest.raises(InputError, match="empty prompt"):
         kncore.trace(lm, "", "cat")
     with pytest.raises(InputError, match="n_samples"):
         layer_stats(lm, 0, ["a b c"], n_samples=0, use_cache=False, progress=False)

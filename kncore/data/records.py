@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
+from ._io import read_jsonl
 
 # The data sets a ``--data`` name refers to (anything else is a file).
 DATA_SETS = ("pararel", "blimp", "known", "counterfact", "zsre")
@@ -19,20 +20,11 @@ def read_records(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--data {str(path)!r}: no such file (or a data set name: {', '.join(DATA_SETS)})")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        recs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except ValueError as e:  # its own position is within the line: name the file's line
-                    msg = getattr(e, "msg", str(e))
-                    col = f", column {e.colno}" if hasattr(e, "colno") else ""
-                    raise InputError(f"{path} line {n}{col}: not valid JSON: {msg}") from None
+        recs = [r for _, r in read_jsonl(path)]  # errors name the file's line, not the line's own "line 1"
     else:
         try:
-            recs = json.loads(text)
+            recs = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as e:
             raise InputError(f"{path}: not valid JSON: {e}") from None
     if isinstance(recs, dict):
