@@ -206,11 +206,11 @@ def cmd_trace(args) -> int:
             V.subject_in_prompt(r["prompt"], r["subject"], "--subject: ")
     job = Job(args, "trace")
     lm = job.lm
-    kinds = args.kinds
+    kinds, noise = split_list(args.kinds), V.noise_spec(args.noise)
     # The noise is k times the std of the embeddings of every subject of the data set
     # (ROME); for inline prompts, of the whole embedding matrix, as kncore.trace does.
-    scale = tracing.resolve_noise(lm, args.noise, [r["subject"] for r in recs]
-                                  if isinstance(args.noise, str) and not args.prompt else None)
+    scale = tracing.resolve_noise(lm, noise, [r["subject"] for r in recs]
+                                  if isinstance(noise, str) and not args.prompt else None)
     recs = records.first(recs, args.limit)
     job.open(noise_scale=round(scale, 9))
 
@@ -429,9 +429,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(USER_ERROR, f"kncore: error: {message} (see {self.prog} --help)\n")
 
 
-def _trace_kinds(text: str) -> tuple:
-    """``--kinds``: the names :func:`kncore.trace` restores (checked as the API checks them)."""
-    return V.choices("kinds", text, TRACE_KINDS)
+def _trace_kinds(text: str) -> str:
+    """``--kinds``: the names :func:`kncore.trace` restores (checked as the API checks them;
+    kept as given, so that the run's config reads as before)."""
+    V.choices("kinds", text, TRACE_KINDS)
+    return text
+
+
+def _noise(text: str) -> str:
+    """``--noise``: checked as :func:`kncore.trace` checks it; kept as given (see ``_trace_kinds``)."""
+    V.noise_spec(text)
+    return text
 
 
 # kncore.tracing.KINDS, spelled here so that the parser needs no torch (a test checks they agree)
@@ -521,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", action="append")
     g.add_argument("--kinds", default="hidden,mlp,attn", type=V.checked(_trace_kinds))
     g.add_argument("--samples", type=V.arg("samples"), default=10)
-    g.add_argument("--noise", default="3sd", type=V.checked(V.noise_spec), help="a number or k x the subjects' embedding std: '3sd'")
+    g.add_argument("--noise", default="3sd", type=V.checked(_noise), help="a number or k x the subjects' embedding std: '3sd'")
     g.add_argument("--window", type=V.arg("window"), default=10)
     g.add_argument("--trace-seed", type=V.arg("trace_seed"), default=1, help="ROME's noise seed")
     g.add_argument("--target-mode", default="known", choices=("known", "attribute", "top1"),

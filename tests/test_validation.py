@@ -213,7 +213,7 @@ def test_cli_defaults_are_the_apis():
         assert a[k] == sig["attribute"][k].default, k
     assert t["samples"] == sig["trace"]["samples"].default and t["window"] == sig["trace"]["window"].default
     assert t["trace_seed"] == sig["trace"]["seed"].default and t["noise"] == sig["trace"]["noise"].default
-    assert t["kinds"] == tuple(sig["trace"]["kinds"].default) == tuple(tracing.KINDS) == TRACE_KINDS
+    assert tuple(t["kinds"].split(",")) == tuple(sig["trace"]["kinds"].default) == tuple(tracing.KINDS) == TRACE_KINDS
     assert s["n_samples"] == sig["layer_stats"]["n_samples"].default
     assert s["batch_tokens"] == sig["layer_stats"]["batch_tokens"].default
     assert args["localise"]["enhance_factor"] == sig["patch_neurons"]["factor"].default
