@@ -461,7 +461,8 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=V.arg("limit"), help="only the first N items (per relation for localise)")
     g.add_argument("--chunk", type=V.arg("chunk"), default=8, help="at most N items per commit to the run directory; a "
                    "commit also comes after ~30 s of work, so a kill loses at most that (default: %(default)s)")
-    g.add_argument("--max-tensor-gb", type=V.arg("max_tensor_gb"), help="refuse dense tensors above this size (default 2)")
+    g.add_argument("--max-tensor-gb", type=V.arg("max_tensor_gb"),
+                   help="refuse dense tensors above this size (default 2)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     # SUPPRESS: when not given here, `kncore --debug CMD` (the top-level flag) stands
     g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -507,8 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("localise")
     g.add_argument("--relations", help="PARAREL relations, e.g. P36,P1376 (default: all)")
     g.add_argument("--paradigms", help="BLiMP paradigms (default: determiner_noun_agreement_1)")
-    g.add_argument("--p", default="adaptive", type=V.checked(pipeline.sharing_p), help="sharing threshold in [0, 1) or 'adaptive' (default)")
-    g.add_argument("--enhance-factor", type=V.arg("enhance_factor"), default=2.0, help="enhance multiplies activations by this")
+    g.add_argument("--p", default="adaptive", type=V.checked(pipeline.sharing_p),
+                   help="sharing threshold in [0, 1) or 'adaptive' (default)")
+    g.add_argument("--enhance-factor", type=V.arg("enhance_factor"), default=2.0,
+                   help="enhance multiplies activations by this")
 
     p = add("attribute", cmd_attribute, "integrated-gradients scores of every MLP neuron for prompts",
             example='examples:\n  kncore attribute --prompt "The capital of Canada is" --target " Ottawa"\n'
@@ -529,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", action="append")
     g.add_argument("--kinds", default="hidden,mlp,attn", type=V.checked(_trace_kinds))
     g.add_argument("--samples", type=V.arg("samples"), default=10)
-    g.add_argument("--noise", default="3sd", type=V.checked(_noise), help="a number or k x the subjects' embedding std: '3sd'")
+    g.add_argument("--noise", default="3sd", type=V.checked(_noise),
+                   help="a number or k x the subjects' embedding std: '3sd'")
     g.add_argument("--window", type=V.arg("window"), default=10)
     g.add_argument("--trace-seed", type=V.arg("trace_seed"), default=1, help="ROME's noise seed")
     g.add_argument("--target-mode", default="known", choices=("known", "attribute", "top1"),
@@ -543,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("stats")
     g.add_argument("--layers", help="layers, e.g. 5 or 4-6")
     g.add_argument("--n-samples", type=V.arg("n_samples"), default=100000,
-                   help="texts (default: %(default)s, as kncore.rome.layer_stats; a smaller corpus gives all its texts)")
+                   help="texts (default: %(default)s, as kncore.rome.layer_stats; a smaller corpus gives "
+                        "all its texts)")
     g.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
     g.add_argument("--batch-tokens", type=V.arg("batch_tokens"), default=4096)
     g.add_argument("--stats-cache", help="cache folder of the statistics (default: kncore's cache, where "

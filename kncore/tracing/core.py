@@ -27,7 +27,6 @@ from their start layer, still batched across cells.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterable, Sequence
