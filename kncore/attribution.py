@@ -40,6 +40,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import runtime
+from . import validation as V
 from .lm import LM, InputError
 from .models.base import BLOCK_PARALLEL, BLOCK_SANDWICH, BLOCK_SEQUENTIAL
 from .runtime import KVCache, Patch
@@ -777,7 +778,10 @@ def attribute(
     each (prompt, layer) whose completeness gap exceeds it.
     """
     runtime.check_decoder_only(lm.adapter)  # before any planning, which builds a decoder-only model
+    V.check_all(steps=steps, batch_size=batch_size)
     prompts, targets = _check_prompts(prompts, targets)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        V.text(f"prompt {i}", p), V.text(f"target {i}", t)
     layers = check_layers(lm, layers)
     _check_options(lm, scheme, site, steps, multi_token, gap_tol, max_steps)
     if gap_tol is not None and max_steps is None:

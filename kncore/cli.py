@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from .lm import InputError
+from . import validation as V
+from .errors import InputError
 
 
 EXAMPLES = """\
@@ -32,7 +33,7 @@ examples:
   kncore attribute --data prompts.jsonl --layers 10-20 --steps 20 --save-dense --out runs/attr
   kncore trace --data known --limit 50 --out runs/trace
   kncore trace --prompt "The Eiffel Tower is in" --subject "The Eiffel Tower" --out runs/eiffel
-  kncore stats --data pydoc --layers 5 --n-samples 2000 --out runs/stats
+  kncore stats --data pydoc --layers 5 --n-samples 500 --out runs/stats
   kncore edit --data counterfact --limit 10 --out runs/edit
   kncore eval --data counterfact --limit 100 --out runs/eval
   kncore report runs/kn-capitals            # writes runs/kn-capitals/report.html and report.md
@@ -83,9 +84,17 @@ def _attr_kwargs(args, layers):
                 multi_token=args.multi_token)
 
 
+def _inline_texts(args, *names) -> None:
+    """Inline ``--prompt``/``--target``/``--subject``... (repeatable options): each one a non-empty string."""
+    for name in names:
+        for v in getattr(args, name.replace("-", "_")) or []:
+            V.text(f"--{name}", v)
+
+
 def cmd_attribute(args) -> int:
     attribution = backend("kncore.attribution", "attribute")
     selection = backend("kncore.selection", "attribute")
+    _inline_texts(args, "prompt", "target")
     job = Job(args, "attribute")
     lm = job.lm
     layers = parse_layers(args.layers, lm.n_layers)
@@ -183,19 +192,25 @@ def cmd_localise(args) -> int:
 
 
 def cmd_trace(args) -> int:
+    """Causal tracing of each record. Arguments wrong for every record (``--kinds``,
+    ``--samples``, ``--window``, ``--noise``, an inline prompt without its subject)
+    are refused before the run; a record that fails on its own data is recorded
+    with its error in the ``records`` table, counted in the summary, and the
+    command fails (USER_ERROR) when no record could be traced."""
     tracing = backend("kncore.tracing", "trace")
-    job = Job(args, "trace")
-    lm = job.lm
-    kinds = split_list(args.kinds)
+    _inline_texts(args, "prompt", "subject", "target")
     recs = records.trace_records(args.data, prompts=args.prompt, subjects=args.subject, targets=args.target,
                                  data_dir=args.data_dir)
-    noise = args.noise
-    try:
-        noise = float(noise)
-    except ValueError:
-        pass
-    # ROME: the noise is k times the std of the embeddings of every subject of the data set.
-    scale = tracing.resolve_noise(lm, noise, [r["subject"] for r in recs] if isinstance(noise, str) else None)
+    if args.prompt:
+        for r in recs:
+            V.subject_in_prompt(r["prompt"], r["subject"], "--subject: ")
+    job = Job(args, "trace")
+    lm = job.lm
+    kinds, noise = split_list(args.kinds), V.noise_spec(args.noise)
+    # The noise is k times the std of the embeddings of every subject of the data set
+    # (ROME); for inline prompts, of the whole embedding matrix, as kncore.trace does.
+    scale = tracing.resolve_noise(lm, noise, [r["subject"] for r in recs]
+                                  if isinstance(noise, str) and not args.prompt else None)
     recs = records.first(recs, args.limit)
     job.open(noise_scale=round(scale, 9))
 
@@ -203,37 +218,52 @@ def cmd_trace(args) -> int:
         rows, status = [], []
         for r in chunk:
             target = r["attribute"] if args.target_mode == "attribute" else None
-            st = "traced"
-            if args.target_mode == "known" and r["attribute"] is not None:
-                # ROME traces a known fact only when the model's top-1 token is the attribute.
-                top = lm.top_k(r["prompt"], 1)[0][0]
-                if top.strip() != r["attribute"].strip():
-                    st = "wrong_prediction"
             res = None
-            if st == "traced":
-                try:
+            try:
+                V.subject_in_prompt(r["prompt"], r["subject"])
+                st = "traced"
+                if args.target_mode == "known" and r["attribute"] is not None:
+                    # ROME traces a known fact only when the model's top-1 token is the attribute.
+                    top = lm.top_k(r["prompt"], 1)[0][0]
+                    if top.strip() != r["attribute"].strip():
+                        st = "wrong_prediction"
+                if st == "traced":
                     res = tracing.trace(lm, r["prompt"], r["subject"], target=target, kinds=kinds,
                                         samples=args.samples, noise=scale, window=args.window, seed=args.trace_seed,
                                         max_tokens=args.max_tokens)
-                except InputError as e:
-                    st = f"error: {e}"
+            except InputError as e:
+                st = f"error: {_one_line(e)}"
             status.append(pipeline.trace_record_row(r, st, res))
             if res is not None:
                 rows += pipeline.trace_rows(r["key"], res)
         return {"records": status, "trace": rows}
 
     job.run([(r["key"], r) for r in recs], work, table="records", unit="prompt", desc="trace")
-    summary = None
+    summary, failed = None, None
     if job.rank == 0:
-        st = job.rd.read("records").column("status").to_pylist()
-        summary = {"records": len(st), "traced": st.count("traced"),
-                   "wrong_prediction": st.count("wrong_prediction"), "noise_scale": scale}
+        tab = job.rd.read("records")
+        st, keys = tab.column("status").to_pylist(), tab.column("key").to_pylist()
+        errors = [(k, s) for k, s in zip(keys, st) if s.startswith("error")]
+        summary = {"records": len(st), "traced": st.count("traced"), "wrong_prediction": st.count("wrong_prediction"),
+                   "errors": len(errors), "noise_scale": scale}
+        if errors:
+            first_err = f"record {errors[0][0]}: {errors[0][1][len('error: '):]}"
+            if len(errors) == len(st):
+                failed = f"no record could be traced ({len(errors)} errors; first: {first_err})"
+            else:
+                print(f"kncore trace: {len(errors)} of {len(st)} records failed (first: {first_err}); their "
+                      f"errors are in the records table", file=sys.stderr)
     job.done(summary)
+    failed = job.dist.broadcast_object(failed) if job.world > 1 else failed
+    if failed:
+        raise InputError(failed)
     return 0
 
 
 def cmd_stats(args) -> int:
     rome = backend("kncore.rome", "stats")
+    if args.layers is None:
+        raise InputError("'kncore stats' needs --layers (e.g. --layers 5); ROME edits use one layer")
     job = Job(args, "stats")
     lm = job.lm
     layers = parse_layers(args.layers, lm.n_layers)
@@ -273,9 +303,11 @@ def cmd_stats(args) -> int:
 def cmd_edit(args) -> int:
     rome = backend("kncore.rome", "edit")
     evaluation = backend("kncore.evaluation", "edit")
+    _inline_texts(args, "prompt", "subject", "target-new", "target")
+    hp = rome.load_hparams(args.hparams) if args.hparams else None  # a bad file is refused before the model loads
     job = Job(args, "edit")
     lm = job.lm
-    hp = rome.load_hparams(args.hparams) if args.hparams else rome.hparams_for(lm)
+    hp = hp or rome.hparams_for(lm)
     if args.edit_layer is not None:
         hp.layers = [args.edit_layer]
         hp.validate()
@@ -308,6 +340,7 @@ def _hparams_dict(hp) -> dict:
 
 def cmd_eval(args) -> int:
     evaluation = backend("kncore.evaluation", "eval")
+    _inline_texts(args, "prompt", "subject", "target-new", "target")
     job = Job(args, "eval")
     lm = job.lm
     if (args.data or "counterfact") == "blimp":
@@ -384,6 +417,35 @@ def cmd_demo(args) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------------
+# User errors (a bad argument, a bad input, a run directory made with another config)
+# exit with this code, with one line on stderr; failures of kncore itself exit with 1.
+USER_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(USER_ERROR, f"kncore: error: {message} (see {self.prog} --help)\n")
+
+
+def _trace_kinds(text: str) -> str:
+    """``--kinds``: the names :func:`kncore.trace` restores (checked as the API checks them;
+    kept as given, so that the run's config reads as before)."""
+    V.choices("kinds", text, TRACE_KINDS)
+    return text
+
+
+def _noise(text: str) -> str:
+    """``--noise``: checked as :func:`kncore.trace` checks it; kept as given (see ``_trace_kinds``)."""
+    V.noise_spec(text)
+    return text
+
+
+# kncore.tracing.KINDS, spelled here so that the parser needs no torch (a test checks they agree)
+TRACE_KINDS = ("hidden", "mlp", "attn")
+
+
 def common_options() -> argparse.ArgumentParser:
     """The options every computing command shares (a parent parser)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -395,32 +457,34 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--out", help="run directory (default: runs/<command>); re-run to resume")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--limit", type=int, help="only the first N items (per relation for localise)")
-    g.add_argument("--chunk", type=int, default=8, help="at most N items per commit to the run directory; a "
+    g.add_argument("--seed", type=V.arg("seed"), default=0)
+    g.add_argument("--limit", type=V.arg("limit"), help="only the first N items (per relation for localise)")
+    g.add_argument("--chunk", type=V.arg("chunk"), default=8, help="at most N items per commit to the run directory; a "
                    "commit also comes after ~30 s of work, so a kill loses at most that (default: %(default)s)")
-    g.add_argument("--max-tensor-gb", type=float, help="refuse dense tensors above this size (default 2)")
+    g.add_argument("--max-tensor-gb", type=V.arg("max_tensor_gb"),
+                   help="refuse dense tensors above this size (default 2)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    # SUPPRESS: when not given here, `kncore --debug CMD` (the top-level flag) stands
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     g.add_argument("--profile", action="store_true", help="time and FLOP/s of each stage")
     return p
 
 
 def _ig_options(p):
     g = p.add_argument_group("integrated gradients")
-    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--steps", type=V.arg("steps"), default=20)
     g.add_argument("--layers", default="all", help="all, or e.g. 0-5,7")
     g.add_argument("--scheme", default="riemann-left",
                    choices=("riemann-left", "linspace", "midpoint", "trapezoid", "gauss"))
     g.add_argument("--site", default="act", choices=("act", "pre_act"))
     g.add_argument("--multi-token", default="teacher", choices=("teacher", "greedy", "forbid"))
-    g.add_argument("--batch-size", type=int, help="items per IG batch (default: from free memory)")
-    g.add_argument("--adaptive-threshold", type=float, default=0.2,
+    g.add_argument("--batch-size", type=V.arg("batch_size"), help="items per IG batch (default: from free memory)")
+    g.add_argument("--adaptive-threshold", type=V.arg("adaptive_threshold"), default=0.2,
                    help="coarse neurons: score > t x max (default: %(default)s, Dai et al.)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="kncore", description="Knowledge neurons, causal tracing and ROME, fast.",
+    top = Parser(prog="kncore", description="Knowledge neurons, causal tracing and ROME, fast.",
                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -435,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info, "versions, devices and the compiled extension", parents=(),
             example="examples:\n  kncore info\n  kncore info --json")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = add("localise", cmd_localise, "localise knowledge neurons of a corpus of fact bags, with statistics",
             example="examples:\n  kncore localise --data pararel --relations P36 --limit 20 --out runs/p36\n"
@@ -445,8 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("localise")
     g.add_argument("--relations", help="PARAREL relations, e.g. P36,P1376 (default: all)")
     g.add_argument("--paradigms", help="BLiMP paradigms (default: determiner_noun_agreement_1)")
-    g.add_argument("--p", default="adaptive", help="sharing threshold in [0, 1) or 'adaptive' (default)")
-    g.add_argument("--enhance-factor", type=float, default=2.0, help="enhance multiplies activations by this")
+    g.add_argument("--p", default="adaptive", type=V.checked(pipeline.sharing_p),
+                   help="sharing threshold in [0, 1) or 'adaptive' (default)")
+    g.add_argument("--enhance-factor", type=V.arg("enhance_factor"), default=2.0,
+                   help="enhance multiplies activations by this")
 
     p = add("attribute", cmd_attribute, "integrated-gradients scores of every MLP neuron for prompts",
             example='examples:\n  kncore attribute --prompt "The capital of Canada is" --target " Ottawa"\n'
@@ -465,24 +531,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append")
     g.add_argument("--subject", action="append")
     g.add_argument("--target", action="append")
-    g.add_argument("--kinds", default="hidden,mlp,attn")
-    g.add_argument("--samples", type=int, default=10)
-    g.add_argument("--noise", default="3sd", help="a number or k x the subjects' embedding std: '3sd'")
-    g.add_argument("--window", type=int, default=10)
-    g.add_argument("--trace-seed", type=int, default=1, help="ROME's noise seed")
+    g.add_argument("--kinds", default="hidden,mlp,attn", type=V.checked(_trace_kinds))
+    g.add_argument("--samples", type=V.arg("samples"), default=10)
+    g.add_argument("--noise", default="3sd", type=V.checked(_noise),
+                   help="a number or k x the subjects' embedding std: '3sd'")
+    g.add_argument("--window", type=V.arg("window"), default=10)
+    g.add_argument("--trace-seed", type=V.arg("trace_seed"), default=1, help="ROME's noise seed")
     g.add_argument("--target-mode", default="known", choices=("known", "attribute", "top1"),
                    help="known: trace only when top-1 is the attribute (ROME); attribute: trace its "
                         "probability anyway; top1: the model's own top-1")
-    g.add_argument("--max-tokens", type=int, help="row-positions per forward (memory knob)")
+    g.add_argument("--max-tokens", type=V.arg("max_tokens"), help="row-positions per forward (memory knob)")
 
     p = add("stats", cmd_stats, "ROME layer statistics (second moment of MLP keys) over a text corpus",
-            example="examples:\n  kncore stats --layers 5 --n-samples 2000\n"
+            example="examples:\n  kncore stats --layers 5 --n-samples 500\n"
                     "  kncore stats --data texts.jsonl --layers 5,6 --out runs/stats")
     g = p.add_argument_group("stats")
     g.add_argument("--layers", help="layers, e.g. 5 or 4-6")
-    g.add_argument("--n-samples", type=int, default=1000, help="texts (default: %(default)s)")
+    g.add_argument("--n-samples", type=V.arg("n_samples"), default=100000,
+                   help="texts (default: %(default)s, as kncore.rome.layer_stats; a smaller corpus gives "
+                        "all its texts)")
     g.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
-    g.add_argument("--batch-tokens", type=int, default=4096)
+    g.add_argument("--batch-tokens", type=V.arg("batch_tokens"), default=4096)
     g.add_argument("--stats-cache", help="cache folder of the statistics (default: kncore's cache, where "
                                          "'kncore edit' finds them)")
 
@@ -503,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = edit_options(p, "edit")
     g.add_argument("--hparams", help="ROME hyper-parameters: a shipped name or a YAML/JSON file "
                                      "(default: the model's shipped file)")
-    g.add_argument("--edit-layer", type=int, help="edit this layer instead of the hparams' one")
+    g.add_argument("--edit-layer", type=V.arg("edit_layer"), help="edit this layer instead of the hparams' one")
     g.add_argument("--stats-cache", help="where ROME's layer statistics are cached (default: kncore's cache)")
 
     p = add("eval", cmd_eval, "evaluate the unedited model: edit-case probes, or BLiMP minimal pairs",
@@ -518,15 +587,15 @@ def build_parser() -> argparse.ArgumentParser:
             example="example:\n  kncore report runs/p36 --out reports/p36")
     p.add_argument("run", help="the run directory")
     p.add_argument("--out", help="where to write (default: the run directory)")
-    p.add_argument("--max-rows", type=int, default=30, help="rows shown per table (default: %(default)s)")
+    p.add_argument("--max-rows", type=V.arg("max_rows"), default=30, help="rows shown per table (default: %(default)s)")
     p.add_argument("--open", action="store_true", help="open the HTML page in a browser")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = add("bench", cmd_bench, "run benchmarks from bench/ (no name: list them)", parents=(),
             example="examples:\n  kncore bench\n  kncore bench ig -- --quick")
     p.add_argument("names", nargs="*")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     from .planner_cli import add_plan_command
     add_plan_command(add)
@@ -538,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of ``python -m kncore``; returns the exit status."""
+    """Entry point of ``python -m kncore``; returns the exit status: 0, 2 for a
+    user error (one line on stderr), 1 for a failure of kncore, 130 on Ctrl-C."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # `kncore bench NAME -- ARGS`: what follows `--` goes to the benchmark.
@@ -546,12 +616,15 @@ def main(argv=None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (USER_ERROR, its line already printed)
+        return e.code if isinstance(e.code, int) else USER_ERROR
     if hasattr(args, "rest"):
         args.rest = list(args.rest or []) + extra
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return USER_ERROR
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -562,21 +635,29 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kncore: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except RankFailed as e:
-        if args.debug:
+    except BaseException as e:
+        # A job that failed before its first commit leaves nothing behind: a run
+        # directory exists only once the job has really started.
+        Job.discard_unstarted()
+        if args.debug or not isinstance(e, Exception):
             raise
-        print(f"kncore: error (on rank 0): {e}", file=sys.stderr)
-        return 1
-    except (InputError, BackendMissing) as e:
-        if args.debug:
-            raise
-        print(f"kncore: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, InputError) else 1
-    except Exception as e:  # noqa: BLE001 - one line unless --debug
-        if args.debug:
-            raise
-        print(f"kncore: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        if isinstance(e, RankFailed):
+            print(f"kncore: error (on rank 0): {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, InputError):
+            print(f"kncore: error: {_one_line(e)}", file=sys.stderr)
+            return USER_ERROR
+        if isinstance(e, BackendMissing):
+            print(f"kncore: error: {e}", file=sys.stderr)
+            return 1
+        print(f"kncore: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1
     finally:
+        Job.forget()
         from . import distributed
         distributed.finalize()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

@@ -38,6 +38,7 @@ from typing import Sequence
 
 import torch
 
+from . import validation as V
 from .lm import LM, InputError
 from .runtime import Patch
 from .selection import KNSet
@@ -287,4 +288,5 @@ def patch_neurons(lm: LM, neurons, mode: str = "suppress", factor: float = 2.0,
     kncore runtime and the plain Hugging Face forward, and restores the model
     exactly on exit (also on an exception).
     """
+    V.check("factor", factor)
     return NeuronPatch(lm, neurons, mode=mode, factor=factor, positions=positions, site=site)

@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from .lm import InputError
+from .errors import InputError
 
 # Options that never change results: left out of the run's config, so they can
 # differ between the first run and a resumed one.
@@ -138,7 +138,14 @@ class Progress:
 
 class Job:
     """What every computing command shares: the model, the run directory and
-    the process group. Only rank 0 opens (and writes) the run directory."""
+    the process group. Only rank 0 opens (and writes) the run directory.
+
+    A run directory exists only once its job has really started: when a job
+    fails before its first commit, :meth:`discard_unstarted` removes what its
+    :meth:`open` created (the directory, or the files it added to an existing
+    one), so that a corrected command is not refused as "a different config"."""
+
+    _opened: list = []  # jobs of this process whose run directory is open
 
     def __init__(self, args, command: str):
         from . import distributed
@@ -172,6 +179,12 @@ class Job:
 
         err = None
         if self.rank == 0:
+            # what was there before: a failure before the first commit restores exactly that
+            self._before = (set(p.name for p in self.out.iterdir()) if self.out.is_dir()
+                            else None if not self.out.exists() else set())
+            # the topmost folder this open creates (runs/ of runs/<command> too)
+            self._root = [p for p in (self.out, *self.out.absolute().parents) if not p.exists()][-1:] or None
+            Job._opened.append(self)
             try:
                 limit = int(self.args.max_tensor_gb * 2**30) if self.args.max_tensor_gb else DEFAULT_TENSOR_LIMIT
                 self.rd = RunDir.open(self.out, self.config(**extra), self.lm, command=self.command,
@@ -181,6 +194,33 @@ class Job:
                 err = e
         self.sync(err)
         return self.rd
+
+    def _started(self) -> bool:
+        commits = self.out / "commits"
+        return commits.is_dir() and any(commits.iterdir())
+
+    @classmethod
+    def discard_unstarted(cls) -> None:
+        """After a failure: remove the run directory (or the files added to an existing
+        one) of every open job that committed nothing."""
+        import shutil
+
+        for job in cls._opened:
+            if job.rd is not None:
+                job.rd.close()
+            if not job.out.is_dir() or job._started() or (job._before is not None and "manifest.json" in job._before):
+                continue  # results to resume, or a run directory that was there before: kept as it is
+            if job._before is None:
+                shutil.rmtree(job._root[0] if job._root else job.out, ignore_errors=True)
+            else:
+                for p in job.out.iterdir():
+                    if p.name not in job._before:
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        cls._opened = []
+
+    @classmethod
+    def forget(cls) -> None:
+        cls._opened = []
 
     def sync(self, err: Exception | None = None):
         """Raise on every rank when one rank (rank 0) failed, instead of hanging."""
@@ -224,6 +264,8 @@ class Job:
             if summary:
                 self.rd.update_manifest(summary=summary)
             self.rd.close()
+            if self in Job._opened:
+                Job._opened.remove(self)
             print(f"kncore {self.command}: results in {self.out}  (kncore report {self.out})")
         self.dist.barrier()
 

@@ -10,11 +10,8 @@ from typing import Sequence
 import torch
 
 from . import runtime
+from .errors import InputError  # noqa: F401 - kncore.lm.InputError is its historical home
 from .models import adapter_for
-
-
-class InputError(ValueError):
-    """Bad user input (a prompt, target, subject...). The message names it."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .lm import InputError
+from .errors import InputError
 
 # -- the schema: table -> its columns, in order ------------------------------------------------
 PROMPT_COLUMNS = ("key", "j", "relation", "prompt", "target", "base_prob", "max_gap", "median_gap", "n_coarse")

@@ -9,9 +9,8 @@ import statistics
 import sys
 import time
 
-import torch
-
-from .lm import InputError
+from . import validation as V
+from .errors import InputError
 
 EXAMPLE = ("examples:\n  kncore plan llama-2-7b\n"
            "  kncore plan gpt-j-6b --jobs attribute,trace --prompts 100 --tokens 12 --dtype bfloat16\n"
@@ -28,27 +27,27 @@ def add_plan_command(add) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="the dtype the jobs run in (default: the config's)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g = p.add_argument_group("attribute")
-    g.add_argument("--prompts", type=int, default=1)
-    g.add_argument("--tokens", type=int, default=16, help="tokens per prompt (attribute, trace, edit)")
-    g.add_argument("--target-tokens", type=int, default=1)
-    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--prompts", type=V.arg("prompts"), default=1)
+    g.add_argument("--tokens", type=V.arg("tokens"), default=16, help="tokens per prompt (attribute, trace, edit)")
+    g.add_argument("--target-tokens", type=V.arg("target_tokens"), default=1)
+    g.add_argument("--steps", type=V.arg("steps"), default=20)
     g.add_argument("--layers", default="all", help="attributed layers: all, or e.g. 0-5,7")
     g.add_argument("--scheme", default="riemann-left")
     g.add_argument("--site", default="act", choices=("act", "pre_act"))
-    g.add_argument("--batch-size", type=int, help="items per chunk (default: auto, for the memory below)")
-    g.add_argument("--memory-gb", type=float, default=80.0,
+    g.add_argument("--batch-size", type=V.arg("batch_size"), help="items per chunk (default: auto, for the memory below)")
+    g.add_argument("--memory-gb", type=V.arg("memory_gb"), default=80.0,
                    help="GPU memory the 'auto' batch is planned for (default: %(default)s)")
     g = p.add_argument_group("trace")
     g.add_argument("--subject", default="0:3", help="subject tokens b:e (default: %(default)s)")
     g.add_argument("--kinds", default="hidden,mlp,attn")
-    g.add_argument("--samples", type=int, default=10)
-    g.add_argument("--window", type=int, default=10)
+    g.add_argument("--samples", type=V.arg("samples"), default=10)
+    g.add_argument("--window", type=V.arg("window"), default=10)
     g = p.add_argument_group("stats")
     g.add_argument("--stats-layers", help="layers (default: the edit layer)")
-    g.add_argument("--texts", type=int, default=100000, help="texts (default: %(default)s, ROME's)")
-    g.add_argument("--text-tokens", type=int, help="tokens per text (default: the truncation length)")
+    g.add_argument("--texts", type=V.arg("texts"), default=100000, help="texts (default: %(default)s, ROME's)")
+    g.add_argument("--text-tokens", type=V.arg("text_tokens"), help="tokens per text (default: the truncation length)")
     g = p.add_argument_group("edit")
     g.add_argument("--hparams", help="ROME hyper-parameters (default: the model's shipped file)")
 
@@ -110,6 +109,7 @@ STAGES = (
 
 def matmul_peak(device, d: int = 768, rows: int = 1024, reps: int = 3) -> float:
     """Measured FLOP/s of an fp32 [rows, d] x [d, 4d] matmul on the device (an MLP's shape)."""
+    import torch
     a = torch.randn(rows, d, device=device)
     w = torch.randn(d, 4 * d, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -133,6 +133,7 @@ class Profile:
         self.fc = None
 
     def _wrap(self, name, fn):
+        import torch
         @functools.wraps(fn)
         def timed(*a, **kw):
             f0 = self.fc.get_total_flops()
@@ -180,6 +181,7 @@ class Profile:
 
 def profiled(func, args):
     """Run a CLI job under :class:`Profile` and print the table to stderr."""
+    import torch
     dev = "cuda" if (getattr(args, "device", "cpu") in ("auto", "cuda") or str(args.device).startswith("cuda")) \
         and torch.cuda.is_available() else "cpu"
     peak = matmul_peak(dev)

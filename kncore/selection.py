@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import validation as V
 from .lm import InputError
 
 DEFAULT_ADAPTIVE_THRESHOLD = 0.2  # Dai et al. 2022, Niu et al. 2024 (knowledge-neurons' docstring says 0.3)
@@ -142,7 +143,9 @@ class KNSet:
         for n in neurons:
             if isinstance(n, (str, bytes)) or len(n) != 2:
                 raise InputError(f"a neuron is a (layer, index) pair, got {n!r}")
-            pairs.append((int(n[0]), int(n[1])))
+            # integers only: int(5.5) would quietly patch neuron 5
+            pairs.append((V.check("layer", n[0], f"neuron {tuple(n)!r}: layer"),
+                          V.check("neuron", n[1], f"neuron {tuple(n)!r}: index")))
         return cls(tuple(dict.fromkeys(pairs)))
 
     def __repr__(self):
@@ -198,6 +201,8 @@ def select_coarse(scores, *, adaptive_threshold: float | None = None, threshold:
     the q-th percentile of that prompt's scores. ``layers`` names the model
     layer of each score row (default: ``Attribution.layers`` or 0..n-1).
     """
+    if adaptive_threshold is not None:
+        V.check("adaptive_threshold", adaptive_threshold)
     if adaptive_threshold is None and threshold is None and percentile is None:
         adaptive_threshold = DEFAULT_ADAPTIVE_THRESHOLD
     s, layer_ids = _scores_and_layers(scores, layers)

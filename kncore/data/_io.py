@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..lm import InputError
+from ..errors import InputError
 
 
 class DataError(InputError):

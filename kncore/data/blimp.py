@@ -24,7 +24,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..lm import InputError
+from ..errors import InputError
 from ._io import DataError, default_data_dir, field, read_jsonl
 
 _KNOWN = {"sentence_good", "sentence_bad", "field", "linguistics_term", "UID", "pairID", "simple_LM_method",

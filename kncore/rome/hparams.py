@@ -204,6 +204,13 @@ def available() -> list[str]:
     return sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml"))
 
 
+def _yaml_error(p: Path, e) -> None:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(e, "problem", None) or " ".join(str(e).split())
+    raise InputError(f"ROME hparams {p}{where}: not valid YAML: {what}") from None
+
+
 def load_hparams(name_or_path) -> ROMEHparams:
     """Load hparams by shipped name (``"gpt2-xl"``) or a ``.yaml``/``.json`` path
     (kncore's, ROME's or EasyEdit's)."""
@@ -220,10 +227,18 @@ def load_hparams(name_or_path) -> ROMEHparams:
         p = cand
     text = p.read_text()
     if p.suffix == ".json":
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise InputError(f"ROME hparams {p}: not valid JSON: {e}") from None
     else:
         import yaml
-        d = yaml.safe_load(text)
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # a multi-line message: one line naming the file and the line
+            _yaml_error(p, e)
+    if not isinstance(d, dict):
+        raise InputError(f"ROME hparams {p}: expected a mapping of hyper-parameters, got {type(d).__name__}")
     return ROMEHparams.from_dict(d, source=str(p))
 
 

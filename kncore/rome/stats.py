@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import distributed as dist
+from .. import validation as V
 from ..atomic import CorruptFile, atomic_write, read_verified, set_aside, sidecar_path
 from ..lm import InputError
 from .corpus import Corpus, open_corpus, take
@@ -313,15 +314,22 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
         dtype = str(dtype).replace("torch.", "")
     if dtype not in _DTYPES:
         raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
-        raise InputError(f"n_samples must be a positive number of texts (or None for all), got {n_samples!r}")
-    if batch_tokens < 1 or chunk_texts < 1 or checkpoint_every < 1:
-        raise InputError("batch_tokens, chunk_texts and checkpoint_every must be >= 1")
+    V.check_all(n_samples=n_samples, batch_tokens=batch_tokens)
+    if chunk_texts < 1 or checkpoint_every < 1:
+        raise InputError("chunk_texts and checkpoint_every must be >= 1")
     max_len = min(lm.adapter.n_ctx, 2048) if max_length is None else int(max_length)
     if not 1 <= max_len <= lm.adapter.n_ctx:
         raise InputError(f"max_length {max_length} outside 1..{lm.adapter.n_ctx} (the model's context)")
 
     corp = open_corpus(corpus, n_samples)
+    if n_samples is not None and corp.kind != "hf":
+        # A file named n2000 must hold 2000 texts: a corpus with fewer gives all of
+        # them, said and named for what it holds (hf corpora stream, and are not counted).
+        have = sum(1 for _ in take(corp, n_samples))
+        if have < n_samples:
+            log.warning("the corpus %s holds %d texts, fewer than the %d asked for: the statistics use all %d",
+                        corp.name, have, n_samples, have)
+            n_samples = have
     base = {"format": FORMAT, "kind": "stats", "model": lm.name, "fingerprint": lm.fingerprint(),
             "tokenizer": _tokenizer_id(lm), "site": "act", "corpus": corp.identity, "n_samples": n_samples,
             "max_length": max_len, "dtype": dtype}

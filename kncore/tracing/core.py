@@ -27,7 +27,6 @@ from their start layer, still batched across cells.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterable, Sequence
@@ -35,6 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .. import validation as V
 from ..lm import LM, InputError
 from ..runtime import KVCache, Patch, keys_values
 
@@ -52,7 +52,7 @@ class Restore(IntEnum):
 
 _CODE = {"hidden": Restore.HIDDEN, "mlp": Restore.MLP, "attn": Restore.ATTN}
 _PATCH_SITE = {Restore.MLP: "mlp_out", Restore.ATTN: "attn_out"}
-_SD = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*sd\s*$")
+_SD = V.NOISE_SD
 # Row-positions per runtime call. GPT-2-medium shape on the 2-core CPU:
 # see bench/bench_trace.py --sweep for the measurement behind this default.
 DEFAULT_MAX_TOKENS = 2048
@@ -133,19 +133,8 @@ def noise_hook(b: int, e: int, noise: torch.Tensor, first_row: int = 0):
 
 # -- checks shared with the reference --------------------------------------------------
 def check_args(kinds, samples, window, seed) -> tuple:
-    if isinstance(kinds, str):
-        kinds = (kinds,)
-    kinds = tuple(kinds)
-    if not kinds:
-        raise InputError(f"no kinds given; choose from {KINDS}")
-    for k in kinds:
-        if k not in KINDS:
-            raise InputError(f"unknown kind {k!r}; choose from {KINDS}")
-    if len(set(kinds)) != len(kinds):
-        raise InputError(f"kinds repeat: {kinds}")
-    for name, v, lo in (("samples", samples, 1), ("window", window, 1), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
+    kinds = V.choices("kinds", (kinds,) if isinstance(kinds, str) else kinds, KINDS)
+    V.check_all(samples=samples, window=window, seed=seed)
     return kinds
 
 
@@ -268,10 +257,11 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
     runtime call (memory and speed knob).
     """
     kinds = check_args(kinds, samples, window, seed)
+    max_tokens = V.check("max_tokens", max_tokens)
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    V.text("prompt", prompt), V.text("subject", subject), V.noise_spec(noise)
+    V.subject_in_prompt(prompt, subject)
     ids, (b, e), tpos, scale, noise_t = prepare(lm, prompt, subject, samples, noise, noise_subjects, seed)
     ad = lm.adapter
     N, T, dev = ad.n_layers, len(ids), lm.device
