@@ -28,8 +28,6 @@ measured on GPU.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 from pathlib import Path
@@ -37,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from bench._common import commit, machine, measure, write_atomic  # noqa: E402
+from bench._common import commit, machine, measure, write_atomic, write_csv  # noqa: E402
 
 import kncore  # noqa: E402
 from kncore import evaluation as E  # noqa: E402
@@ -125,12 +123,7 @@ def main():
     tag = f"{machine()}_{commit()}"
     keys = ["n", "kncore_s", "kncore_s_per_edit", "peer_s", "peer_s_per_edit", "speedup", "update_rel_err",
             "kncore_peak_mib", "peer_peak_mib", "ES", "PS", "NS", "S", "undo_exact"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k, "") for k in keys})
-    write_atomic(RESULTS / f"bench_memit_{tag}.csv", buf.getvalue())
+    write_csv(RESULTS / f"bench_memit_{tag}.csv", rows, keys)
     md = [f"# bench_memit on {machine()} at {commit()}", "",
           f"`flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_memit.py {' '.join(sys.argv[1:])}`; "
           f"torch threads {torch.get_num_threads()}; one run per size (the shared 2-core machine); "

@@ -15,21 +15,10 @@ import kncore
 from kncore import rome
 from kncore.rome import editing, memit, reference, solver
 from kncore.testing import _WORDS, tiny_lm
+from test_rome import _one_thread  # noqa: F401  (autouse: tiny models on one thread)
 
 WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
 PROMPTS = ["the capital of {} is", "{} speaks", "the language of {} is", "{} was born in"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models run fastest on one thread on the shared 2-core machine."""
-    if "smollm" in request.fixturenames:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _seed():
