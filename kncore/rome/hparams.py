@@ -222,7 +222,7 @@ def load_hparams(name_or_path, cls=ROMEHparams) -> ROMEHparams:
     (kncore's, ROME's or EasyEdit's; ``cls`` picks the method: ROMEHparams,
     MEMITHparams, EMMETHparams). A file of another method (its ``alg_name``)
     is refused."""
-    if isinstance(name_or_path, cls):
+    if isinstance(name_or_path, ROMEHparams) and name_or_path.METHOD == cls.METHOD:
         return name_or_path
     if isinstance(name_or_path, ROMEHparams):
         raise InputError(f"{type(name_or_path).__name__} given where {cls.__name__} ({cls.METHOD}) is needed")

@@ -240,7 +240,7 @@ def _apply_batch(lm, reqs: list[Request], hp: MEMITHparams, templates, groups, s
         cur = h.reshape(B, len(templates), -1)[:, 0].double().T   # bare prompt: template "{}"
         R = Z.double() - cur                                      # [d_model, B]
         C = _second_moment(lm, L, stats.get(L), hp)
-        if isinstance(hp, EMMETHparams):
+        if hp.METHOD == "EMMET":
             A = emmet_keys(C, K, hp.mom2_update_weight, hp.emmet_lambda, hp.update_norm_lambda)
         else:
             A = memit_keys(C, K, hp.mom2_update_weight)
