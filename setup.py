@@ -57,7 +57,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kncore", "kncore.*"]) + ["kncore.kernels"],
     package_dir={"kncore.kernels": "kernels"},  # Triton kernels live at top level, import as kncore.kernels
-    package_data={"kncore.rome": ["hparams/*.yaml"], "kncore": ["plan_configs/*.json"]},
+    package_data={"kncore.rome": ["hparams/*.yaml", "hparams/*/*.yaml"], "kncore": ["plan_configs/*.json"]},
     install_requires=RUNTIME,
     extras_require={"test": TEST},
     ext_modules=ext_modules,

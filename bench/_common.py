@@ -39,6 +39,18 @@ def write_atomic(path: Path, text: str):
     os.replace(f.name, path)
 
 
+def write_csv(path: Path, rows: list, keys: list) -> None:
+    """rows (dicts) as CSV with columns ``keys`` (missing values empty), written atomically."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in keys})
+    write_atomic(path, buf.getvalue())
+
+
 def rss() -> int:
     """Resident memory of this process, in bytes."""
     with open("/proc/self/statm") as f:

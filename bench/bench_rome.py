@@ -36,8 +36,6 @@ GPU (the others need SmolLM2's GGUF package, which a device image lacks).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import statistics
@@ -48,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from bench._common import commit, machine, measure, run_once, write_atomic  # noqa: E402
+from bench._common import commit, machine, measure, run_once, write_atomic, write_csv  # noqa: E402
 
 import kncore  # noqa: E402
 from kncore import rome  # noqa: E402
@@ -339,12 +337,7 @@ def main():
     tag = f"{machine()}_{commit()}" + ("_xl" if args.xl_only else "")
     keys = ["section", "case", "n", "peer_s", "kncore_s", "speedup", "bound_s", "of_bound", "kncore_tok_s",
             "bound_tok_s", "peer_peak_mib", "kncore_peak_mib", "check"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k, "") for k in keys})
-    write_atomic(RESULTS / f"bench_rome_{tag}.csv", buf.getvalue())
+    write_csv(RESULTS / f"bench_rome_{tag}.csv", rows, keys)
     md = [f"# bench_rome on {machine()} at {commit()}", "",
           f"`flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_rome.py {' '.join(sys.argv[1:])}`; "
           f"torch threads {torch.get_num_threads()}; matmul rate {rate / 1e9:.0f} GFLOP/s; "

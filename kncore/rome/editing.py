@@ -249,16 +249,39 @@ def build_rows(lm, req: Request, templates: list[str], fact_token: str, kl_promp
 def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
     """ROME's ``compute_v`` loop on the cached prefix: returns
     ``(delta, v_init, losses, p_target)``."""
+    return optimise_deltas(lm, layer, [rows], hparams)[0]
+
+
+def optimise_deltas(lm, layer: int, rows_list: list, hparams: ROMEHparams, init_site: str = "mlp_out"):
+    """ROME's ``compute_v`` / MEMIT's ``compute_z`` for several requests at once:
+    one list ``[(delta, v_init, losses, p_target)]`` per request.
+
+    Each request keeps its own delta, its own loss (mean target NLL of its
+    rewriting rows + KL of its KL rows + weight decay), its own early stop and
+    clamp: its rows never attend to another request's rows, and Adam updates
+    each parameter from its own gradient (a stopped request gets no gradient,
+    so Adam skips it), so the result is the one-request loop run per request.
+    ``init_site``: ``"mlp_out"`` (ROME's v = MLP output) or ``"resid_post"``
+    (MEMIT's z = the layer's output); the clamp and weight decay use its norm.
+    """
     ad = lm.adapter
     dev = lm.device
     N = ad.n_layers
-    b = lm.batch_ids(rows.ids)
+    ids, lookup, req_of, n_rw, off = [], [], [], [], []
+    for j, r in enumerate(rows_list):
+        off.append(len(ids))
+        ids += r.ids
+        lookup += r.lookup
+        req_of += [j] * len(r.ids)
+        n_rw.append(r.n_rewrite)
+    R = len(rows_list)
+    b = lm.batch_ids(ids)
     B, T = b.input_ids.shape
-    look = torch.tensor(rows.lookup, device=dev)
+    look = torch.tensor(lookup, device=dev)
     with torch.no_grad():
         pre = lm.run(b.input_ids, attention_mask=b.attention_mask, return_kv=layer + 1 < N, logits=None,
-                     capture=[("resid_post", layer), ("mlp_out", layer)])
-    v_init = pre[("mlp_out", layer)][0, rows.lookup[0]].detach()
+                     capture=[("resid_post", layer), (init_site, layer)])
+    inits = pre[(init_site, layer)][torch.tensor(off, device=dev), look[off]].detach()
     resid = pre[("resid_post", layer)]
     # Keys/values of the tokens before each row's lookup position, layers > L.
     P = int(look.max())
@@ -280,37 +303,61 @@ def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
     # ROME's delta is added to the MLP output (the down-projection's, whose
     # weight it edits). Where a norm follows the MLP (BLOCK_SANDWICH) the
     # residual stream changes by post(m + delta) - post(m) at the lookup token.
-    post = ad.post_mlp_norm if ad.block_style == BLOCK_SANDWICH else None
+    # (MEMIT's z is the layer's output: its delta enters the residual as it is.)
+    post = ad.post_mlp_norm if ad.block_style == BLOCK_SANDWICH and init_site == "mlp_out" else None
     if post is not None:
         m_look = pre[("mlp_out", layer)][torch.arange(B, device=dev), look][:, None]  # [B, 1, d]
         post_m = post(layer, m_look)
     del pre, resid
 
-    # Scored positions: each target token of each rewriting row, then the KL rows' lookup.
-    nt = len(rows.target)
-    sel_r, sel_c, labels = [], [], []
-    for i in range(rows.n_rewrite):
-        for j in range(nt):
-            sel_r.append(i)
-            sel_c.append(rows.prompt_len[i] - 1 + j - int(look_eff[i]))
-            labels.append(rows.target[j])
+    # Scored positions: each target token of each rewriting row, then each KL row's lookup.
+    sel_r, sel_c, labels, w_nll, kl_r = [], [], [], [], []
+    for j, r in enumerate(rows_list):
+        nt = len(r.target)
+        for i in range(r.n_rewrite):
+            g = off[j] + i
+            for t in range(nt):
+                sel_r.append(g)
+                sel_c.append(r.prompt_len[i] - 1 + t - int(look_eff[g]))
+                labels.append(r.target[t])
+                w_nll.append(1.0 / nt)
     n_scored = len(sel_r)
-    for i in range(rows.n_rewrite, B):
-        sel_r.append(i)
-        sel_c.append(int(look[i] - look_eff[i]))
+    for j, r in enumerate(rows_list):
+        for i in range(r.n_rewrite, len(r.ids)):
+            g = off[j] + i
+            sel_r.append(g)
+            sel_c.append(int(look[g] - look_eff[g]))
+            kl_r.append(g)
     sel_r = torch.tensor(sel_r, device=dev)
     sel_c = torch.tensor(sel_c, device=dev)
     labels = torch.tensor(labels, device=dev)
-    row_of = sel_r[:n_scored]
-
+    req_t = torch.tensor(req_of, device=dev)
     vd = _vec_dtype(lm)
-    start = layer + 1
+    row_of = sel_r[:n_scored]
+    w_nll = torch.tensor(w_nll, dtype=vd, device=dev)
+    kl_req = req_t[torch.tensor(kl_r, dtype=torch.long, device=dev)]
+    n_rw_t = torch.tensor(n_rw, dtype=vd, device=dev)
+    n_kl_t = torch.tensor([max(1, len(r.ids) - r.n_rewrite) for r in rows_list], dtype=vd, device=dev)
+    rw_req = torch.tensor([j for j, r in enumerate(rows_list) for _ in range(r.n_rewrite)], device=dev)
+    rw_rows = torch.tensor([off[j] + i for j, r in enumerate(rows_list) for i in range(r.n_rewrite)], device=dev)
 
-    def forward(delta):
+    inits = inits.to(vd)
+    init_norm = inits.norm(dim=1)
+    deltas = [torch.zeros(ad.d_model, dtype=vd, device=dev, requires_grad=True) for _ in range(R)]
+    opt = torch.optim.Adam(deltas, lr=hparams.v_lr)
+    kl_init = None
+    losses = [[] for _ in range(R)]
+    p_target = [float("nan")] * R
+    active = [True] * R
+    max_norm = hparams.clamp_norm_factor * init_norm
+    start = layer + 1
+    for it in range(hparams.v_num_grad_steps):
+        D = torch.stack(deltas)
+        Dr = D[req_t][:, None, :]
         if post is None:
-            h_in = h_suf + onehot * delta.to(h_suf.dtype)
+            h_in = h_suf + onehot * Dr.to(h_suf.dtype)
         else:
-            h_in = h_suf + onehot * (post(layer, m_look + delta.to(m_look.dtype)) - post_m)
+            h_in = h_suf + onehot * (post(layer, m_look + Dr.to(m_look.dtype)) - post_m)
         if cache is None:
             o = lm.run(hidden=h_in, start_layer=start, attention_mask=suf_mask, logits=None) if start < N else None
         else:
@@ -318,11 +365,43 @@ def optimise_delta(lm, layer: int, rows: _Rows, hparams: ROMEHparams):
         h = h_in if o is None else o.hidden
         logp = ad.final(h[sel_r, sel_c]).to(vd).log_softmax(-1)
         tok_lp = logp[:n_scored].gather(1, labels[:, None])[:, 0]
-        nll_each = -torch.zeros(rows.n_rewrite, dtype=vd, device=dev).index_add(0, row_of, tok_lp) / nt
-        return nll_each, logp[n_scored:]
-
-    delta, losses, p_target = v_loop(forward, v_init.to(vd), hparams)
-    return delta, v_init.to(vd), losses, p_target
+        nll_row = -torch.zeros(B, dtype=vd, device=dev).index_add(0, row_of, tok_lp * w_nll)
+        nll_each = nll_row[rw_rows]  # per rewriting row, in request order
+        nll = torch.zeros(R, dtype=vd, device=dev).index_add(0, rw_req, nll_each) / n_rw_t
+        kl_lp = logp[n_scored:]
+        if kl_init is None:
+            kl_init = kl_lp.detach().clone()
+        # F.kl_div(init, new, log_target=True, reduction="batchmean") per request.
+        kl_row = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+        kl = hparams.kl_factor * torch.zeros(R, dtype=vd, device=dev).index_add(0, kl_req, kl_row) / n_kl_t
+        wd = hparams.v_weight_decay * (D.norm(dim=1) / init_norm ** 2)
+        loss = nll + kl + wd
+        loss_val = loss.detach().tolist()
+        p_req = (torch.zeros(R, dtype=vd, device=dev).index_add(0, rw_req, torch.exp(-nll_each.detach()))
+                 / n_rw_t).tolist()
+        for j in range(R):
+            if not active[j]:
+                continue
+            losses[j].append(loss_val[j])
+            p_target[j] = p_req[j]
+            if loss_val[j] < hparams.early_stop_loss or it == hparams.v_num_grad_steps - 1:
+                active[j] = False
+        log.debug("v* step %d: mean loss %.4f, %d of %d requests still optimised", it,
+                  sum(loss_val) / R, sum(active), R)
+        on = [j for j in range(R) if active[j]]
+        if not on:
+            break
+        grads = torch.autograd.grad(loss[on].sum(), [deltas[j] for j in on])
+        for j in range(R):
+            deltas[j].grad = None
+        for j, g in zip(on, grads):
+            deltas[j].grad = g
+        opt.step()
+        with torch.no_grad():
+            for j in on:
+                if deltas[j].norm() > max_norm[j]:
+                    deltas[j].mul_(max_norm[j] / deltas[j].norm())
+    return [(deltas[j].detach(), inits[j], losses[j], p_target[j]) for j in range(R)]
 
 
 def v_loop(forward, v_init: torch.Tensor, hparams: ROMEHparams):
@@ -333,7 +412,9 @@ def v_loop(forward, v_init: torch.Tensor, hparams: ROMEHparams):
     The loss is mean(nll_each) + kl_factor KL(initial || current) +
     v_weight_decay ||delta|| / ||v_init||^2; Adam steps, the norm clamped to
     clamp_norm_factor ||v_init||, stopping at early_stop_loss. Returns
-    (delta, losses, p_target: the mean target probability at the last step)."""
+    (delta, losses, p_target: the mean target probability at the last step).
+    The one-request loop over a caller's own forward (kncore.t5.rome_edit's
+    decoder loss); decoder-only models run the batched :func:`optimise_deltas`."""
     delta = torch.zeros_like(v_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     kl_init = None
@@ -402,6 +483,9 @@ class EditStep:
     weight: torch.Tensor | None = field(default=None, repr=False)
     record: object = field(default=None, repr=False)
 
+    def describe(self) -> str:
+        return f"{self.request.text()!r} -> {self.request.target!r} @L{self.layer}"
+
 
 class Edit:
     """Applied ROME edits. ``undo()`` restores every weight bit for bit (in
@@ -414,8 +498,19 @@ class Edit:
         self.active = True
 
     def __repr__(self):
-        reqs = ", ".join(f"{s.request.text()!r} -> {s.request.target!r} @L{s.layer}" for s in self.steps)
+        reqs = ", ".join(s.describe() for s in self.steps)
         return f"Edit([{reqs}], active={self.active})"
+
+    @property
+    def requests(self) -> list:
+        """Every request applied, in order (once each)."""
+        out, seen = [], set()
+        for s in self.steps:
+            for r in getattr(s, "requests", None) or [s.request]:
+                if id(r) not in seen:
+                    seen.add(id(r))
+                    out.append(r)
+        return out
 
     def undo(self) -> None:
         """Take every update back, last first. Raises if already undone, or if a
@@ -469,6 +564,18 @@ def _resolve_stats(lm, hparams: ROMEHparams, stats, cache_dir) -> dict:
     return out
 
 
+def check_editable(lm, method: str = "ROME") -> None:
+    """Refuse models the MLP-rewriting editors cannot edit."""
+    if lm.is_mlm:
+        raise InputError(f"{method} edits causal LMs; this is a masked LM")
+    if getattr(lm.adapter, "encoder_decoder", False):
+        raise InputError(f"{method} on T5 (encoder-decoder) edits the encoder: use kncore.t5.rome_edit "
+                         "with kncore.t5.layer_stats (docs/architectures.md)")
+    if lm.adapter.block_style not in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL, BLOCK_SANDWICH):
+        raise InputError(f"{method} needs a residual MLP output; block style {lm.adapter.block_style!r} "
+                         "is not supported")
+
+
 def edit(lm, request, hparams=None, *, stats=None, cache_dir=None) -> Edit:
     """Apply ROME edit(s) to ``lm`` in place and return the :class:`Edit`.
 
@@ -481,13 +588,7 @@ def edit(lm, request, hparams=None, *, stats=None, cache_dir=None) -> Edit:
     layer); None computes or loads them with :func:`layer_stats` from
     ``hparams.mom2_dataset`` (cached under ``cache_dir``).
     """
-    if lm.is_mlm:
-        raise InputError("ROME edits causal LMs; this is a masked LM")
-    if getattr(lm.adapter, "encoder_decoder", False):
-        raise InputError("ROME on T5 (encoder-decoder) edits the encoder: use kncore.t5.rome_edit "
-                         "with kncore.t5.layer_stats (docs/architectures.md)")
-    if lm.adapter.block_style not in (BLOCK_SEQUENTIAL, BLOCK_PARALLEL, BLOCK_SANDWICH):
-        raise InputError(f"ROME needs a residual MLP output; block style {lm.adapter.block_style!r} is not supported")
+    check_editable(lm)
     hp = hparams_for(lm) if hparams is None else load_hparams(hparams)
     hp.validate()
     hp.check_model(lm)

@@ -20,6 +20,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..lm import InputError
 
@@ -35,7 +36,7 @@ _IGNORED = {
     "attn_module_tmp": "not used by ROME",
     "ln_f_module": "the adapter's final norm is used",
     "lm_head_module": "the adapter's head is used",
-    "alg_name": "always ROME here",
+    "alg_name": "checked against the hparams class (ROME, MEMIT, EMMET)",
     "model_name": "the LM passed to edit() is used",
     "stats_dir": "pass cache_dir= to layer_stats (default $KNCORE_CACHE/rome_stats)",
     "device": "the model's device is used",
@@ -72,6 +73,12 @@ class ROMEHparams:
     ``enable_random_prefix_keys``: EasyEdit's r-ROME variant: the update's
     key and old value are averaged over the context templates (default off: ROME).
     """
+
+    METHOD: ClassVar[str] = "ROME"
+    # alg_name values of ROME/EasyEdit files this class reads (EasyEdit's r-ROME is "R-ROME").
+    ALG_NAMES: ClassVar[tuple] = ("ROME", "R-ROME")
+    # Shipped files of this method: HPARAMS_DIR / SUBDIR / <name>.yaml
+    SUBDIR: ClassVar[str] = ""
 
     layers: list = field(default_factory=lambda: [17])
     fact_token: str = "subject_last"
@@ -150,6 +157,10 @@ class ROMEHparams:
         """Build from ROME/EasyEdit/kncore field names (see the module doc)."""
         if not isinstance(d, dict):
             raise InputError(f"{source}: expected a mapping of hyper-parameters, got {type(d).__name__}")
+        alg = d.get("alg_name")
+        if alg is not None and str(alg).upper() not in cls.ALG_NAMES:
+            raise InputError(f"{source}: these are {alg} hyper-parameters (alg_name), not {cls.METHOD}'s: "
+                             f"load them with the {alg} editor's hparams class")
         known = {f.name for f in dataclasses.fields(cls)} - {"ignored"}
         kw, ignored, unknown = {}, {}, []
         for k, v in d.items():
@@ -160,17 +171,19 @@ class ROMEHparams:
             else:
                 unknown.append(k)
         if unknown:
-            warnings.warn(f"{source}: unknown ROME hyper-parameters ignored: {sorted(unknown)}", stacklevel=3)
+            warnings.warn(f"{source}: unknown {cls.METHOD} hyper-parameters ignored: {sorted(unknown)}", stacklevel=3)
             for k in unknown:
                 ignored[k] = d[k]
         if ignored:
             log.info("%s: fields not needed by kncore: %s", source,
                      ", ".join(f"{k} ({_IGNORED.get(k, 'unknown')})" for k in ignored))
-        if "v_lr" in kw:  # YAML reads 5e-1 as a string
-            kw["v_lr"] = float(kw["v_lr"])
-        for k in ("v_weight_decay", "kl_factor", "clamp_norm_factor", "mom2_reg", "early_stop_loss"):
-            if k in kw:
+        # YAML reads 5e-1 as a string: every float field is converted.
+        floats = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, float)}
+        for k in floats & set(kw):
+            try:
                 kw[k] = float(kw[k])
+            except (TypeError, ValueError):
+                raise InputError(f"{source}: hparams.{k} must be a number, got {kw[k]!r}") from None
         hp = cls(**kw)
         hp.ignored = ignored
         return hp
@@ -199,38 +212,42 @@ def _module_name(lm, L):
     return "?"
 
 
-def available() -> list[str]:
-    """Names of the hparams files that ship with kncore."""
-    return sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml"))
+def available(cls=ROMEHparams) -> list[str]:
+    """Names of the hparams files of ``cls``'s method that ship with kncore."""
+    return sorted(p.stem for p in (HPARAMS_DIR / cls.SUBDIR).glob("*.yaml"))
 
 
 def _yaml_error(p: Path, e) -> None:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     what = getattr(e, "problem", None) or " ".join(str(e).split())
-    raise InputError(f"ROME hparams {p}{where}: not valid YAML: {what}") from None
+    raise InputError(f"hparams {p}{where}: not valid YAML: {what}") from None
 
 
-def load_hparams(name_or_path) -> ROMEHparams:
+def load_hparams(name_or_path, cls=ROMEHparams) -> ROMEHparams:
     """Load hparams by shipped name (``"gpt2-xl"``) or a ``.yaml``/``.json`` path
-    (kncore's, ROME's or EasyEdit's)."""
-    if isinstance(name_or_path, ROMEHparams):
+    (kncore's, ROME's or EasyEdit's; ``cls`` picks the method: ROMEHparams,
+    MEMITHparams, EMMETHparams). A file of another method (its ``alg_name``)
+    is refused."""
+    if isinstance(name_or_path, ROMEHparams) and name_or_path.METHOD == cls.METHOD:
         return name_or_path
+    if isinstance(name_or_path, ROMEHparams):
+        raise InputError(f"{type(name_or_path).__name__} given where {cls.__name__} ({cls.METHOD}) is needed")
     if isinstance(name_or_path, dict):
-        return ROMEHparams.from_dict(name_or_path)
+        return cls.from_dict(name_or_path)
     p = Path(name_or_path)
     if not p.exists():
-        cand = HPARAMS_DIR / f"{name_or_path}.yaml"
+        cand = HPARAMS_DIR / cls.SUBDIR / f"{name_or_path}.yaml"
         if not cand.exists():
-            raise InputError(f"no ROME hparams {str(name_or_path)!r}: not a file, and not one of "
-                             f"the shipped {available()}")
+            raise InputError(f"no {cls.METHOD} hparams {str(name_or_path)!r}: not a file, and not one of "
+                             f"the shipped {available(cls)}")
         p = cand
     text = p.read_text()
     if p.suffix == ".json":
         try:
             d = json.loads(text)
         except ValueError as e:
-            raise InputError(f"ROME hparams {p}: not valid JSON: {e}") from None
+            raise InputError(f"{cls.METHOD} hparams {p}: not valid JSON: {e}") from None
     else:
         import yaml
         try:
@@ -238,8 +255,8 @@ def load_hparams(name_or_path) -> ROMEHparams:
         except yaml.YAMLError as e:  # a multi-line message: one line naming the file and the line
             _yaml_error(p, e)
     if not isinstance(d, dict):
-        raise InputError(f"ROME hparams {p}: expected a mapping of hyper-parameters, got {type(d).__name__}")
-    return ROMEHparams.from_dict(d, source=str(p))
+        raise InputError(f"{cls.METHOD} hparams {p}: expected a mapping of hyper-parameters, got {type(d).__name__}")
+    return cls.from_dict(d, source=str(p))
 
 
 # Model names (lower case, as LM.name or a hub id ends) -> shipped hparams file.
@@ -254,10 +271,10 @@ _BY_MODEL = {
 }
 
 
-def hparams_for(lm) -> ROMEHparams:
+def hparams_for(lm, cls=ROMEHparams) -> ROMEHparams:
     """The shipped hparams of a model, found by its name."""
     key = str(lm.name).rstrip("/").split("/")[-1].lower()
-    if key not in _BY_MODEL:
-        raise InputError(f"no shipped ROME hparams for model {lm.name!r} (shipped: {available()}); "
-                         "pass hparams=ROMEHparams(layers=[L], ...) or a YAML/JSON file")
-    return load_hparams(_BY_MODEL[key])
+    if key not in _BY_MODEL or _BY_MODEL[key] not in available(cls):
+        raise InputError(f"no shipped {cls.METHOD} hparams for model {lm.name!r} (shipped: {available(cls)}); "
+                         f"pass hparams={cls.__name__}(layers=[L], ...) or a YAML/JSON file")
+    return load_hparams(_BY_MODEL[key], cls)

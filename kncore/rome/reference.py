@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import get_module
-from .editing import Request, _Rows, _vec_dtype
+from .editing import Request, _Rows, _vec_dtype, build_rows
 
 
 def _mlp_module(lm, layer):
@@ -48,8 +48,14 @@ def left_ref(k_star: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
     return u / u.norm()
 
 
-def delta_ref(lm, layer: int, rows: _Rows, hparams):
-    """ROME's ``compute_v`` optimisation: ``(delta, v_init, losses)``."""
+def _block_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def delta_ref(lm, layer: int, rows: _Rows, hparams, init: str = "mlp"):
+    """ROME's ``compute_v`` optimisation: ``(delta, v_init, losses)``.
+    ``init="layer"``: MEMIT's ``compute_z``, whose initial value (for the clamp
+    and the weight decay) is the layer's output rather than the MLP's."""
     dev = lm.device
     b = lm.batch_ids(rows.ids)
     B, T = b.input_ids.shape
@@ -74,6 +80,14 @@ def delta_ref(lm, layer: int, rows: _Rows, hparams):
     kl_init = None
     losses = []
     h = _mlp_module(lm, layer).register_forward_hook(hook)
+    if init == "layer":  # the block output of the first forward, whose delta is still zero
+        state["block"] = None
+
+        def block_hook(m, i, out):
+            if state["block"] is None:
+                state["block"] = _block_out(out)[0, look[0]].detach().clone()
+
+        hb = get_module(lm.model, lm.adapter.layer_module_name(layer)).register_forward_hook(block_hook)
     try:
         for it in range(hparams.v_num_grad_steps):
             opt.zero_grad()
@@ -87,7 +101,7 @@ def delta_ref(lm, layer: int, rows: _Rows, hparams):
             nll_each = -(tok * (targets != -100)).sum(1) / nt
             nll = nll_each.mean()
             kl = hparams.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
-            v_init = state["v_init"]
+            v_init = state["v_init"] if init == "mlp" else state["block"]
             wd = hparams.v_weight_decay * (delta.norm() / v_init.norm().to(vd) ** 2)
             loss = nll + kl + wd
             losses.append(float(loss.detach()))
@@ -101,7 +115,10 @@ def delta_ref(lm, layer: int, rows: _Rows, hparams):
                     delta[...] = delta * max_norm / delta.norm()
     finally:
         h.remove()
-    return delta.detach(), state["v_init"].to(vd), losses
+        if init == "layer":
+            hb.remove()
+    v_init = state["v_init"] if init == "mlp" else state["block"]
+    return delta.detach(), v_init.to(vd), losses
 
 
 def update_ref(lm, layer: int, req: Request, rows: _Rows, hparams, C=None):
@@ -122,3 +139,75 @@ def update_ref(lm, layer: int, req: Request, rows: _Rows, hparams, C=None):
         key, value = acts[0].double(), outs[0].double()
     right = (target - value) / torch.dot(key, left)
     return {"left": left, "right": right, "k_star": k_star, "delta": delta, "v_init": v_init, "losses": losses}
+
+
+# -- MEMIT / EMMET -----------------------------------------------------------------------
+
+@torch.no_grad()
+def _key_and_block_out(lm, layer: int, z_layer: int, ids: list, p: int):
+    """Down-projection input at ``layer`` and block output of ``z_layer`` at position p, one HF forward."""
+    store = {}
+    hs = [lm.adapter.down_module(layer).register_forward_pre_hook(lambda m, i: store.__setitem__("k", i[0])),
+          get_module(lm.model, lm.adapter.layer_module_name(z_layer)).register_forward_hook(
+              lambda m, i, o: store.__setitem__("z", _block_out(o)))]
+    try:
+        lm.model(torch.tensor([ids], device=lm.device))
+    finally:
+        for h in hs:
+            h.remove()
+    return store["k"][0, p].double(), store["z"][0, p].double()
+
+
+def memit_ref(lm, requests: list[Request], hparams, C_by_layer: dict, templates: list[str], groups: list[int],
+              method: str = "MEMIT") -> dict:
+    """MEMIT's ``execute_memit`` (or EMMET's update) line by line: z per request
+    by :func:`delta_ref` (full forwards), keys one forward per template,
+    ``torch.linalg.solve`` / ``torch.inverse`` in float64, each layer's update
+    added to W before the next layer's keys are read. W is restored at the end.
+    Returns ``{"z": [d_model, B], "updates": {layer: [d_model, d_ff]}, "keys", "resid"}``."""
+    layers = sorted(hparams.layers)
+    zL = layers[-1]
+    zs, all_rows = [], []
+    for r in requests:
+        rows = build_rows(lm, r, templates, hparams.fact_token, hparams.kl_prompts)
+        all_rows.append(rows)
+        delta, init, _ = delta_ref(lm, zL, rows, hparams, init="layer")
+        zs.append(init.double() + delta.double())
+    Z = torch.stack(zs, 1)
+    out = {"z": Z, "updates": {}, "keys": {}, "resid": {}}
+    saved = {}
+    try:
+        for i, L in enumerate(layers):
+            ks, cur = [], []
+            for rows in all_rows:
+                per = [_key_and_block_out(lm, L, zL, rows.ids[t][: rows.prompt_len[t]], rows.lookup[t])
+                       for t in range(rows.n_rewrite)]
+                start, means = 0, []
+                for g in groups:  # MEMIT's compute_ks: mean per template group, then over groups
+                    means.append(torch.stack([k for k, _ in per[start:start + g]]).mean(0))
+                    start += g
+                ks.append(torch.stack(means).mean(0))
+                cur.append(per[0][1])  # template "{}": the bare prompt
+            K = torch.stack(ks, 1)
+            targets = Z - torch.stack(cur, 1)
+            C = C_by_layer[L].double() if C_by_layer.get(L) is not None else torch.eye(K.shape[0], dtype=K.dtype)
+            cov = hparams.mom2_update_weight * C
+            if method == "MEMIT":
+                adj_k = torch.linalg.solve(cov + K @ K.T, K)
+            else:
+                cov = cov + hparams.update_norm_lambda * torch.eye(cov.shape[0], dtype=cov.dtype)
+                C_inv = torch.inverse(cov)
+                D = K.T @ C_inv @ K + hparams.emmet_lambda * torch.eye(K.shape[1], dtype=K.dtype)
+                adj_k = (torch.inverse(D) @ K.T @ C_inv).T
+            resid = targets / (len(layers) - i)
+            upd = resid @ adj_k.T  # [d_model, d_ff]
+            W = lm.adapter.down_module(L).weight
+            saved.setdefault(L, W.detach().clone())
+            with torch.no_grad():
+                W.copy_((W.double() + (upd if upd.shape == W.shape else upd.T)).to(W.dtype))
+            out["updates"][L], out["keys"][L], out["resid"][L] = upd, K, targets
+    finally:
+        with torch.no_grad():
+            for L, W0 in saved.items():
+                lm.adapter.down_module(L).weight.copy_(W0)
+    return out

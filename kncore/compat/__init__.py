@@ -54,10 +54,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .interventions import patch_neurons
-from .lm import LM, InputError
-from .models.base import get_module
-from .selection import refine, select_coarse
+from ..interventions import patch_neurons
+from ..lm import LM, InputError
+from ..models.base import get_module
+from ..selection import refine, select_coarse
 
 __all__ = ["KnowledgeNeurons"]
 
@@ -270,7 +270,7 @@ class KnowledgeNeurons:
 
     def _scores(self, prompts: list, ground_truth: str, steps: int, layers=None, pbar=False) -> torch.Tensor:
         """Scores [n_prompts, n_layers, d_ff] of every prompt, in one kncore run."""
-        from .attribution import attribute
+        from ..attribution import attribute
 
         label = self._target_label(ground_truth)
         labels = label if isinstance(label, list) else [label]
