@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, MLPModules, activation, BLOCK_POST_LN
+from .base import Adapter, MLPModules, BLOCK_POST_LN
 
 
 class BertAdapter(Adapter):
@@ -30,10 +30,12 @@ class BertAdapter(Adapter):
         if pet not in (None, "absolute"):
             raise ValueError(f"BERT position_embedding_type={pet!r} is not supported (only 'absolute')")
 
-    def embed(self, input_ids, position_ids):
+    def embed_rest(self, tok, position_ids):
+        # position and (all-zero) token-type embeddings, then the embedding
+        # LayerNorm: the noise of causal tracing goes in before the norm
         e = self.enc.embeddings
-        x = e.word_embeddings(input_ids) + e.position_embeddings(position_ids)
-        x = x + e.token_type_embeddings(torch.zeros_like(input_ids))
+        x = tok + e.position_embeddings(position_ids)
+        x = x + e.token_type_embeddings(torch.zeros_like(position_ids))
         return e.LayerNorm(x)
 
     def embedding_module(self):
@@ -57,12 +59,6 @@ class BertAdapter(Adapter):
 
     def post_attn_norm(self, L, h):
         return self.blocks[L].attention.output.LayerNorm(h)
-
-    def mlp_pre(self, L, x):
-        return self.blocks[L].intermediate.dense(x), None
-
-    def mlp_act(self, L, pre, aux, inplace=False):
-        return activation(self.blocks[L].intermediate.intermediate_act_fn, pre, inplace)
 
     def mlp_modules(self, L):
         m = self.blocks[L].intermediate

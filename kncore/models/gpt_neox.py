@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL, MLPModules, activation
+from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL, MLPModules
 from .llama import rope
 
 
@@ -35,9 +35,6 @@ class GPTNeoXAdapter(Adapter):
         self.head_dim = c.hidden_size // c.num_attention_heads
         self.n_ctx = c.max_position_embeddings
         self.vocab_size = c.vocab_size
-
-    def embed(self, input_ids, position_ids):
-        return self.tr.embed_in(input_ids)
 
     def embedding_module(self):
         return self.tr.embed_in
@@ -62,12 +59,6 @@ class GPTNeoXAdapter(Adapter):
 
     def attn_proj(self, L, o):
         return self.blocks[L].attention.dense(o)
-
-    def mlp_pre(self, L, x):
-        return self.blocks[L].mlp.dense_h_to_4h(x), None
-
-    def mlp_act(self, L, pre, aux, inplace=False):
-        return activation(self.blocks[L].mlp.act, pre, inplace)
 
     def mlp_modules(self, L):
         m = self.blocks[L].mlp

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_SEQUENTIAL, MLPModules, activation
+from .base import Adapter, BLOCK_SEQUENTIAL, MLPModules
 
 
 def _rotate_half(x):
@@ -58,9 +58,6 @@ class LlamaAdapter(Adapter):
             # the tokenisation helpers rather than silently mis-attended.
             self.n_ctx = W
 
-    def embed(self, input_ids, position_ids):
-        return self.base.embed_tokens(input_ids)
-
     def embedding_module(self):
         return self.base.embed_tokens
 
@@ -96,15 +93,6 @@ class LlamaAdapter(Adapter):
 
     def attn_proj(self, L, o):
         return self.blocks[L].self_attn.o_proj(o)
-
-    def mlp_pre(self, L, x):
-        m = self.blocks[L].mlp
-        return m.gate_proj(x), m.up_proj(x)
-
-    def mlp_act(self, L, pre, aux, inplace=False):
-        if inplace:
-            return activation(self.blocks[L].mlp.act_fn, pre, True).mul_(aux)
-        return self.blocks[L].mlp.act_fn(pre) * aux
 
     def mlp_modules(self, L):
         m = self.blocks[L].mlp
