@@ -396,8 +396,8 @@ def effect_reading(summ: list[dict]) -> str:
         sig = sum(bool(s["significant"]) for s in rows)
         where = (f"significant (p < 0.05) in {sig} of {len(rows)} relations" if len(rows) > 1
                  else f"p = {rows[0]['p_value']:.2g}, {'significant' if sig else 'not significant'} at 0.05")
-        parts.append(f"{it} {'raises' if change > 0 else 'lowers'} the target's probability by "
-                     f"{abs(change):.3g}% on average over {n} prompts ({where})")
+        parts.append(f"{it} {'raises' if change > 0 else 'lowers'} the target's probability, by "
+                     f"{abs(change):.3g}% of the smaller of the two on average over {n} prompts ({where})")
     return _sentence(parts)
 
 

@@ -255,8 +255,8 @@ def test_report_reads_like_a_result(tmp_path):
     eff = RunDir.load(tmp_path / "run").read("effect").to_pylist()
     sup = [r for r in eff if r["intervention"] == "suppress"]
     pct = 100 * np.mean([(r["p_after"] - r["p_before"]) / min(r["p_after"], r["p_before"]) for r in sup])
-    assert f"suppress lowers the target's probability by {abs(pct):.3g}% on average over {len(sup)} prompts" \
-        in md.lower()
+    assert (f"suppress lowers the target's probability, by {abs(pct):.3g}% of the smaller of the two on average "
+            f"over {len(sup)} prompts") in md.lower()
     assert "enhance raises the target's probability" in md.lower()
     # pass or fail per criterion: the rate after the edit against one half, per method
     ev = RunDir.load(tmp_path / "run").read("edit_eval").to_pylist()
