@@ -95,6 +95,20 @@ class Adapter:
     n_ctx: int
     vocab_size: int
 
+    def _standard_dims(self) -> None:
+        """The dimensions from a config with Hugging Face's usual names
+        (BERT, GPT-NeoX, LLaMA and its kin); grouped-query attention and an
+        explicit head_dim where the config has them."""
+        c = self.config
+        self.n_layers = c.num_hidden_layers
+        self.d_model = c.hidden_size
+        self.d_ff = c.intermediate_size
+        self.n_heads = c.num_attention_heads
+        self.n_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.n_ctx = c.max_position_embeddings
+        self.vocab_size = c.vocab_size
+
     # -- pieces -------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The input of block 0: :meth:`embed_rest` of the token embeddings."""

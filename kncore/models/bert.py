@@ -19,13 +19,7 @@ class BertAdapter(Adapter):
             raise ValueError("BERT is supported as a masked LM (BertForMaskedLM)")
         self.enc = model.bert
         self.blocks = self.enc.encoder.layer
-        self.n_layers = c.num_hidden_layers
-        self.d_model = c.hidden_size
-        self.d_ff = c.intermediate_size
-        self.n_heads = self.n_kv_heads = c.num_attention_heads
-        self.head_dim = c.hidden_size // c.num_attention_heads
-        self.n_ctx = c.max_position_embeddings
-        self.vocab_size = c.vocab_size
+        self._standard_dims()
         pet = getattr(c, "position_embedding_type", "absolute")
         if pet not in (None, "absolute"):
             raise ValueError(f"BERT position_embedding_type={pet!r} is not supported (only 'absolute')")
@@ -66,12 +60,6 @@ class BertAdapter(Adapter):
 
     def down_module(self, L):
         return self.blocks[L].output.dense
-
-    def down_weight(self, L):
-        return self.blocks[L].output.dense.weight.t()
-
-    def down_bias(self, L):
-        return self.blocks[L].output.dense.bias
 
     def post_mlp_norm(self, L, h):
         return self.blocks[L].output.LayerNorm(h)

@@ -62,9 +62,6 @@ class GPT2Adapter(Adapter):
     def down_weight(self, L):
         return self.blocks[L].mlp.c_proj.weight  # Conv1D: already [d_ff, d_model]
 
-    def down_bias(self, L):
-        return self.blocks[L].mlp.c_proj.bias
-
     def final(self, h):
         return self.model.lm_head(self.tr.ln_f(h))
 

@@ -19,7 +19,6 @@ from .llama import rope
 
 class GPTNeoXAdapter(Adapter):
     arch = "gpt_neox"
-    causal = True
     mlp_norm_shared = False
 
     def __init__(self, model):
@@ -28,13 +27,7 @@ class GPTNeoXAdapter(Adapter):
         self.tr = model.gpt_neox
         self.blocks = self.tr.layers
         self.block_style = BLOCK_PARALLEL if c.use_parallel_residual else BLOCK_SEQUENTIAL
-        self.n_layers = c.num_hidden_layers
-        self.d_model = c.hidden_size
-        self.d_ff = c.intermediate_size
-        self.n_heads = self.n_kv_heads = c.num_attention_heads
-        self.head_dim = c.hidden_size // c.num_attention_heads
-        self.n_ctx = c.max_position_embeddings
-        self.vocab_size = c.vocab_size
+        self._standard_dims()
 
     def embedding_module(self):
         return self.tr.embed_in

@@ -82,12 +82,6 @@ class GPTJAdapter(Adapter):
     def down_module(self, L):
         return self.blocks[L].mlp.fc_out
 
-    def down_weight(self, L):
-        return self.blocks[L].mlp.fc_out.weight.t()
-
-    def down_bias(self, L):
-        return self.blocks[L].mlp.fc_out.bias
-
     def final(self, h):
         return self.model.lm_head(self.tr.ln_f(h))
 

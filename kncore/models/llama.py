@@ -40,14 +40,7 @@ class LlamaAdapter(Adapter):
         c = self.config
         self.base = model.model
         self.blocks = self.base.layers
-        self.n_layers = c.num_hidden_layers
-        self.d_model = c.hidden_size
-        self.d_ff = c.intermediate_size
-        self.n_heads = c.num_attention_heads
-        self.n_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.n_ctx = c.max_position_embeddings
-        self.vocab_size = c.vocab_size
+        self._standard_dims()
         W = getattr(c, "sliding_window", None)
         self._windows = [None] * self.n_layers
         if W and self.exact_windows:
@@ -100,12 +93,6 @@ class LlamaAdapter(Adapter):
 
     def down_module(self, L):
         return self.blocks[L].mlp.down_proj
-
-    def down_weight(self, L):
-        return self.blocks[L].mlp.down_proj.weight.t()
-
-    def down_bias(self, L):
-        return self.blocks[L].mlp.down_proj.bias
 
     def final(self, h):
         return self.model.lm_head(self.base.norm(h))
