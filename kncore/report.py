@@ -472,6 +472,23 @@ def edit_reading(verdicts: dict) -> str:
     return _sentence(parts) if parts else "No criterion could be scored."
 
 
+def _kn_by_group(tab) -> tuple:
+    """Per relation: facts, KNs, KNs per fact, and the layer holding most of them."""
+    from collections import Counter
+
+    from .pipeline import GROUP, KEY, LAYER
+
+    rows = tab.to_pylist()
+    body = []
+    for g in sorted({str(r[GROUP]) for r in rows}):
+        rs = [r for r in rows if str(r[GROUP]) == g]
+        facts = len({r.get(KEY) for r in rs})
+        layer, n = Counter(r[LAYER] for r in rs).most_common(1)[0]
+        body.append([g, str(facts), str(len(rs)), f"{len(rs) / facts:.2f}", f"{layer} ({n})"])
+    return ("Per relation: facts with KNs, KNs, KNs per fact, the layer with most KNs",
+            [GROUP, "facts", "KNs", "per fact", "top layer (KNs)"], body)
+
+
 def _findings(rd: RunDir, tabs: dict) -> list[Section]:
     """The results first: KNs and their layers, traces, intervention effects,
     edit evaluation, each a reading, its figures and its key table; then the
@@ -490,9 +507,7 @@ def _findings(rd: RunDir, tabs: dict) -> list[Section]:
             sec.tables.append(("Per relation: facts, mean KNs per fact, sharing threshold tau, mean R1^2",
                                hdr, [[_fmt(r[h]) for h in hdr] for r in loc.to_pylist()]))
         elif tab.num_rows and GROUP in tab.column_names:
-            ns = _numeric_summary(tab.select([GROUP]).append_column(LAYER, tab.column(LAYER)))
-            if ns:
-                sec.tables.append(("KNs per relation and their mean layer", *ns))
+            sec.tables.append(_kn_by_group(tab))
         out.append(sec)
     if "trace" in tabs:
         from .pipeline import TRACE_REQUIRED

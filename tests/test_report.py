@@ -252,6 +252,10 @@ def test_report_reads_like_a_result(tmp_path):
     top = int(counts.argmax())
     assert (f"{kn.num_rows} knowledge neurons for 12 facts" in md
             and f"most in layer {top} ({counts[top]} neurons" in md)
+    for rel in sorted(set(kn.column("relation").to_pylist())):
+        rs = [r for r in kn.to_pylist() if r["relation"] == rel]
+        facts = len({r["key"] for r in rs})
+        assert f"| {rel} | {facts} | {len(rs)} | {len(rs) / facts:.2f} |" in md
     eff = RunDir.load(tmp_path / "run").read("effect").to_pylist()
     sup = [r for r in eff if r["intervention"] == "suppress"]
     pct = 100 * np.mean([(r["p_after"] - r["p_before"]) / min(r["p_after"], r["p_before"]) for r in sup])
