@@ -115,12 +115,12 @@ def run_kncore(lm, data: Path, out: Path):
     attr = rd.load_tensors("attr")
     coarse = rd.read("coarse").to_pylist()
     got = {}
-    for f in res["facts"]:
+    for f in res["bags"]:
         keys = sorted(k for k in attr if k.startswith(f["key"] + "#"))
-        got[f["label"]] = {"scores": torch.stack([attr[k] for k in keys]), "neurons": sorted(kns[f["key"]]),
-                           "p": f["p"], "r1": f["r1_sq"],
-                           "coarse": [sorted((r["layer"], r["neuron"]) for r in coarse
-                                             if r["fact"] == f["key"] and r["j"] == j) for j in range(len(keys))]}
+        got[f["subject"]] = {"scores": torch.stack([attr[k] for k in keys]), "neurons": sorted(kns[f["key"]]),
+                             "p": f["p"], "r1": f["r1_sq"],
+                             "coarse": [sorted((r["layer"], r["neuron"]) for r in coarse
+                                               if r["key"] == f["key"] and r["j"] == j) for j in range(len(keys))]}
     return got
 
 

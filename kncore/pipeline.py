@@ -27,6 +27,13 @@ from pathlib import Path
 from .errors import InputError
 
 # -- the schema: table -> its columns, in order ------------------------------------------------
+# The layout of these tables. The experiments record it in their run directory's
+# config, so a directory written under another layout (the experiments' old
+# ``task``/``fact`` columns and ``facts`` table) is refused, not mixed.
+SCHEMA_VERSION = 2
+# The columns other modules read back by name (kncore.report): one spelling each.
+KEY, GROUP, LAYER, NEURON = "key", "relation", "layer", "neuron"
+INTERVENTION, P_BEFORE, P_AFTER, METHOD = "intervention", "p_before", "p_after", "method"
 PROMPT_COLUMNS = ("key", "j", "relation", "prompt", "target", "base_prob", "max_gap", "median_gap", "n_coarse")
 COARSE_COLUMNS = ("key", "j", "relation", "layer", "neuron", "score")
 BAG_COLUMNS = ("key", "relation", "subject", "n_prompts", "r1_sq")

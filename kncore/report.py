@@ -1,23 +1,23 @@
 """Reports of a run directory: one self-contained HTML page (figures embedded as
 base64 PNG) and a Markdown version (figures as files beside it).
 
-The report is generic over what the run directory holds. Every table gets a
-summary (row count, means of numeric columns, grouped by ``method`` /
-``intervention`` / ``kind`` / ``relation`` when present) and a preview of its
-rows. Tables of a known kind also get the figures that the plot functions
-registered for them draw (:func:`register_plot`; the figures come from the
-modules that own the method, so a report looks like the rest of kncore):
+A report reads like a result: it opens with what was found, each finding with
+a one-sentence reading computed from the data, its figures and its key table:
 
-``kn``         ``layer`` (``relation``): the layer distribution of the knowledge
-               neurons (:func:`kncore.localisation.plot_layer_distribution`);
-``effect``     ``intervention``, ``p_before``, ``p_after`` (``relation``): the
-               probability-change bars with significance marked
-               (:func:`kncore.evaluation.plot_probability_changes`) and their table;
-``trace``      ``tokens``, ``scores`` [tokens x layers], ``kind``...: ROME's causal-trace
-               heatmaps and average indirect effect (:mod:`kncore.tracing`);
-``edit_eval``  ``method`` and metric columns: the edit-evaluation table.
+* knowledge neurons (``kn``, ``localisation``): how many, for how many facts,
+  and the layer distribution (:func:`kncore.localisation.plot_layer_distribution`);
+* causal tracing (``trace``): ROME's heatmaps and average indirect effect, and
+  where restoring a state brings most of the answer back (:mod:`kncore.tracing`);
+* interventions (``effect``): the probability-change bars with significance
+  marked (:func:`kncore.plots.plot_probability_changes`) and their t-tests;
+* edit evaluation (``edit_eval``): pass or fail per criterion (ROME's ES, PS,
+  NS: success rates after the edit) and the metrics per method.
 
-PNG files in ``RUN/plots/`` are added as they are.
+Then the figures in ``RUN/plots/`` and the run's summary; the manifest, the
+config (values in full) and every table (a summary and its first rows) are
+behind a fold at the end. Column names come from :mod:`kncore.pipeline`'s
+schema. Any other table whose module registered a plot (:func:`register_plot`)
+gets its figures among the findings.
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ class Section:
     text: str = ""
     tables: list = field(default_factory=list)   # (caption, header list, rows list of lists)
     figures: list = field(default_factory=list)  # Figure
+    fold: bool = False  # behind the fold at the end (the run's details), not a finding
 
 
 def _plt():
@@ -107,10 +108,12 @@ def _file_png(draw) -> bytes:
 def _layer_groups(tab, n_layers: int) -> dict:
     import numpy as np
 
-    layers = np.asarray(tab.column("layer").to_pylist(), dtype=int)
+    from .pipeline import GROUP, LAYER
+
+    layers = np.asarray(tab.column(LAYER).to_pylist(), dtype=int)
     groups = {"all": layers}
-    if "relation" in tab.column_names:
-        rel = np.asarray([str(x) for x in tab.column("relation").to_pylist()], dtype=object)
+    if GROUP in tab.column_names:
+        rel = np.asarray([str(x) for x in tab.column(GROUP).to_pylist()], dtype=object)
         names = sorted(set(rel.tolist()))
         if 1 < len(names) <= 4:
             groups = {n: layers[rel == n] for n in names}
@@ -121,11 +124,13 @@ def _layer_groups(tab, n_layers: int) -> dict:
 def plot_kn_layers(tab, rd):
     """Share of KNs in each layer (Niu et al.'s figure; kncore.localisation's plot),
     one panel per relation when there are at most four."""
-    if "layer" not in tab.column_names or tab.num_rows == 0:
+    from .pipeline import LAYER
+
+    if LAYER not in tab.column_names or tab.num_rows == 0:
         return []
     from .localisation import plot_layer_distribution
 
-    n_layers = int((rd.manifest.get("model") or {}).get("n_layers") or max(tab.column("layer").to_pylist()) + 1)
+    n_layers = int((rd.manifest.get("model") or {}).get("n_layers") or max(tab.column(LAYER).to_pylist()) + 1)
     groups = _layer_groups(tab, n_layers)
     png = _file_png(lambda p: plot_layer_distribution(groups, p, title="Layer distribution of knowledge neurons"))
     return [(f"Layer distribution of {tab.num_rows} knowledge neurons", png)]
@@ -145,16 +150,17 @@ def effect_summary(tab) -> list[dict]:
     out and counted in ``n_zero``."""
     import numpy as np
 
+    from .pipeline import GROUP, INTERVENTION, P_AFTER, P_BEFORE
     from .plots import probability_change_stats
 
     cols = tab.column_names
-    if not {"p_before", "p_after"} <= set(cols) or tab.num_rows == 0:
+    if not {P_BEFORE, P_AFTER} <= set(cols) or tab.num_rows == 0:
         return []
-    pb = np.asarray(tab.column("p_before").to_pylist(), dtype=float)
-    pa_ = np.asarray(tab.column("p_after").to_pylist(), dtype=float)
-    inter = np.asarray([str(x) for x in (tab.column("intervention").to_pylist() if "intervention" in cols
+    pb = np.asarray(tab.column(P_BEFORE).to_pylist(), dtype=float)
+    pa_ = np.asarray(tab.column(P_AFTER).to_pylist(), dtype=float)
+    inter = np.asarray([str(x) for x in (tab.column(INTERVENTION).to_pylist() if INTERVENTION in cols
                                          else ["change"] * len(pb))], dtype=object)
-    rel = np.asarray([str(x) for x in (tab.column("relation").to_pylist() if "relation" in cols
+    rel = np.asarray([str(x) for x in (tab.column(GROUP).to_pylist() if GROUP in cols
                                        else ["all"] * len(pb))], dtype=object)
     out = []
     for it in sorted(set(inter.tolist())):
@@ -271,13 +277,15 @@ def edit_summary(tab):
     success before and after the edit), means over the cases."""
     import numpy as np
 
+    from .pipeline import METHOD
+
     rows = tab.to_pylist()
     if not rows:
         return None
-    methods = list(dict.fromkeys(str(r.get("method", "edit")) for r in rows))
+    methods = list(dict.fromkeys(str(r.get(METHOD, "edit")) for r in rows))
 
     def mean(m, col):
-        v = [r.get(col) for r in rows if str(r.get("method", "edit")) == m]
+        v = [r.get(col) for r in rows if str(r.get(METHOD, "edit")) == m]
         v = [float(x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x]
         return float(np.mean(v)) if v else None
 
@@ -300,77 +308,290 @@ def edit_summary(tab):
                 v = mean(m, met)
             vals.append(_fmt(v))
         body.append([met] + vals)
-    n = [str(sum(1 for r in rows if str(r.get("method", "edit")) == m)) for m in methods]
+    n = [str(sum(1 for r in rows if str(r.get(METHOD, "edit")) == m)) for m in methods]
     return ("Edit evaluation (means over cases; S = harmonic mean of ES, PS, NS)", ["metric"] + methods,
             [["cases"] + n] + body)
 
 
-def _table_section(name: str, tab, rd: RunDir, max_rows: int) -> Section:
+def _table_section(name: str, tab, max_rows: int) -> Section:
+    """A table in full detail (for the fold): its summary and its first rows."""
     n = tab.num_rows
     sec = Section(f"Table `{name}`", f"{DESCRIPTIONS.get(name, '')} {n} rows; columns: "
                   f"{', '.join(tab.column_names)}.".strip())
-    if name == "edit_eval":
-        es = edit_summary(tab)
-        if es:
-            sec.tables.append(es)
-    elif name == "effect":
-        summ = effect_summary(tab)
-        if summ:
-            hdr = list(summ[0])
-            sec.tables.append(("Probability change (relative to min(before, after), mean over prompts; "
-                               "one-sample t-test)",
-                               hdr, [[_fmt(s[h]) for h in hdr] for s in summ]))
-    else:
-        ns = _numeric_summary(tab)
-        if ns:
-            sec.tables.append(("Summary", *ns))
+    ns = _numeric_summary(tab)
+    if ns:
+        sec.tables.append(("Summary", *ns))
     prev = tab.slice(0, max_rows).to_pylist()
     if prev:
         hdr = tab.column_names
-        cap = f"First {len(prev)} of {n} rows" if n > len(prev) else f"All {n} rows"
+        cap = f"First {len(prev)} of {n} rows (all of them in {name}.parquet)" if n > len(prev) else f"All {n} rows"
         sec.tables.append((cap, hdr, [[_fmt(r[h]) for h in hdr] for r in prev]))
-    for fn in PLOTS.get(name, []):
-        for i, (title, fig) in enumerate(fn(tab, rd)):
-            png = fig if isinstance(fig, bytes) else _png(fig)
-            sec.figures.append(Figure(title, png, f"{name}-{fn.__name__}-{i}"))
     return sec
 
 
+def _figures(name: str, tab, rd: RunDir) -> list:
+    out = []
+    for fn in PLOTS.get(name, []):
+        for i, (title, fig) in enumerate(fn(tab, rd)):
+            png = fig if isinstance(fig, bytes) else _png(fig)
+            out.append(Figure(title, png, f"{name}-{fn.__name__}-{i}"))
+    return out
+
+
+# -- findings: what was found, each with a reading computed from the data ----------------
+def _share(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def kn_reading(tab, n_layers: int) -> str:
+    """One sentence on the ``kn`` table: how many neurons for how many facts, and where they sit."""
+    import numpy as np
+
+    from .pipeline import GROUP, KEY, LAYER
+
+    if tab.num_rows == 0 or LAYER not in tab.column_names:
+        return "No knowledge neuron was found."
+    layers = np.asarray(tab.column(LAYER).to_pylist(), dtype=int)
+    counts = np.bincount(layers, minlength=n_layers)
+    top = int(counts.argmax())
+    facts = len(set(tab.column(KEY).to_pylist())) if KEY in tab.column_names else None
+    groups = sorted(set(map(str, tab.column(GROUP).to_pylist()))) if GROUP in tab.column_names else []
+    upper = float((layers >= n_layers / 2).mean())
+    who = f" for {facts} facts ({tab.num_rows / facts:.1f} per fact)" if facts else ""
+    rel = f" in {len(groups)} relation{'s' if len(groups) != 1 else ''}" if groups else ""
+    return (f"{tab.num_rows} knowledge neurons{who}{rel}; {_share(upper)} of them sit in the upper half of the "
+            f"{n_layers} layers, most in layer {top} ({counts[top]} neurons, {_share(counts[top] / len(layers))}).")
+
+
+def trace_reading(results) -> str:
+    """One sentence on traces: where restoring each kind of state brings most of the answer back."""
+    import numpy as np
+
+    from .tracing import average_indirect_effect
+    from .tracing.corpus import GROUPS
+
+    if not results or len({r.n_layers for r in results}) != 1:
+        return f"{len(results)} traced prompts from models of different depths: no average is taken."
+    aie = average_indirect_effect(results)
+    parts = []
+    for k in aie.kinds:
+        m = np.where(np.isnan(aie.mean[k]), -np.inf, aie.mean[k])
+        g, layer = np.unravel_index(int(m.argmax()), m.shape)
+        gap = aie.high - aie.low
+        frac = f", {_share((m[g, layer] - aie.low) / gap)} of the clean-corrupted gap" if gap > 0 else ""
+        parts.append(f"{k} at the {GROUPS[g].lower()}, layer {layer} (P = {m[g, layer]:.3g}{frac})")
+    return (f"Over {aie.count} traced prompt{'s' if aie.count != 1 else ''} (clean P = {aie.high:.3g}, corrupted "
+            f"P = {aie.low:.3g}), restoring one state brings most of the answer back for " + "; ".join(parts) + ".")
+
+
+def effect_reading(summ: list[dict]) -> str:
+    """One sentence on :func:`effect_summary`: each intervention's mean change and how often it is significant."""
+    import numpy as np
+
+    parts = []
+    for it in dict.fromkeys(s["intervention"] for s in summ):
+        rows = [s for s in summ if s["intervention"] == it]
+        n = sum(s["n"] for s in rows)
+        change = float(np.average([s["mean_change_pct"] for s in rows], weights=[s["n"] for s in rows]))
+        sig = sum(bool(s["significant"]) for s in rows)
+        where = (f"significant (p < 0.05) in {sig} of {len(rows)} relations" if len(rows) > 1
+                 else f"p = {rows[0]['p_value']:.2g}, {'significant' if sig else 'not significant'} at 0.05")
+        parts.append(f"{it} {'raises' if change > 0 else 'lowers'} the target's probability, by "
+                     f"{abs(change):.3g}% of the smaller of the two on average over {n} prompts ({where})")
+    return _sentence(parts)
+
+
+def _sentence(parts: list[str]) -> str:
+    """Clauses joined into one sentence (first letter raised, the rest as written)."""
+    s = "; ".join(parts)
+    return s[:1].upper() + s[1:] + "."
+
+
+# ROME's criteria and the probe kind each is the post-edit success rate of
+# (kncore.evaluation.evaluate_edits): success means P(target) > P(foil).
+CRITERIA = (("ES", "reliability", "efficacy: the edited prompt gives the new target"),
+            ("PS", "generality", "paraphrases give the new target"),
+            ("NS", "locality", "neighbouring prompts keep their own answer"))
+# a criterion passes when more than this share of its cases succeed (ROME's
+# success compares two answers, so half is what a coin would get)
+PASS_RATE = 0.5
+
+
+def edit_criteria(tab) -> tuple | None:
+    """Pass or fail per criterion and method: ``(caption, header, rows, verdicts)``.
+    A criterion's rate is its success rate over the cases after the edit (and
+    before, where the table has it); ``verdicts[(method, criterion)]`` is True
+    when the rate after the edit is above :data:`PASS_RATE`."""
+    import math
+
+    from .pipeline import METHOD
+
+    rows = tab.to_pylist()
+    cols = set(tab.column_names)
+    crit = [(c, kind, what) for c, kind, what in CRITERIA if c in cols or f"{kind}_success_post" in cols]
+    crit += [(kind, kind, f"{kind} probes (success after the edit)")
+             for kind in (c[: -len("_success_post")] for c in tab.column_names if c.endswith("_success_post"))
+             if kind not in {k for _, k, _ in CRITERIA}]
+    if not rows or not crit:
+        return None
+    methods = list(dict.fromkeys(str(r.get(METHOD, "edit")) for r in rows))
+
+    def rate(m, col):
+        v = [r.get(col) for r in rows if str(r.get(METHOD, "edit")) == m]
+        v = [float(x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)]
+        return (sum(v) / len(v), len(v)) if v else (None, 0)
+
+    body, verdicts = [], {}
+    for c, kind, what in crit:
+        line = [c, what]
+        for m in methods:
+            post, n = rate(m, c if c in cols else f"{kind}_success_post")
+            pre, _ = rate(m, f"{kind}_success_pre")
+            if post is None:
+                line.append("n/a")
+                continue
+            verdicts[(m, c)] = post > PASS_RATE
+            before = f"{pre:.2f} -> " if pre is not None else ""
+            line.append(f"{'PASS' if post > PASS_RATE else 'FAIL'} ({before}{post:.2f}, {n} cases)")
+        body.append(line)
+    cap = (f"Pass or fail per criterion: a criterion passes when more than {PASS_RATE:.0%} of the cases succeed "
+           "after the edit (success: P(target) > P(foil); rates before -> after)")
+    return cap, ["criterion", "what it checks"] + methods, body, verdicts
+
+
+def edit_reading(verdicts: dict) -> str:
+    """One sentence on :func:`edit_criteria`'s verdicts, per method."""
+    methods = list(dict.fromkeys(m for m, _ in verdicts))
+    parts = []
+    for m in methods:
+        got = [(c, ok) for (mm, c), ok in verdicts.items() if mm == m]
+        passed = [c for c, ok in got if ok]
+        failed = [c for c, ok in got if not ok]
+        parts.append(f"{m} passes {len(passed)} of {len(got)} criteria"
+                     + (f" (fails {', '.join(failed)})" if failed else ""))
+    return _sentence(parts) if parts else "No criterion could be scored."
+
+
+def _kn_by_group(tab) -> tuple:
+    """Per relation: facts, KNs, KNs per fact, and the layer holding most of them."""
+    from collections import Counter
+
+    from .pipeline import GROUP, KEY, LAYER
+
+    rows = tab.to_pylist()
+    body = []
+    for g in sorted({str(r[GROUP]) for r in rows}):
+        rs = [r for r in rows if str(r[GROUP]) == g]
+        facts = len({r.get(KEY) for r in rs})
+        layer, n = Counter(r[LAYER] for r in rs).most_common(1)[0]
+        body.append([g, str(facts), str(len(rs)), f"{len(rs) / facts:.2f}", f"{layer} ({n})"])
+    return ("Per relation: facts with KNs, KNs, KNs per fact, the layer with most KNs",
+            [GROUP, "facts", "KNs", "per fact", "top layer (KNs)"], body)
+
+
+def _findings(rd: RunDir, tabs: dict) -> list[Section]:
+    """The results first: KNs and their layers, traces, intervention effects,
+    edit evaluation, each a reading, its figures and its key table; then the
+    figures of any other table that registered some."""
+    from .pipeline import GROUP, KEY, LAYER
+
+    out = []
+    n_layers = int((rd.manifest.get("model") or {}).get("n_layers") or 0)
+    if "kn" in tabs:
+        tab = tabs["kn"]
+        nl = n_layers or (max(tab.column(LAYER).to_pylist()) + 1 if tab.num_rows else 1)
+        sec = Section("Knowledge neurons", kn_reading(tab, nl), figures=_figures("kn", tab, rd))
+        if "localisation" in tabs and tabs["localisation"].num_rows:
+            loc = tabs["localisation"]
+            hdr = [c for c in (KEY, "n_facts", "kn", "tau", "r1_sq") if c in loc.column_names]
+            sec.tables.append(("Per relation: facts, mean KNs per fact, sharing threshold tau, mean R1^2",
+                               hdr, [[_fmt(r[h]) for h in hdr] for r in loc.to_pylist()]))
+        elif tab.num_rows and GROUP in tab.column_names:
+            sec.tables.append(_kn_by_group(tab))
+        out.append(sec)
+    if "trace" in tabs:
+        from .pipeline import TRACE_REQUIRED
+
+        tab = tabs["trace"]
+        ok = set(TRACE_REQUIRED) <= set(tab.column_names) and tab.num_rows
+        text = trace_reading(_trace_results(tab)) if ok else "The trace table lacks the columns of a trace."
+        out.append(Section("Causal tracing", text, figures=_figures("trace", tab, rd)))
+    if "effect" in tabs:
+        tab = tabs["effect"]
+        summ = effect_summary(tab)
+        sec = Section("Effect of interventions on the knowledge neurons",
+                      effect_reading(summ) if summ else "No prompt has both probabilities above zero.",
+                      figures=_figures("effect", tab, rd))
+        if summ:
+            hdr = list(summ[0])
+            sec.tables.append(("Probability change (relative to min(before, after), mean over prompts; "
+                               "one-sample t-test)", hdr, [[_fmt(s[h]) for h in hdr] for s in summ]))
+        out.append(sec)
+    if "edit_eval" in tabs:
+        tab = tabs["edit_eval"]
+        crit = edit_criteria(tab)
+        sec = Section("Edit evaluation", edit_reading(crit[3]) if crit else "No pass/fail criterion in the table.",
+                      figures=_figures("edit_eval", tab, rd))
+        if crit:
+            sec.tables.append(crit[:3])
+        es = edit_summary(tab)
+        if es:
+            sec.tables.append(es)
+        out.append(sec)
+    for name, tab in tabs.items():
+        if name not in ("kn", "trace", "effect", "edit_eval") and PLOTS.get(name):
+            figs = _figures(name, tab, rd)
+            if figs:
+                out.append(Section(f"Figures of `{name}`", DESCRIPTIONS.get(name, ""), figures=figs))
+    return out
+
+
+def _cell(v) -> str:
+    """A config or summary value in full (never cut): JSON for containers."""
+    return json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else str(v)
+
+
 def build(run, *, max_rows: int = 30) -> list[Section]:
-    """The report's sections for a run directory (a path or :class:`RunDir`)."""
+    """The report's sections for a run directory (a path or :class:`RunDir`):
+    the findings first, then (``fold=True``) the run's manifest and config,
+    every table in detail and the tensors."""
     rd = run if isinstance(run, RunDir) else RunDir.load(run)
     man = rd.manifest
     model = man.get("model") or {}
     git = man.get("git") or {}
-    info = [["command", _fmt(man.get("command"))], ["created", _fmt(man.get("created"))],
-            ["model", f"{model.get('name', '')} ({model.get('arch', '')}, {model.get('n_layers', '?')} layers, "
-                      f"d_ff {model.get('d_ff', '?')}, fingerprint {model.get('fingerprint', '?')})"],
-            ["git", f"{git.get('commit', 'n/a')}{' (dirty)' if git.get('dirty') else ''}"],
-            ["versions", ", ".join(f"{k} {v}" for k, v in (man.get("versions") or {}).items())],
-            ["sessions", str(len(man.get("sessions") or []))]]
-    cfg = [[k, _fmt(v)] for k, v in sorted((man.get("config") or {}).items())]
-    head = Section("Run", f"Run directory `{rd.path}`.", tables=[("Manifest", ["field", "value"], info),
-                                                                  ("Config", ["key", "value"], cfg)])
-    if man.get("summary"):
-        head.tables.append(("Summary", ["statistic", "value"],
-                            [[k, _fmt(v)] for k, v in sorted(man["summary"].items())]))
-    sections = [head]
     names = rd.tables()
     names = [n for n in _ORDER if n in names] + [n for n in names if n not in _ORDER]
-    for name in names:
-        sections.append(_table_section(name, rd.read(name), rd, max_rows))
-    tdir = rd.path / "tensors"
-    if tdir.is_dir():
-        files = sorted(p for p in tdir.glob("*.safetensors"))
-        if files:
-            sections.append(Section("Tensors", "Dense tensors stored in the run directory.",
-                                    tables=[("Files", ["file", "MiB"],
-                                             [[p.name, f"{p.stat().st_size / 2**20:.2f}"] for p in files])]))
+    tabs = {n: rd.read(n) for n in names}
+    sections = _findings(rd, tabs)
     if rd.plots_dir.is_dir():
         pngs = sorted(rd.plots_dir.glob("*.png"))
         if pngs:
             sections.append(Section("Plots", "Figures saved in the run's plots/ folder.",
                                     figures=[Figure(p.stem, p.read_bytes(), f"plots-{p.stem}") for p in pngs]))
+    if man.get("summary"):
+        sections.append(Section("Summary", "Run-wide figures the command recorded.",
+                                tables=[("Summary", ["statistic", "value"],
+                                         [[k, _fmt(v)] for k, v in sorted(man["summary"].items())])]))
+    info = [["command", _cell(man.get("command"))], ["created", _cell(man.get("created"))],
+            ["model", f"{model.get('name', '')} ({model.get('arch', '')}, {model.get('n_layers', '?')} layers, "
+                      f"d_ff {model.get('d_ff', '?')}, fingerprint {model.get('fingerprint', '?')})"],
+            ["git", f"{git.get('commit', 'n/a')}{' (dirty)' if git.get('dirty') else ''}"],
+            ["versions", ", ".join(f"{k} {v}" for k, v in (man.get("versions") or {}).items())],
+            ["sessions", str(len(man.get("sessions") or []))]]
+    cfg = [[k, _cell(v)] for k, v in sorted((man.get("config") or {}).items())]
+    sections.append(Section("Run", f"Run directory `{rd.path}`.", fold=True,
+                            tables=[("Manifest", ["field", "value"], info), ("Config", ["key", "value"], cfg)]))
+    for name in names:
+        sec = _table_section(name, tabs[name], max_rows)
+        sec.fold = True
+        sections.append(sec)
+    tdir = rd.path / "tensors"
+    if tdir.is_dir():
+        files = sorted(p for p in tdir.glob("*.safetensors"))
+        if files:
+            sections.append(Section("Tensors", "Dense tensors stored in the run directory.", fold=True,
+                                    tables=[("Files", ["file", "MiB"],
+                                             [[p.name, f"{p.stat().st_size / 2**20:.2f}"] for p in files])]))
     return sections
 
 
@@ -378,7 +599,10 @@ def build(run, *, max_rows: int = 30) -> list[Section]:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;
 text-align:left;vertical-align:top}th{background:#f2f2f2}caption{text-align:left;font-weight:600;padding:4px 0}
-figure{margin:1em 0}figcaption{font-size:13px;color:#555}img{max-width:100%}code{background:#f4f4f4}"""
+figure{margin:1em 0}figcaption{font-size:13px;color:#555}img{max-width:100%}code{background:#f4f4f4}
+p.reading{font-size:15px;border-left:3px solid #4a7;padding-left:.6em}details{margin-top:2em}
+summary{font-size:18px;font-weight:600;cursor:pointer}td{word-break:break-word}"""
+FOLD_TITLE = "Run details: manifest, config and the tables"
 
 
 def _md_inline(s: str) -> str:
@@ -391,39 +615,63 @@ def _html_text(s: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+def _html_section(s: Section) -> list[str]:
+    out = [f"<h2>{_html_text(s.title)}</h2>"]
+    if s.text:
+        out.append(f"<p{'' if s.fold else ' class=reading'}>{_html_text(s.text)}</p>")
+    for f in s.figures:
+        b64 = base64.b64encode(f.png).decode()
+        out.append(f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,{b64}'>"
+                   f"<figcaption>{html.escape(f.title)}</figcaption></figure>")
+    for cap, hdr, rows in s.tables:
+        out.append(f"<table><caption>{html.escape(cap)}</caption><tr>"
+                   + "".join(f"<th>{html.escape(str(h))}</th>" for h in hdr) + "</tr>")
+        out += ["<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows]
+        out.append("</table>")
+    return out
+
+
 def to_html(sections: list[Section], title: str) -> str:
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    for s in sections:
-        out.append(f"<h2>{_html_text(s.title)}</h2>")
-        if s.text:
-            out.append(f"<p>{_html_text(s.text)}</p>")
-        for f in s.figures:
-            b64 = base64.b64encode(f.png).decode()
-            out.append(f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,{b64}'>"
-                       f"<figcaption>{html.escape(f.title)}</figcaption></figure>")
-        for cap, hdr, rows in s.tables:
-            out.append(f"<table><caption>{html.escape(cap)}</caption><tr>"
-                       + "".join(f"<th>{html.escape(str(h))}</th>" for h in hdr) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows]
-            out.append("</table>")
+    for s in (s for s in sections if not s.fold):
+        out += _html_section(s)
+    folded = [s for s in sections if s.fold]
+    if folded:
+        out.append(f"<details><summary>{html.escape(FOLD_TITLE)}</summary>")
+        for s in folded:
+            out += _html_section(s)
+        out.append("</details>")
     out.append("</body></html>")
     return "\n".join(out)
 
 
+def _md_section(s: Section, figdir: str) -> list[str]:
+    out = [f"## {s.title}", ""]
+    if s.text:
+        out += [s.text, ""]
+    for f in s.figures:
+        out += [f"![{_md_inline(f.title)}]({figdir}/{f.name}.png)", ""]
+    for cap, hdr, rows in s.tables:
+        out += [f"**{_md_inline(cap)}**", "", "| " + " | ".join(_md_inline(str(h)) for h in hdr) + " |",
+                "|" + "---|" * len(hdr)]
+        out += ["| " + " | ".join(_md_inline(str(v)) for v in r) + " |" for r in rows]
+        out.append("")
+    return out
+
+
 def to_markdown(sections: list[Section], title: str, figdir: str) -> str:
     out = [f"# {title}", ""]
-    for s in sections:
-        out += [f"## {s.title}", ""]
-        if s.text:
-            out += [s.text, ""]
-        for f in s.figures:
-            out += [f"![{_md_inline(f.title)}]({figdir}/{f.name}.png)", ""]
-        for cap, hdr, rows in s.tables:
-            out += [f"**{_md_inline(cap)}**", "", "| " + " | ".join(_md_inline(str(h)) for h in hdr) + " |",
-                    "|" + "---|" * len(hdr)]
-            out += ["| " + " | ".join(_md_inline(str(v)) for v in r) + " |" for r in rows]
-            out.append("")
+    for s in (s for s in sections if not s.fold):
+        out += _md_section(s, figdir)
+    folded = [s for s in sections if s.fold]
+    if folded:
+        # GitHub and most Markdown renderers fold a <details> block; the blank
+        # line after <summary> lets the Markdown inside it render
+        out += ["<details>", f"<summary>{FOLD_TITLE}</summary>", ""]
+        for s in folded:
+            out += _md_section(s, figdir)
+        out += ["</details>", ""]
     return "\n".join(out)
 
 

@@ -13,6 +13,10 @@ and edits, KN interventions) drives :func:`run`. It can
 
 Sites (TransformerLens hook names in brackets):
 
+``embed``      token embeddings, layer 0 (``hook_embed``): the token-embedding
+               module's output, before position embeddings, scaling or norm
+               (:meth:`kncore.models.base.Adapter.embed_rest`); causal tracing
+               adds its noise here
 ``resid_pre``  input of block L          (``blocks.{L}.hook_resid_pre``)
 ``attn_out``   attention output          (``blocks.{L}.hook_attn_out``)
 ``pre_act``    MLP pre-activation        (``blocks.{L}.mlp.hook_pre``; LLaMA: the gate projection)
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from .models.base import Adapter, BLOCK_PARALLEL, BLOCK_SANDWICH, BLOCK_SEQUENTIAL
 
 SITES = ("resid_pre", "attn_out", "pre_act", "act", "mlp_out", "resid_post")
+EMBED_SITE = "embed"  # one per model: its layer is 0
 NEURON_SITES = ("pre_act", "act")
 _TL = {
     "resid_pre": "blocks.{L}.hook_resid_pre",
@@ -46,20 +51,26 @@ _TL_RE = {re.compile("^" + re.escape(v).replace(r"\{L\}", r"(\d+)") + "$"): k fo
 
 def hook_name(site: str, layer: int) -> str:
     """TransformerLens-style name of a site, e.g. ``blocks.3.mlp.hook_post``."""
-    return _TL[site].format(L=layer)
+    return "hook_embed" if site == EMBED_SITE else _TL[site].format(L=layer)
 
 
 def parse_site(key) -> tuple[str, int]:
     """Accept ``(site, layer)`` or a TransformerLens hook name."""
     if isinstance(key, str):
+        if key == "hook_embed":
+            return EMBED_SITE, 0
         for rx, site in _TL_RE.items():
             m = rx.match(key)
             if m:
                 return site, int(m.group(1))
         raise ValueError(f"unknown hook name {key!r}; expected e.g. 'blocks.3.mlp.hook_post'")
     site, layer = key
+    if site == EMBED_SITE:
+        if int(layer) != 0:
+            raise ValueError(f"the {EMBED_SITE!r} site has layer 0 only, got {layer}")
+        return site, 0
     if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+        raise ValueError(f"unknown site {site!r}; expected one of {(EMBED_SITE, *SITES)}")
     return site, int(layer)
 
 
@@ -151,9 +162,26 @@ def _norm_patches(patches: Iterable[Patch]) -> dict:
     return table
 
 
+def selection_mask(p: Patch, pos_ids: torch.Tensor) -> torch.Tensor:
+    """[B, n] bool: the entries a patch selects in a run over ``pos_ids`` [B, n]."""
+    B = pos_ids.shape[0]
+    if p.positions is None:
+        colmask = torch.ones_like(pos_ids, dtype=torch.bool)
+    else:
+        want = torch.as_tensor(p.positions, device=pos_ids.device).reshape(-1)
+        colmask = (pos_ids[..., None] == want).any(-1)
+    if p.rows is not None:
+        rows = torch.as_tensor(p.rows, device=pos_ids.device, dtype=torch.long).reshape(-1)
+        if rows.numel() and (rows.min() < 0 or rows.max() >= B):
+            raise IndexError(f"patch rows out of range for batch of {B}")
+        rowmask = torch.zeros(B, dtype=torch.bool, device=pos_ids.device)
+        rowmask[rows] = True
+        colmask = colmask & rowmask[:, None]
+    return colmask
+
+
 def _apply_patches(x, plist, pos_ids):
     """Apply the patches of one (site, layer) to x [B, n, w]."""
-    B = x.shape[0]
     for p in plist:
         if p.positions is None and p.rows is None:
             # Every entry, in row-major order: no index to build (also what
@@ -166,19 +194,7 @@ def _apply_patches(x, plist, pos_ids):
                 sel = _edit(sel, p)
             x = sel.to(x.dtype).reshape(x.shape)
             continue
-        if p.positions is None:
-            colmask = torch.ones_like(pos_ids, dtype=torch.bool)
-        else:
-            want = torch.as_tensor(p.positions, device=pos_ids.device).reshape(-1)
-            colmask = (pos_ids[..., None] == want).any(-1)
-        if p.rows is not None:
-            rows = torch.as_tensor(p.rows, device=x.device, dtype=torch.long).reshape(-1)
-            if rows.numel() and (rows.min() < 0 or rows.max() >= B):
-                raise IndexError(f"patch rows out of range for batch of {B}")
-            rowmask = torch.zeros(B, dtype=torch.bool, device=x.device)
-            rowmask[rows] = True
-            colmask = colmask & rowmask[:, None]
-        ri, ci = colmask.nonzero(as_tuple=True)
+        ri, ci = selection_mask(p, pos_ids).nonzero(as_tuple=True)
         if ri.numel() == 0:
             continue
         sel = x[ri, ci]  # [k, w]
@@ -346,8 +362,10 @@ def attention(ad: Adapter, L: int, x, pos_ids, key_valid, past_k, past_v, shared
 def site_fn(table, wanted, captured, cap_idx, keep_grad, pos_ids):
     """``site(name, L, x) -> x``: applies the patches of (name, L) to x and
     captures it where wanted (the one hook point of every layer loop)."""
-    def site(name, L, x):
+    def site(name, L, x, done=()):
         ps = table.get((name, L))
+        if ps and done:  # applied already (by the fused MLP kernel)
+            ps = [p for p in ps if not any(p is d for d in done)]
         if ps:
             x = _apply_patches(x, ps, pos_ids)
         if (name, L) in wanted:
@@ -477,7 +495,10 @@ def run(
 
     site = site_fn(table, wanted, captured, cap_idx, capture_grad, position_ids)
 
-    h = ad.embed(input_ids, position_ids) if input_ids is not None else hidden
+    if input_ids is not None:
+        h = ad.embed_rest(site(EMBED_SITE, 0, ad.embedding_module()(input_ids)), position_ids)
+    else:
+        h = hidden
     for L in range(start_layer, stop):
         h = site("resid_pre", L, h)
         pk = pv = sh = None
@@ -502,7 +523,7 @@ def run(
         else:  # post-LN
             h = ad.post_attn_norm(L, h + a)
             mlp_in = h
-        m = _mlp(ad, L, mlp_in, site, table, keep_pre=("pre_act", L) in wanted)
+        m = _mlp(ad, L, mlp_in, site, table, position_ids, keep_pre=("pre_act", L) in wanted)
         if ad.block_style == BLOCK_SEQUENTIAL:
             h = h + m
         elif ad.block_style == BLOCK_PARALLEL:
@@ -531,7 +552,7 @@ def run(
     return RunOutput(out_logits, h, captured, kv, position_ids)
 
 
-def _mlp(ad: Adapter, L: int, x, site, table, keep_pre: bool = False):
+def _mlp(ad: Adapter, L: int, x, site, table, position_ids, keep_pre: bool = False):
     # A full replacement of mlp_out (every row, every position, a value) makes
     # the MLP itself dead work: IG's step rows use this.
     full = table.get(("mlp_out", L))
@@ -544,12 +565,13 @@ def _mlp(ad: Adapter, L: int, x, site, table, keep_pre: bool = False):
     # (KNCORE_KERNELS=force sends CPU tensors through the Triton interpreter: tests).
     from .ops.dispatch import wants_kernels
 
-    fused = None
+    fused, done = None, ()
     if wants_kernels(x.device):
         from .ops.mlp_capture import fused_pre_act
-        fused = fused_pre_act(ad, L, x, table)
+        fused = fused_pre_act(ad, L, x, table, position_ids)
     if fused is not None:
-        pre, act = fused
+        # done: the act patches the kernel's epilogue applied (kncore.patch_neurons' scales)
+        pre, act, done = fused
         site("pre_act", L, pre)  # capture only: a pre_act patch sends the layer to the plain path
     else:
         pre, aux = ad.mlp_pre(L, x)
@@ -559,5 +581,5 @@ def _mlp(ad: Adapter, L: int, x, site, table, keep_pre: bool = False):
         # a capture holds it or autograd needs it.
         inplace = not keep_pre and not (torch.is_grad_enabled() and pre.requires_grad)
         act = ad.mlp_act(L, pre, aux, inplace=inplace)
-    act = site("act", L, act)
+    act = site("act", L, act, done)
     return site("mlp_out", L, ad.mlp_down(L, act))

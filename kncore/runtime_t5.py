@@ -88,7 +88,7 @@ def encode(ad: T5Adapter, input_ids: torch.Tensor | None = None, *, hidden: torc
         q, k, v = enc.qkv(L, enc.ln1(L, h))
         a = site("attn_out", L, enc.attn_proj(L, _attend(q, k, v, bias, allowed)))
         h = h + a
-        m = _mlp(enc, L, enc.ln2(L, h), site, table, keep_pre=("pre_act", L) in wanted)
+        m = _mlp(enc, L, enc.ln2(L, h), site, table, pos, keep_pre=("pre_act", L) in wanted)
         h = site("resid_post", L, h + m)
     ks, vs = [None] * ad.n_layers, [None] * ad.n_layers
     if stop == N:
@@ -169,7 +169,7 @@ def decode(ad: T5Adapter, input_ids: torch.Tensor | None = None, *, enc: Encoded
         ca = ad.cross_proj(L, _attend(ad.cross_q(L, ad.ln_cross(L, h + sa)), enc.k[L][enc_rows],
                                       enc.v[L][enc_rows], None, cross_allowed))
         h = h + site("attn_out", L, sa + ca)
-        m = _mlp(ad, L, ad.ln2(L, h), site, table, keep_pre=("pre_act", L) in wanted)
+        m = _mlp(ad, L, ad.ln2(L, h), site, table, pos, keep_pre=("pre_act", L) in wanted)
         h = site("resid_post", L, h + m)
 
     out_logits = None

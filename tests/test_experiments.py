@@ -119,7 +119,7 @@ def test_localise_equals_building_blocks(arch, data, tmp_path):
     res = X.localise(lm, [BLIMP, "pararel:P36"], out, steps=steps, limit={BLIMP: 5, "P36": 4}, batch_size=1,
                      data_dir=data, progress=False, chunk=3)
     facts = X.task_facts(lm, BLIMP, limit=5, data_dir=data)[0] + X.task_facts(lm, "P36", limit=4, data_dir=data)[0]
-    frows = {r["key"]: r for r in res["facts"]}
+    frows = {r["key"]: r for r in res["bags"]}
     assert set(frows) == {f.key for f in facts}
     kns = X.read_kns(out)
     n_total = 0
@@ -133,7 +133,7 @@ def test_localise_equals_building_blocks(arch, data, tmp_path):
         assert frows[f.key]["r1_sq"] == pytest.approx(r1_squared(a.scores), rel=1e-6, abs=1e-9)
         n_total += len(ref.sets[0])
     for row in res["localisation"]:
-        fr = [r for r in res["facts"] if r["task"] == row["task"]]
+        fr = [r for r in res["bags"] if r["relation"] == row["task"]]
         assert row["kn"] == pytest.approx(sum(r["n_kn"] for r in fr) / len(fr))
         assert row["tau"] == pytest.approx(sum(r["p"] for r in fr) / len(fr))
         assert sum(row["layer_counts"]) == sum(r["n_kn"] for r in fr)
@@ -158,7 +158,7 @@ def test_localise_task_scope_is_one_search(data, tmp_path):
     facts, _ = X.task_facts(lm, "P36", data_dir=data)
     a = [attribute(lm, f.prompts, f.targets, steps=3, batch_size=1, progress=False) for f in facts]
     ref = refine([select_coarse(x) for x in a], "adaptive")
-    assert {r["p"] for r in res["facts"]} == {ref.p}
+    assert {r["p"] for r in res["bags"]} == {ref.p}
     kns = X.read_kns(tmp_path / "t")
     assert [sorted(kns[f.key]) for f in facts] == [sorted(s.neurons) for s in ref.sets]
 
@@ -183,9 +183,9 @@ def test_localise_resumes_after_crash(data, tmp_path, monkeypatch):
     assert 0 < len(RunDir.load(tmp_path / "cut").done_keys("prompts")) < len(whole["prompts"])
     monkeypatch.setattr(A, "attribute", real)
     resumed = X.localise(lm, [BLIMP, "P36"], tmp_path / "cut", **kw)
-    for t in ("localisation", "facts", "kn"):
+    for t in ("localisation", "bags", "kn"):
         assert resumed[t] == whole[t], t
-    assert len(resumed["prompts"]) == len(whole["prompts"]) == sum(r["n_prompts"] for r in whole["facts"])
+    assert len(resumed["prompts"]) == len(whole["prompts"]) == sum(r["n_prompts"] for r in whole["bags"])
 
 
 def test_localise_refuses_bad_options(data, tmp_path):
@@ -251,12 +251,12 @@ def test_kn_edit_effects_localises_then_pararel(data, tmp_path):
     kns = X.read_kns(tmp_path / "eff" / "localise")
     assert len(kns) == 3
     facts, _ = X.task_facts(lm, "P36", limit=3, data_dir=data)
-    rows = RunDir.load(tmp_path / "eff").read("target_probs").to_pylist()
+    rows = RunDir.load(tmp_path / "eff").read("effect").to_pylist()
     f = next(f for f in facts if kns[f.key])
     ids = torch.tensor([lm.target_ids(q, t)[0] for q, t in zip(f.prompts, f.targets)])
     with kncore.patch_neurons(lm, kns[f.key], mode="suppress"):
         want = lm.next_token_probs(f.prompts).gather(1, ids[:, None])[:, 0]
-    got = [r["p_after"] for r in rows if r["fact"] == f.key and r["mode"] == "suppress"]
+    got = [r["p_after"] for r in rows if r["key"] == f.key and r["intervention"] == "suppress"]
     assert got == pytest.approx(want.tolist(), rel=1e-5)
     assert [r["mode"] for r in res["effects"]] == ["suppress", "enhance"]
     # the KNs come from a localise run: a run made with other options is refused

@@ -319,3 +319,96 @@ def test_smollm_cuda_fused_equals_plain(smollm, monkeypatch, dtype):
         assert _err(outs[1], outs[0]) <= tol * outs[0].abs().max().item()
     finally:
         smollm.model.to("cpu", orig)
+
+
+# --------------------------------------------------------------------------- patch_neurons in the kernel
+
+def _kernel_as_reference(monkeypatch, calls):
+    """The runtime's fused path with the reference standing in for the Triton
+    kernel (no triton here): what the runtime hands the kernel is recorded."""
+    def fake(*args, **kwargs):
+        calls.append(kwargs)
+        return K.mlp_capture_ref(*args, **kwargs)
+
+    monkeypatch.setattr(K, "mlp_capture", fake)
+    monkeypatch.setattr(op, "not_supported_reasons", lambda *a, **k: [])
+    monkeypatch.setattr(dispatch, "wants_kernels", lambda device: True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("mode", ["suppress", "enhance"])
+def test_patch_neurons_scale_in_the_kernel_epilogue(arch, mode, monkeypatch):
+    """patch_neurons' act patches (a factor on some neurons at each row's target
+    position) go to the kernel as neuron_scale / neuron_rows, not through the
+    site afterwards; the numbers equal the plain path's."""
+    import kncore
+
+    lm = tiny_lm(arch, seed=int(torch.randint(0, 10_000, ())))
+    ids = _ids(lm, B=3, T=7)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 4:] = False  # row 1's target is position 3, the others' position 6
+    g = _gen()
+    kns = [(L, int(i)) for L in (0, 2) for i in torch.randint(0, lm.d_ff, (3,), generator=g)]
+    caps = [("act", 0), ("act", 2)]
+    with torch.no_grad(), kncore.patch_neurons(lm, kns, mode=mode, factor=2.0):
+        plain = lm.run(ids, attention_mask=mask, capture=caps)
+        calls = []
+        _kernel_as_reference(monkeypatch, calls)
+        fused = lm.run(ids, attention_mask=mask, capture=caps)
+    scaled = [c for c in calls if c.get("neuron_scale") is not None]
+    assert len(calls) == lm.n_layers and len(scaled) == 2  # layers 0 and 2 carry the neurons
+    want = 0.0 if mode == "suppress" else 2.0
+    for c in scaled:
+        s = c["neuron_scale"]
+        assert set(s.unique().tolist()) == {1.0, want} and int((s == want).sum()) <= 3
+        rows = c["neuron_rows"].view(3, 7)
+        assert rows.sum().item() == 3 and rows[1, 3] and rows[0, 6] and rows[2, 6]
+    assert _err(fused.logits, plain.logits) <= 1e-5 * plain.logits.abs().max().item()
+    for c in caps:
+        assert _err(fused[c], plain[c]) <= 1e-5 * plain[c].abs().max().item()
+    # the capture sees the patched neurons: zero (suppress) or twice the unpatched value (enhance)
+    L0 = [i for L, i in kns if L == 0]
+    with torch.no_grad():
+        base = lm.run(ids, attention_mask=mask, capture=caps)[("act", 0)][0, 6, L0]
+    assert torch.allclose(fused[("act", 0)][0, 6, L0], base * want, rtol=1e-5, atol=1e-6)
+
+
+def test_overlapping_neuron_patches_stay_on_the_site(monkeypatch):
+    """Two patches on the same entries multiply twice: the kernel's single
+    scale cannot say that, so the site applies them (and the numbers agree)."""
+    lm = tiny_lm("gpt2", seed=int(torch.randint(0, 10_000, ())))
+    ids = _ids(lm)
+    patches = [Patch("act", 1, positions=[2, 5], neurons=[1, 7], scale=2.0),
+               Patch("act", 1, positions=[5], neurons=[1, 7], scale=2.0)]
+    with torch.no_grad():
+        plain = lm.run(ids, patches=patches, capture=[("act", 1)])
+        calls = []
+        _kernel_as_reference(monkeypatch, calls)
+        fused = lm.run(ids, patches=patches, capture=[("act", 1)])
+    assert all(c.get("neuron_scale") is None for c in calls) and len(calls) == lm.n_layers
+    assert _err(fused[("act", 1)], plain[("act", 1)]) <= 1e-5 * plain[("act", 1)].abs().max().item()
+    base = lm.run(ids, capture=[("act", 1)])[("act", 1)]
+    assert torch.allclose(fused[("act", 1)][:, 5, [1, 7]], 4 * base[:, 5, [1, 7]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in DEVICES, reason="needs the Triton interpreter on CPU")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_patch_neurons_through_the_kernel(arch, monkeypatch):
+    """The real kernel (Triton's interpreter) applies patch_neurons' factor in
+    its epilogue and gives the plain path's numbers."""
+    import kncore
+
+    lm = tiny_lm(arch, seed=int(torch.randint(0, 10_000, ())))
+    ids = _ids(lm, B=2, T=6)
+    kns = [(1, int(i)) for i in torch.randint(0, lm.d_ff, (4,), generator=_gen())]
+    real, calls = K.mlp_capture, []
+    monkeypatch.setattr(K, "mlp_capture", lambda *a, **k: calls.append(k) or real(*a, **k))
+    outs = []
+    for mode in ("auto", "force"):
+        monkeypatch.setenv("KNCORE_KERNELS", mode)
+        with torch.no_grad(), kncore.patch_neurons(lm, kns, mode="enhance", factor=3.0):
+            outs.append(lm.run(ids, capture=[("act", 1)]))
+    assert sum(k.get("neuron_scale") is not None for k in calls) == 1
+    plain, fused = outs
+    assert _err(fused.logits, plain.logits) <= 1e-5 * plain.logits.abs().max().item()
+    assert _err(fused[("act", 1)], plain[("act", 1)]) <= 1e-5 * plain[("act", 1)].abs().max().item()

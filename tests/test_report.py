@@ -42,10 +42,10 @@ def _png_size(b: bytes) -> tuple[int, int]:
     return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
 
 
-def _make_run(path: Path, rng, *, with_plots_dir=True) -> RunDir:
+def _make_run(path: Path, rng, *, with_plots_dir=True, config=None) -> RunDir:
     """A run directory holding every table kind the report knows, with random contents."""
     lm = tiny_lm("gpt2", seed=int(rng.integers(1000)))
-    rd = RunDir.open(path, {"steps": int(rng.integers(5, 30))}, lm, command="localise")
+    rd = RunDir.open(path, {"steps": int(rng.integers(5, 30)), **(config or {})}, lm, command="localise")
     n_layers = lm.n_layers
     kn = [{"key": f"f{k:02d}", "relation": str(rng.choice(["P36", "P101"])), "layer": int(rng.integers(n_layers)),
            "neuron": int(rng.integers(lm.d_ff)), "score": float(rng.random())}
@@ -223,3 +223,72 @@ def test_html_renders_with_images_in_chromium(tmp_path, chromium):
     broken.write_text(html.replace(first, base64.b64encode(b"not a png at all").decode(), 1))
     got = _rendered_widths(chromium, broken)
     assert got[0] <= 0 and got[1:] == want[1:]
+
+
+# -- the layout: findings first, each with a reading from the data; the run's details folded ----------
+def test_report_reads_like_a_result(tmp_path):
+    import pyarrow as pa
+
+    rng = _rng()
+    long_value = "x" * 150 + "-the-end"
+    rd = _make_run(tmp_path / "run", rng, with_plots_dir=False, config={"long_option": long_value})
+    html_path, md_path = report.write(tmp_path / "run", tmp_path / "rep")
+    html, md = html_path.read_text(), md_path.read_text()
+    # findings come first, in this order, and the fold holds the manifest, the config and the tables
+    order = ["<h2>Knowledge neurons</h2>", "<h2>Causal tracing</h2>",
+             "<h2>Effect of interventions on the knowledge neurons</h2>", "<h2>Edit evaluation</h2>", "<details>",
+             "<h2>Run</h2>", "Table <code>kn</code>"]
+    at = [html.index(s) for s in order]
+    assert at == sorted(at)
+    assert html.count("<details>") == 1 and html.index("</details>") > html.index("Table <code>misc</code>")
+    assert "<img" not in html[html.index("<details>"):]  # figures are findings, never folded
+    assert md.index("## Knowledge neurons") < md.index("<details>") < md.index("## Run") < md.index("Table `kn`")
+    # the config is never cut mid-string
+    assert long_value in html and long_value in md
+    # each reading is computed from the table
+    kn = RunDir.load(tmp_path / "run").read("kn")
+    layers = np.asarray(kn.column("layer").to_pylist())
+    counts = np.bincount(layers, minlength=rd.manifest["model"]["n_layers"])
+    top = int(counts.argmax())
+    assert (f"{kn.num_rows} knowledge neurons for 12 facts" in md
+            and f"most in layer {top} ({counts[top]} neurons" in md)
+    for rel in sorted(set(kn.column("relation").to_pylist())):
+        rs = [r for r in kn.to_pylist() if r["relation"] == rel]
+        facts = len({r["key"] for r in rs})
+        assert f"| {rel} | {facts} | {len(rs)} | {len(rs) / facts:.2f} |" in md
+    eff = RunDir.load(tmp_path / "run").read("effect").to_pylist()
+    sup = [r for r in eff if r["intervention"] == "suppress"]
+    pct = 100 * np.mean([(r["p_after"] - r["p_before"]) / min(r["p_after"], r["p_before"]) for r in sup])
+    assert (f"suppress lowers the target's probability, by {abs(pct):.3g}% of the smaller of the two on average "
+            f"over {len(sup)} prompts") in md.lower()
+    assert "enhance raises the target's probability" in md.lower()
+    # pass or fail per criterion: the rate after the edit against one half, per method
+    ev = RunDir.load(tmp_path / "run").read("edit_eval").to_pylist()
+    for m in ("rome", "kn"):
+        for c in ("ES", "PS", "NS"):
+            rate = np.mean([r[c] for r in ev if r["method"] == m])
+            verdict = "PASS" if rate > 0.5 else "FAIL"
+            assert re.search(rf"\| {c} \|[^\n]*{verdict} \({rate:.2f}, 4 cases\)", md), (m, c, rate)
+    crit = report.edit_criteria(pa.Table.from_pylist(ev))
+    n_pass = {m: sum(crit[3][(m, c)] for c in ("ES", "PS", "NS")) for m in ("rome", "kn")}
+    assert f"Rome passes {n_pass['rome']} of 3 criteria" in md and f"kn passes {n_pass['kn']} of 3 criteria" in md
+
+
+def test_trace_reading_names_the_peak():
+    """The trace reading names the token group and layer where restoring helps most (ROME's AIE)."""
+    from kncore.pipeline import trace_results
+
+    rng = _rng()
+    toks = "a b c d e".split()
+    n_layers = 5
+    peak = (int(rng.integers(n_layers)))
+    rows = []
+    for k in range(3):
+        s = rng.uniform(0.0, 0.1, (len(toks), n_layers))
+        s[2, peak] = 0.9  # the last subject token (subject = tokens 1..2)
+        rows.append({"key": f"t{k}", "prompt": " ".join(toks), "subject": "b c", "target": " z", "kind": "hidden",
+                     "tokens": toks, "subject_start": 1, "subject_end": 3, "target_position": 4,
+                     "scores": s.tolist(), "low_score": 0.05, "high_score": 0.95, "window": 1, "samples": 2})
+    text = report.trace_reading(trace_results(rows))
+    assert f"hidden at the last subject token, layer {peak} (P = 0.9, 94% of the clean-corrupted gap)" in text
+    assert text.startswith("Over 3 traced prompts (clean P = 0.95, corrupted P = 0.05)")

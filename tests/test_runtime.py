@@ -236,3 +236,32 @@ def test_run_argument_errors(tiny):
         tiny.run(ids, stop_layer=99)
     with pytest.raises(ValueError, match="does not broadcast"):
         tiny.run(ids, patches=[Patch("act", 0, value=torch.ones(5))])
+
+
+@pytest.mark.every_arch
+def test_embed_site_is_the_token_embedding_output(tiny):
+    """The ``embed`` site (``hook_embed``) holds the token-embedding module's
+    output; a patch there changes only what follows it (the adapter's
+    embed_rest: position embeddings, a norm, a scale), as a forward hook on
+    that module changes the Hugging Face forward."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    ids = torch.randint(7, tiny.adapter.vocab_size, (2, 5), generator=g)
+    emb = tiny.adapter.embedding_module()
+    with torch.no_grad():
+        out = tiny.run(ids, capture=["hook_embed", ("resid_pre", 0)])
+        assert torch.equal(out[("embed", 0)], emb(ids))
+        assert torch.allclose(out[("resid_pre", 0)], tiny.adapter.embed(ids, torch.arange(5).expand(2, 5)))
+        delta = torch.randn(2, emb.weight.shape[1], generator=g)
+        patched = tiny.run(ids, patches=[Patch("embed", 0, positions=[3], rows=[1],
+                                               fn=lambda x: x + delta[:1])], logits="all").logits
+        h = emb.register_forward_hook(lambda m, i, o: o + torch.nn.functional.pad(
+            delta[:1, None, :], (0, 0, 3, o.shape[1] - 4)) * (torch.arange(2) == 1)[:, None, None])
+        try:
+            want = tiny.model(input_ids=ids).logits
+        finally:
+            h.remove()
+    assert torch.allclose(patched, want, atol=1e-5 * _scale(want))
+    assert not torch.allclose(patched[1], tiny.run(ids).logits[1], atol=1e-5 * _scale(want))
+    assert parse_site("hook_embed") == ("embed", 0) and hook_name("embed", 0) == "hook_embed"
+    with pytest.raises(ValueError, match="layer 0 only"):
+        parse_site(("embed", 1))

@@ -9,7 +9,8 @@ Two doors, one pipeline: ``kncore localise`` is the corpus run (any fact-bag
 file, resumable, sharded under torchrun, with suppress/enhance effects);
 ``python -m kncore.experiments localise`` is the paper's per-task experiment
 (BLiMP classes and PARAREL relations, the paper's figures beside them). Both
-build their rows, R1^2, coarse sets and edit cases with :mod:`kncore.pipeline`.
+build their rows, R1^2, coarse sets and edit cases with :mod:`kncore.pipeline`,
+and write its tables with its column names (docs/results.md says why both stay).
 
     python -m kncore.experiments localise blimp:determiner_noun_agreement_2,pararel:P101 --out runs/loc --set limit=50
     python -m kncore.experiments kn_edit_effects blimp:determiner_noun_agreement_2 --out runs/eff --set kns=runs/loc

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ..lm import LM, InputError
+from ..pipeline import SCHEMA_VERSION
 from .common import (DETERMINERS, PAPER_ACCURACY, open_run, parse_task, progress_bar, run_items_closing, safe_name,
                      task_facts, task_name, write_result)
 
@@ -109,7 +110,9 @@ def kn_edit_effects(lm: LM, task: str, out, *, kns=None, modes: Sequence[str] = 
     accuracy on its prompts before and during the edit, summarised per mode.
 
     Written into ``out``: Parquet ``accuracy``, ``pairs``, ``token_probs`` (BLiMP)
-    or ``target_probs`` (PARAREL), ``results/*.md|csv``, ``plots/*.png``.
+    or ``effect`` (PARAREL: per prompt and intervention, the columns of
+    :mod:`kncore.pipeline`'s ``effect`` table, which ``kncore report`` draws),
+    ``results/*.md|csv``, ``plots/*.png``.
     Resumable per (fact, mode). Returns the summary tables as lists of dicts.
     """
     from ..interventions import MODES as ALL_MODES
@@ -138,7 +141,7 @@ def kn_edit_effects(lm: LM, task: str, out, *, kns=None, modes: Sequence[str] = 
     if missing and kns is not None and not isinstance(kns, dict):
         raise InputError(f"the localise run {kn_source} has no KNs for {len(missing)} fact(s) of {task} "
                          f"(e.g. {missing[0]}); it was run with other options")
-    config = {"experiment": "kn_edit_effects", "task": task, "modes": modes, "factor": factor, "site": site,
+    config = {"experiment": "kn_edit_effects", "schema": SCHEMA_VERSION, "task": task, "modes": modes, "factor": factor, "site": site,
               "limit": limit,
               "eval_limit": eval_limit, "accuracy_method": method, "prompt_style": prompt_style,
               "group_by": group_by, "tokens": list(tokens) if tokens is not None else None,
@@ -277,7 +280,7 @@ def _pararel_effects(lm, rd, task, facts, known, modes, factor, site, progress):
     if not facts:
         raise InputError(f"{task}: no fact has knowledge neurons to edit")
     items = [(f"{f.key}/{m}", (f, m)) for f in facts for m in modes]
-    bar = progress_bar(len(items) - len(rd.done_keys("target_probs") & {k for k, _ in items}), "KN edits", progress)
+    bar = progress_bar(len(items) - len(rd.done_keys("effect") & {k for k, _ in items}), "KN edits", progress)
 
     def probs(f):
         ids = torch.tensor([lm.target_ids(q, t)[0] for q, t in zip(f.prompts, f.targets)])
@@ -290,23 +293,25 @@ def _pararel_effects(lm, rd, task, facts, known, modes, factor, site, progress):
             pb, tb = probs(f)
             with _patch(lm, known[f.key], m, factor, site):
                 pa, ta = probs(f)
-            rows += [{"key": f"{f.key}/{m}", "fact": f.key, "label": f.label, "mode": m, "n_kn": len(known[f.key]),
-                      "prompt": q, "target": t, "p_before": float(x), "p_after": float(y), "top1_before": bool(u),
-                      "top1_after": bool(v)}
+            # kncore.pipeline's effect rows (as `kncore localise` writes them), then the top-1 hits;
+            # the work item (its done key) is the fact and the intervention
+            rows += [{"key": f.key, "relation": task, "prompt": q, "intervention": m, "n_kn": len(known[f.key]),
+                      "p_before": float(x), "p_after": float(y), "subject": f.label, "target": t,
+                      "top1_before": bool(u), "top1_after": bool(v)}
                      for q, t, x, y, u, v in zip(f.prompts, f.targets, pb, pa, tb, ta)]
             if bar is not None:
                 bar.update(1)
-        return {"target_probs": rows}
+        return {"effect": rows}
 
-    run_items_closing(rd, items, work, table="target_probs", chunk=4, bar=bar)
-    rows = rd.read("target_probs").to_pylist()
+    run_items_closing(rd, items, work, table="effect", chunk=4, bar=bar)
+    rows = rd.read("effect").to_pylist()
     summary, conds = [], {}
     for m in modes:
-        rs = [r for r in rows if r["mode"] == m]
+        rs = [r for r in rows if r["intervention"] == m]
         b = torch.tensor([[r["p_before"]] for r in rs], dtype=torch.float64)
         a = torch.tensor([[r["p_after"]] for r in rs], dtype=torch.float64)
         cr = _change_rows(b, a, ["object"])[0]
-        summary.append({"mode": m, "n_facts": len({r["fact"] for r in rs}), "n_prompts": len(rs),
+        summary.append({"mode": m, "n_facts": len({r["key"] for r in rs}), "n_prompts": len(rs),
                         "mean_kn": sum(len(known[f.key]) for f in facts) / len(facts),
                         "top1_before": sum(r["top1_before"] for r in rs) / len(rs),
                         "top1_after": sum(r["top1_after"] for r in rs) / len(rs),

@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 
 from ..lm import LM, InputError
-from ..pipeline import bag_kn_sets, coarse_rows, coarse_sets, prompt_row, r1_or_none
+from ..pipeline import (BAG_COLUMNS, GROUP, KEY, KN_COLUMNS, SCHEMA_VERSION, bag_kn_sets, coarse_rows,
+                        coarse_sets, kn_rows, prompt_row, r1_or_none)
 from .common import (PAPER_REFERENCE, Fact, open_run, progress_bar, run_items_closing, task_facts, task_list,
                      uniform, write_result)
 
@@ -49,12 +50,15 @@ def localise(lm: LM, task, out, *, steps: int = 20, layers: Sequence[int] | None
     the task's prompts together), the layer distribution of the KNs.
 
     ``out``: a run directory path (resumable: prompts, facts and tasks already
-    done are skipped) or an open :class:`kncore.rundir.RunDir`. Written:
-    Parquet tables ``prompts`` (per prompt), ``coarse``, ``facts``, ``kn``
-    (fact, layer, neuron, score, count), ``localisation`` (per task);
-    attribution vectors (tensors ``attr``); ``results/*.md|csv``;
-    ``plots/layer_distribution.png``. Returns ``{"localisation", "facts",
-    "kn", "prompts"}`` as lists of dicts.
+    done are skipped) or an open :class:`kncore.rundir.RunDir`. Written, in
+    the columns of :mod:`kncore.pipeline`'s schema (the task is the ``relation``
+    column, a fact the ``key``, its label the ``subject``), as ``kncore
+    localise`` writes them: Parquet tables ``prompts`` (per prompt), ``coarse``,
+    ``bags`` (per fact; with its kind, target, KN count, p and convergence),
+    ``kn`` (fact, layer, neuron, count, score), ``localisation`` (per task);
+    attribution vectors (tensors ``attr``, one per prompt ``key#j``);
+    ``results/*.md|csv``; ``plots/layer_distribution.png``. Returns
+    ``{"localisation", "bags", "kn", "prompts"}`` as lists of dicts.
 
     ``scheme``/``site``: the quadrature and the neuron site of
     :func:`kncore.attribute` (``scheme="linspace", site="pre_act"`` is the
@@ -77,7 +81,7 @@ def localise(lm: LM, task, out, *, steps: int = 20, layers: Sequence[int] | None
         fs, info = task_facts(lm, t, limit=limits[t], prompt_style=prompt_style, group_by=group_by, data_dir=data_dir)
         facts += fs
         infos[t] = info
-    config = {"experiment": "localise", "tasks": tasks, "steps": steps, "layers": layers, "limit": limits,
+    config = {"experiment": "localise", "schema": SCHEMA_VERSION, "tasks": tasks, "steps": steps, "layers": layers, "limit": limits,
               "adaptive_threshold": adaptive_threshold, "p": p, "adaptive_scope": adaptive_scope,
               "prompt_style": prompt_style, "group_by": group_by, "scheme": scheme, "site": site}
     rd, mine = open_run(out, config, lm, "experiments.localise")
@@ -112,7 +116,9 @@ def _attribute_prompts(lm, rd, facts: list[Fact], *, steps, layers, scheme, site
     from ..attribution import attribute
     from ..selection import select_coarse
 
-    items = [(f"{f.key}#{j:04d}", (f, j)) for f in facts for j in range(len(f.prompts))]
+    # one work item per prompt (its done key and its attribution tensor: _prompt_id);
+    # the rows carry the fact's key and j, as kncore.pipeline's schema has them
+    items = [(_prompt_id(f.key, j), (f, j)) for f in facts for j in range(len(f.prompts))]
     done = rd.done_keys("prompts")
     bar = progress_bar(sum(k not in done for k, _ in items), "IG (prompts)", progress, "prompt")
 
@@ -124,28 +130,36 @@ def _attribute_prompts(lm, rd, facts: list[Fact], *, steps, layers, scheme, site
         coarse = select_coarse(attr, adaptive_threshold=threshold)
         prompts, crow, tens = [], [], {}
         for i, ((f, j), cs) in enumerate(zip(chunk_items, coarse)):
-            key = f"{f.key}#{j:04d}"
             sc = attr.scores[i]
-            prompts.append(dict(prompt_row(attr, i, cs, key=key, task=f.task, fact=f.key, j=j, prompt=f.prompts[j],
+            prompts.append(dict(prompt_row(attr, i, cs, key=f.key, j=j, relation=f.task, prompt=f.prompts[j],
                                            target=f.targets[j]),
                                 max_score=float(sc.max()), prob_delta_sum=float(attr.prob_delta[i].sum())))
-            crow += coarse_rows(cs, key=key, fact=f.key, j=j)
-            tens[key] = sc.contiguous()
+            crow += coarse_rows(cs, key=f.key, j=j, relation=f.task)
+            tens[_prompt_id(f.key, j)] = sc.contiguous()
         return {"prompts": prompts, "coarse": crow}, {"attr": tens}
 
     run_items_closing(rd, items, work, table="prompts", chunk=chunk, bar=bar, count_keys=True)
 
 
+def _prompt_id(key: str, j: int) -> str:
+    return f"{key}#{j:04d}"
+
+
 # -- stage 2: refined neurons and R1^2, per fact ---------------------------------------------
 def _coarse_sets(rd, facts):
-    sets = coarse_sets(rd.read("coarse").to_pylist(), key_field="fact")
+    sets = coarse_sets(rd.read("coarse").to_pylist())
     return {f.key: bag_kn_sets(f.key, len(f.prompts), sets) for f in facts}
+
+
+def _bag(f: Fact) -> dict:
+    """A fact as kncore.pipeline's fact bag (its label is the bag's subject)."""
+    return {"key": f.key, "group": f.task, "subject": f.label, "prompts": f.prompts, "targets": [f.target]}
 
 
 def _refine_facts(lm, rd, facts: list[Fact], tasks, *, p, scope):
     from ..selection import refine
 
-    done = rd.done_keys("facts")
+    done = rd.done_keys("bags")
     todo_tasks = [t for t in tasks if any(f.task == t and f.key not in done for f in facts)]
     if not todo_tasks:
         return
@@ -153,7 +167,7 @@ def _refine_facts(lm, rd, facts: list[Fact], tasks, *, p, scope):
     attr = rd.load_tensors("attr")
     base = {}
     for r in rd.read("prompts").to_pylist():
-        base.setdefault(r["fact"], []).append(r["base_prob"])
+        base.setdefault(r[KEY], []).append(r["base_prob"])
     for t in todo_tasks:
         tf = [f for f in facts if f.task == t]
         if scope == "task":
@@ -168,31 +182,30 @@ def _refine_facts(lm, rd, facts: list[Fact], tasks, *, p, scope):
         for f, r, ks in per:
             if f.key in done:
                 continue
-            vec = [attr[f"{f.key}#{j:04d}"] for j in range(len(f.prompts))]
+            vec = [attr[_prompt_id(f.key, j)] for j in range(len(f.prompts))]
             bp = base.get(f.key, [])
-            frows.append({"key": f.key, "task": t, "kind": f.kind, "label": f.label, "target": f.target,
-                          "n_prompts": len(f.prompts), "n_kn": len(ks), "p": r.p, "converged": r.converged,
-                          "r1_sq": r1_or_none(vec), "mean_base_prob": sum(bp) / len(bp) if bp else None,
+            # the pipeline's bag row, then what this experiment adds
+            frows.append({"key": f.key, "relation": t, "subject": f.label, "n_prompts": len(f.prompts),
+                          "r1_sq": r1_or_none(vec), "kind": f.kind, "target": f.target, "n_kn": len(ks), "p": r.p,
+                          "converged": r.converged, "mean_base_prob": sum(bp) / len(bp) if bp else None,
                           "history": [list(h) for h in r.history]})
-            krows += [{"key": f.key, "task": t, "label": f.label, "target": f.target, "layer": l, "neuron": n,
-                       "score": s, "count": c, "n_prompts": len(f.prompts)}
-                      for (l, n), s, c in zip(ks.neurons, ks.scores or [None] * len(ks), ks.counts)]
+            krows += kn_rows(t, _bag(f), ks)
         keys = [f.key for f, _, _ in per if f.key not in done]
-        rd.commit({"facts": uniform(frows), "kn": krows}, keys=keys)
+        rd.commit({"bags": uniform(frows), "kn": krows}, keys=keys)
 
 
 # -- stage 3: tables and figures, per task ------------------------------------------------------
 def _summarise(lm, rd, facts, tasks, infos) -> dict:
     from ..localisation import layer_counts, plot_layer_distribution, r1_squared
 
-    frows = rd.read("facts").to_pylist()
+    frows = rd.read("bags").to_pylist()
     krows = rd.read("kn").to_pylist()
     prows = rd.read("prompts").to_pylist()
     done_loc = rd.done_keys("localisation")
     loc = []
     attr = None
     for t in tasks:
-        fr = [r for r in frows if r["task"] == t]
+        fr = [r for r in frows if r[GROUP] == t]
         if not fr:
             continue
         r1 = [r["r1_sq"] for r in fr if r["r1_sq"] is not None]
@@ -209,7 +222,7 @@ def _summarise(lm, rd, facts, tasks, infos) -> dict:
         else:
             if attr is None:
                 attr = rd.load_tensors("attr")
-            keys = [r["key"] for r in prows if r["task"] == t]
+            keys = [_prompt_id(r[KEY], r["j"]) for r in prows if r[GROUP] == t]
             x = torch.stack([attr[k].flatten() for k in keys])
             ok = x.norm(dim=1) > 0
             row["r1_sq_task"] = float(r1_squared(x[ok])) if int(ok.sum()) >= 2 else None
@@ -226,10 +239,8 @@ def _summarise(lm, rd, facts, tasks, infos) -> dict:
     write_result(rd, "localisation", loc, title=f"Localisation ({lm.name})", notes=notes,
                  columns=["task", "kind", "n_facts", "n_prompts", "kn", "tau", "r1_sq", "r1_sq_task",
                           "facts_without_kn", "converged", "paper_kn", "paper_tau", "paper_r1_sq"])
-    write_result(rd, "facts", frows, columns=["key", "task", "label", "target", "n_prompts", "n_kn", "p",
-                                              "converged", "r1_sq", "mean_base_prob"])
-    write_result(rd, "kn", krows, columns=["key", "task", "label", "target", "layer", "neuron", "score", "count",
-                                           "n_prompts"])
+    write_result(rd, "bags", frows, columns=[*BAG_COLUMNS, "target", "n_kn", "p", "converged", "mean_base_prob"])
+    write_result(rd, "kn", krows, columns=KN_COLUMNS)
     write_result(rd, "layer_distribution",
                  [{"task": r["task"], **{f"L{i}": c for i, c in enumerate(r["layer_counts"])}} for r in loc])
     groups = {}
@@ -243,7 +254,7 @@ def _summarise(lm, rd, facts, tasks, infos) -> dict:
     if groups and any(sum(c) for c in groups.values()):
         plot_layer_distribution(groups, rd.path / "plots" / "layer_distribution.png",
                                 title=f"Knowledge neurons per layer ({lm.name})")
-    return {"localisation": loc, "facts": frows, "kn": krows, "prompts": prows}
+    return {"localisation": loc, "bags": frows, "kn": krows, "prompts": prows}
 
 
 def read_kns(run) -> dict:
@@ -251,10 +262,11 @@ def read_kns(run) -> dict:
     directory (a path or a RunDir); facts without KNs map to ``[]``."""
     from ..rundir import RunDir
 
+    from ..pipeline import read_kns as kn_lists
+
     rd = run if isinstance(run, RunDir) else RunDir.load(run)
-    out = {r["key"]: [] for r in rd.read("facts").to_pylist()}
-    for r in rd.read("kn").to_pylist():
-        out.setdefault(r["key"], []).append((int(r["layer"]), int(r["neuron"])))
+    out = {r[KEY]: [] for r in rd.read("bags").to_pylist()}
+    out.update(kn_lists(rd))
     if not out:
         raise InputError(f"{rd.path} holds no localised facts (run experiments.localise first)")
     return out

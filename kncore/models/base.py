@@ -95,13 +95,36 @@ class Adapter:
     n_ctx: int
     vocab_size: int
 
+    def _standard_dims(self) -> None:
+        """The dimensions from a config with Hugging Face's usual names
+        (BERT, GPT-NeoX, LLaMA and its kin); grouped-query attention and an
+        explicit head_dim where the config has them."""
+        c = self.config
+        self.n_layers = c.num_hidden_layers
+        self.d_model = c.hidden_size
+        self.d_ff = c.intermediate_size
+        self.n_heads = c.num_attention_heads
+        self.n_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.n_ctx = c.max_position_embeddings
+        self.vocab_size = c.vocab_size
+
     # -- pieces -------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The input of block 0: :meth:`embed_rest` of the token embeddings."""
+        return self.embed_rest(self.embedding_module()(input_ids), position_ids)
 
     def embedding_module(self) -> nn.Module:
-        """The token-embedding module (causal tracing corrupts its output)."""
+        """The token-embedding module. Its output is the runtime's ``embed``
+        site, where causal tracing adds its noise: ROME hooks this module's
+        output, so the noise and its scale ("3sd") are measured there."""
         raise NotImplementedError
+
+    def embed_rest(self, tok: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """What the model does to the token embeddings ``tok`` [B, n, d] (the
+        ``embed`` site) before block 0: position embeddings, a scale, a norm.
+        Nothing by default (rotary models)."""
+        return tok
 
     def ln1(self, L: int, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -134,18 +157,28 @@ class Adapter:
 
     def mlp_pre(self, L: int, x: torch.Tensor):
         """Return (pre_act, aux). pre_act is the pre-activation site; aux is
-        anything else the activation needs (LLaMA's up-projection)."""
-        raise NotImplementedError
+        anything else the activation needs (a gated MLP's up-projection).
+        By default from :meth:`mlp_modules`."""
+        m = self.mlp_modules(L)
+        if m is None:
+            raise NotImplementedError(f"{type(self).__name__} names no MLP modules")
+        return m.up(x), (None if m.gate_up is None else m.gate_up(x))
 
     def mlp_act(self, L: int, pre: torch.Tensor, aux, inplace: bool = False) -> torch.Tensor:
-        """The activation [.., d_ff]; ``inplace``: ``pre`` may be overwritten."""
-        raise NotImplementedError
+        """The activation [.., d_ff]; ``inplace``: ``pre`` may be overwritten.
+        By default ``act(pre)`` (times ``aux`` when gated) from :meth:`mlp_modules`."""
+        m = self.mlp_modules(L)
+        if aux is None:
+            return activation(m.act, pre, inplace)
+        if inplace:
+            return activation(m.act, pre, True).mul_(aux)
+        return m.act(pre) * aux
 
     def mlp_modules(self, L: int) -> MLPModules | None:
         """The modules that :meth:`mlp_pre` and :meth:`mlp_act` compute with
         (the fused MLP kernel and the ``pre_act`` hook of
         :func:`kncore.patch_neurons` take them from here); None where the
-        adapter does not say (then neither is available)."""
+        adapter does not say (then it overrides both)."""
         return None
 
     def down_weight(self, L: int) -> torch.Tensor:

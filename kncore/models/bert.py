@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, MLPModules, activation, BLOCK_POST_LN
+from .base import Adapter, MLPModules, BLOCK_POST_LN
 
 
 class BertAdapter(Adapter):
@@ -19,21 +19,17 @@ class BertAdapter(Adapter):
             raise ValueError("BERT is supported as a masked LM (BertForMaskedLM)")
         self.enc = model.bert
         self.blocks = self.enc.encoder.layer
-        self.n_layers = c.num_hidden_layers
-        self.d_model = c.hidden_size
-        self.d_ff = c.intermediate_size
-        self.n_heads = self.n_kv_heads = c.num_attention_heads
-        self.head_dim = c.hidden_size // c.num_attention_heads
-        self.n_ctx = c.max_position_embeddings
-        self.vocab_size = c.vocab_size
+        self._standard_dims()
         pet = getattr(c, "position_embedding_type", "absolute")
         if pet not in (None, "absolute"):
             raise ValueError(f"BERT position_embedding_type={pet!r} is not supported (only 'absolute')")
 
-    def embed(self, input_ids, position_ids):
+    def embed_rest(self, tok, position_ids):
+        # position and (all-zero) token-type embeddings, then the embedding
+        # LayerNorm: the noise of causal tracing goes in before the norm
         e = self.enc.embeddings
-        x = e.word_embeddings(input_ids) + e.position_embeddings(position_ids)
-        x = x + e.token_type_embeddings(torch.zeros_like(input_ids))
+        x = tok + e.position_embeddings(position_ids)
+        x = x + e.token_type_embeddings(torch.zeros_like(position_ids))
         return e.LayerNorm(x)
 
     def embedding_module(self):
@@ -58,24 +54,12 @@ class BertAdapter(Adapter):
     def post_attn_norm(self, L, h):
         return self.blocks[L].attention.output.LayerNorm(h)
 
-    def mlp_pre(self, L, x):
-        return self.blocks[L].intermediate.dense(x), None
-
-    def mlp_act(self, L, pre, aux, inplace=False):
-        return activation(self.blocks[L].intermediate.intermediate_act_fn, pre, inplace)
-
     def mlp_modules(self, L):
         m = self.blocks[L].intermediate
         return MLPModules(m.dense, m.intermediate_act_fn)
 
     def down_module(self, L):
         return self.blocks[L].output.dense
-
-    def down_weight(self, L):
-        return self.blocks[L].output.dense.weight.t()
-
-    def down_bias(self, L):
-        return self.blocks[L].output.dense.bias
 
     def post_mlp_norm(self, L, h):
         return self.blocks[L].output.LayerNorm(h)

@@ -38,11 +38,14 @@ class Gemma2Adapter(LlamaAdapter):
         self.final_softcap = getattr(c, "final_logit_softcapping", None)
         # transformers >= 5 scales inside the embedding module (embed_scale);
         # earlier versions multiply the embedding output by this in the model.
+        # Causal tracing's noise goes on the module's output either way (the
+        # ``embed`` site), as ROME's forward hook on that module puts it: after
+        # the scale with transformers 5, before it with 4.x, and its "3sd" is
+        # measured on the same output (kncore.tracing.embedding_std).
         self._embed_scale = None if hasattr(self.base.embed_tokens, "embed_scale") else self.d_model ** 0.5
 
-    def embed(self, input_ids, position_ids):
-        e = self.base.embed_tokens(input_ids)
-        return e if self._embed_scale is None else e * torch.tensor(self._embed_scale, dtype=e.dtype)
+    def embed_rest(self, tok, position_ids):
+        return tok if self._embed_scale is None else tok * torch.tensor(self._embed_scale, dtype=tok.dtype)
 
     def ln2(self, L, h):
         return self.blocks[L].pre_feedforward_layernorm(h)

@@ -1,7 +1,7 @@
 """GPT-2 adapter. Conv1D weights are stored as [in, out] (transposed)."""
 from __future__ import annotations
 
-from .base import Adapter, MLPModules, activation, BLOCK_SEQUENTIAL
+from .base import Adapter, MLPModules, BLOCK_SEQUENTIAL
 
 
 class GPT2Adapter(Adapter):
@@ -24,8 +24,8 @@ class GPT2Adapter(Adapter):
         if getattr(c, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention is not supported")
 
-    def embed(self, input_ids, position_ids):
-        return self.tr.wte(input_ids) + self.tr.wpe(position_ids)
+    def embed_rest(self, tok, position_ids):
+        return tok + self.tr.wpe(position_ids)
 
     def embedding_module(self):
         return self.tr.wte
@@ -52,12 +52,6 @@ class GPT2Adapter(Adapter):
     def attn_proj(self, L, o):
         return self.blocks[L].attn.c_proj(o)
 
-    def mlp_pre(self, L, x):
-        return self.blocks[L].mlp.c_fc(x), None
-
-    def mlp_act(self, L, pre, aux, inplace=False):
-        return activation(self.blocks[L].mlp.act, pre, inplace)
-
     def mlp_modules(self, L):
         m = self.blocks[L].mlp
         return MLPModules(m.c_fc, m.act)
@@ -67,9 +61,6 @@ class GPT2Adapter(Adapter):
 
     def down_weight(self, L):
         return self.blocks[L].mlp.c_proj.weight  # Conv1D: already [d_ff, d_model]
-
-    def down_bias(self, L):
-        return self.blocks[L].mlp.c_proj.bias
 
     def final(self, h):
         return self.model.lm_head(self.tr.ln_f(h))

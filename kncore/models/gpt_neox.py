@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL, MLPModules, activation
+from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL, MLPModules
 from .llama import rope
 
 
 class GPTNeoXAdapter(Adapter):
     arch = "gpt_neox"
-    causal = True
     mlp_norm_shared = False
 
     def __init__(self, model):
@@ -28,16 +27,7 @@ class GPTNeoXAdapter(Adapter):
         self.tr = model.gpt_neox
         self.blocks = self.tr.layers
         self.block_style = BLOCK_PARALLEL if c.use_parallel_residual else BLOCK_SEQUENTIAL
-        self.n_layers = c.num_hidden_layers
-        self.d_model = c.hidden_size
-        self.d_ff = c.intermediate_size
-        self.n_heads = self.n_kv_heads = c.num_attention_heads
-        self.head_dim = c.hidden_size // c.num_attention_heads
-        self.n_ctx = c.max_position_embeddings
-        self.vocab_size = c.vocab_size
-
-    def embed(self, input_ids, position_ids):
-        return self.tr.embed_in(input_ids)
+        self._standard_dims()
 
     def embedding_module(self):
         return self.tr.embed_in
@@ -62,12 +52,6 @@ class GPTNeoXAdapter(Adapter):
 
     def attn_proj(self, L, o):
         return self.blocks[L].attention.dense(o)
-
-    def mlp_pre(self, L, x):
-        return self.blocks[L].mlp.dense_h_to_4h(x), None
-
-    def mlp_act(self, L, pre, aux, inplace=False):
-        return activation(self.blocks[L].mlp.act, pre, inplace)
 
     def mlp_modules(self, L):
         m = self.blocks[L].mlp

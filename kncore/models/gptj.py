@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, MLPModules, activation, BLOCK_PARALLEL
+from .base import Adapter, MLPModules, BLOCK_PARALLEL
 
 
 def _rotate_every_two(x):
@@ -30,9 +30,6 @@ class GPTJAdapter(Adapter):
         self.rotary_dim = c.rotary_dim
         self.n_ctx = c.n_positions
         self.vocab_size = c.vocab_size
-
-    def embed(self, input_ids, position_ids):
-        return self.tr.wte(input_ids)
 
     def embedding_module(self):
         return self.tr.wte
@@ -78,24 +75,12 @@ class GPTJAdapter(Adapter):
     def attn_proj(self, L, o):
         return self.blocks[L].attn.out_proj(o)
 
-    def mlp_pre(self, L, x):
-        return self.blocks[L].mlp.fc_in(x), None
-
-    def mlp_act(self, L, pre, aux, inplace=False):
-        return activation(self.blocks[L].mlp.act, pre, inplace)
-
     def mlp_modules(self, L):
         m = self.blocks[L].mlp
         return MLPModules(m.fc_in, m.act)
 
     def down_module(self, L):
         return self.blocks[L].mlp.fc_out
-
-    def down_weight(self, L):
-        return self.blocks[L].mlp.fc_out.weight.t()
-
-    def down_bias(self, L):
-        return self.blocks[L].mlp.fc_out.bias
 
     def final(self, h):
         return self.model.lm_head(self.tr.ln_f(h))

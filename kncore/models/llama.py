@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_SEQUENTIAL, MLPModules, activation
+from .base import Adapter, BLOCK_SEQUENTIAL, MLPModules
 
 
 def _rotate_half(x):
@@ -40,14 +40,7 @@ class LlamaAdapter(Adapter):
         c = self.config
         self.base = model.model
         self.blocks = self.base.layers
-        self.n_layers = c.num_hidden_layers
-        self.d_model = c.hidden_size
-        self.d_ff = c.intermediate_size
-        self.n_heads = c.num_attention_heads
-        self.n_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.n_ctx = c.max_position_embeddings
-        self.vocab_size = c.vocab_size
+        self._standard_dims()
         W = getattr(c, "sliding_window", None)
         self._windows = [None] * self.n_layers
         if W and self.exact_windows:
@@ -57,9 +50,6 @@ class LlamaAdapter(Adapter):
             # Mistral's sliding window: prompts longer than it are refused by
             # the tokenisation helpers rather than silently mis-attended.
             self.n_ctx = W
-
-    def embed(self, input_ids, position_ids):
-        return self.base.embed_tokens(input_ids)
 
     def embedding_module(self):
         return self.base.embed_tokens
@@ -97,27 +87,12 @@ class LlamaAdapter(Adapter):
     def attn_proj(self, L, o):
         return self.blocks[L].self_attn.o_proj(o)
 
-    def mlp_pre(self, L, x):
-        m = self.blocks[L].mlp
-        return m.gate_proj(x), m.up_proj(x)
-
-    def mlp_act(self, L, pre, aux, inplace=False):
-        if inplace:
-            return activation(self.blocks[L].mlp.act_fn, pre, True).mul_(aux)
-        return self.blocks[L].mlp.act_fn(pre) * aux
-
     def mlp_modules(self, L):
         m = self.blocks[L].mlp
         return MLPModules(m.gate_proj, m.act_fn, m.up_proj)
 
     def down_module(self, L):
         return self.blocks[L].mlp.down_proj
-
-    def down_weight(self, L):
-        return self.blocks[L].mlp.down_proj.weight.t()
-
-    def down_bias(self, L):
-        return self.blocks[L].mlp.down_proj.bias
 
     def final(self, h):
         return self.model.lm_head(self.base.norm(h))

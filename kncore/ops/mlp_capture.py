@@ -150,11 +150,51 @@ def mlp_params(ad, L: int):
     return params, None
 
 
-def fused_pre_act(ad, L: int, x: torch.Tensor, table: dict | None = None):
-    """``(pre, act)`` [..., d_ff] of block L's MLP from one fused kernel pass, or
-    None (after logging why) where the kernel does not apply. ``table`` holds the
-    run's patches by (site, layer): a patch at ``pre_act`` must see the
-    pre-activation before the activation, so it sends the layer to the plain path.
+def _patch_factor(p) -> float | None:
+    """The factor of a neuron patch that only multiplies (a number as ``scale``,
+    or a zero ``value``: suppression), else None."""
+    if p.fn is not None or p.neurons is None:
+        return None
+    if p.scale is not None:
+        s = p.scale
+        return float(s) if not torch.is_tensor(s) or s.numel() == 1 else None
+    v = p.value
+    return 0.0 if v.numel() == 1 and float(v) == 0 else None
+
+
+def neuron_scaling(plist, position_ids: torch.Tensor, d_ff: int, device):
+    """The kernel's ``(neuron_scale [d_ff], neuron_rows [B*n])`` for the ``act``
+    patches of one block, or None where its epilogue cannot apply them (then
+    the runtime's plain site does). It can when every patch multiplies the same
+    neurons by the same factor on rows and positions no two patches share:
+    what :func:`kncore.patch_neurons` holds (one patch per target position)."""
+    from ..runtime import selection_mask
+
+    f = _patch_factor(plist[0])
+    nidx = torch.as_tensor(plist[0].neurons, device=device, dtype=torch.long).reshape(-1) if f is not None else None
+    rows = torch.zeros(position_ids.shape, dtype=torch.bool, device=device)
+    for p in plist:
+        if f is None or _patch_factor(p) != f or \
+                not torch.equal(torch.as_tensor(p.neurons, device=device, dtype=torch.long).reshape(-1), nidx):
+            return None
+        sel = selection_mask(p, position_ids).to(device)
+        if (rows & sel).any():
+            return None  # a second patch on the same entries scales them twice
+        rows |= sel
+    scale = torch.ones(d_ff, dtype=torch.float32, device=device)
+    scale[nidx] = f
+    return scale, rows.reshape(-1)
+
+
+def fused_pre_act(ad, L: int, x: torch.Tensor, table: dict | None = None, position_ids=None):
+    """``(pre, act, done)`` of block L's MLP from one fused kernel pass
+    (``pre``, ``act`` [..., d_ff]), or None (after logging why) where the
+    kernel does not apply. ``table`` holds the run's patches by (site, layer):
+    a patch at ``pre_act`` must see the pre-activation before the activation,
+    so it sends the layer to the plain path; the ``act`` patches of
+    :func:`kncore.patch_neurons` (suppress, enhance: a factor on some neurons)
+    are applied in the kernel's epilogue (``neuron_scale``, ``neuron_rows``;
+    ``position_ids`` [B, n] place them) and come back in ``done``.
     """
     reasons = []
     if table and table.get(("pre_act", L)):
@@ -169,7 +209,12 @@ def fused_pre_act(ad, L: int, x: torch.Tensor, table: dict | None = None):
     if reasons:
         log_fallback("mlp_capture in the runtime", reasons, x.device)
         return None
+    acts = (table or {}).get(("act", L))
+    scaling = None
+    if acts and position_ids is not None and tuple(position_ids.shape) == tuple(x.shape[:-1]):
+        scaling = neuron_scaling(acts, position_ids, params["w"].shape[-1], x.device)
+    kw = {} if scaling is None else dict(neuron_scale=scaling[0].to(x.dtype), neuron_rows=scaling[1])
     out = kernels().mlp_capture(x2, params["w"], params["b"], act=params["act"], w_up=params["w_up"],
-                                b_up=params["b_up"], return_pre=True)
+                                b_up=params["b_up"], return_pre=True, **kw)
     shape = tuple(x.shape[:-1]) + (out.act.shape[-1],)
-    return out.pre.view(shape), out.act.view(shape)
+    return out.pre.view(shape), out.act.view(shape), (tuple(acts) if scaling is not None else ())

@@ -36,7 +36,7 @@ import torch
 
 from .. import validation as V
 from ..lm import LM, InputError
-from ..runtime import KVCache, Patch, keys_values
+from ..runtime import EMBED_SITE, KVCache, Patch, keys_values
 
 KINDS = ("hidden", "mlp", "attn")
 SITE_OF = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
@@ -129,6 +129,15 @@ def noise_hook(b: int, e: int, noise: torch.Tensor, first_row: int = 0):
         out[first_row:, b:e] += noise.to(out.device)
         return out
     return hook
+
+
+def noise_patch(b: int, e: int, noise: torch.Tensor) -> Patch:
+    """The runtime :class:`kncore.runtime.Patch` that adds ``noise`` [rows, e-b, d]
+    to the token embeddings (the ``embed`` site) of every row at tokens ``b:e``.
+    The sum is taken in float64 and rounded to the model's dtype, as ROME's
+    in-place add of its float64 noise does (:func:`noise_hook`)."""
+    flat = noise.reshape(-1, noise.shape[-1])  # the patch selects rows, then positions, in order
+    return Patch(EMBED_SITE, 0, positions=list(range(b, e)), fn=lambda sel: sel + flat.to(sel.device))
 
 
 # -- checks shared with the reference --------------------------------------------------
@@ -272,12 +281,9 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
     p_clean = clean.logits.float().softmax(-1)[0]
     tgt = resolve_target(lm, prompt, target, p_clean)
 
-    hook = ad.embedding_module().register_forward_hook(noise_hook(b, e, noise_t))
-    try:
-        cor = lm.run(x.expand(samples, -1), capture=[("resid_pre", L) for L in range(N)],
-                     return_kv=ad.causal, logits=torch.full((samples,), tpos, device=dev))
-    finally:
-        hook.remove()
+    cor = lm.run(x.expand(samples, -1), patches=[noise_patch(b, e, noise_t)],
+                 capture=[("resid_pre", L) for L in range(N)], return_kv=ad.causal,
+                 logits=torch.full((samples,), tpos, device=dev))
     low = float(cor.logits.float().softmax(-1)[:, tgt].mean())
     inputs = [cor[("resid_pre", L)] for L in range(N)] + [cor.hidden]
 
