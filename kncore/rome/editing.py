@@ -557,9 +557,11 @@ def _resolve_stats(lm, hparams: ROMEHparams, stats, cache_dir) -> dict:
         fp = s.meta.get("fingerprint")
         if fp is not None and fp != lm.fingerprint():
             raise StatsCacheMismatch(f"the statistics for layer {L} were computed on model {s.meta.get('model')!r} "
-                                     f"(fingerprint {fp}), not on {lm.name!r} ({lm.fingerprint()})")
+                                     f"(fingerprint {fp}), not on {lm.name!r} ({lm.fingerprint()}): leave stats= "
+                                     f"out to compute or reuse this model's, or compute them (kncore stats --layers {L})")
         if s.meta.get("layer", L) != L:
-            raise StatsCacheMismatch(f"statistics for layer {s.meta.get('layer')} given for layer {L}")
+            raise StatsCacheMismatch(f"statistics for layer {s.meta.get('layer')} given for layer {L}: give "
+                                     f"layer {L}'s, or leave stats= out to compute or reuse them")
         out[L] = s
     return out
 

@@ -202,7 +202,8 @@ def load_stats(path, lm=None, layer: int | None = None) -> LayerStats:
                                      f"not this one ({lm.name!r}): " + "; ".join(bad) + "; compute statistics "
                                      "for this model (kncore stats --model ..., or layer_stats) and pass those")
     if layer is not None and meta.get("layer") != layer:
-        raise StatsCacheMismatch(f"statistics file {path} is for layer {meta.get('layer')}, not layer {layer}")
+        raise StatsCacheMismatch(f"statistics file {path} is for layer {meta.get('layer')}, not layer {layer}: "
+                                 f"give the file of layer {layer}, or compute it (kncore stats --layers {layer})")
     return LayerStats(meta["layer"], t["second_moment"], t["mean"], meta["n_tokens"], meta["n_texts"], meta, path)
 
 
