@@ -228,14 +228,10 @@ class NeuronPatch:
                 if self.site == "act":
                     h = ad.down_module(L).register_forward_pre_hook(self._act_hook(L))
                 else:
-                    if hasattr(ad, "pre_act_module"):  # T5: wi or wi_0 of either stack
-                        mod = ad.pre_act_module(L)
-                    else:
-                        mods = ad.mlp_modules(L)
-                        if mods is None:
-                            raise InputError(f"site='pre_act' on the Hugging Face forward: {type(ad).__name__} "
-                                             f"does not name its MLP modules (mlp_modules)")
-                        mod = mods.up
+                    mod = ad.pre_act_module(L)
+                    if mod is None:
+                        raise InputError(f"site='pre_act' on the Hugging Face forward: {type(ad).__name__} "
+                                         f"does not name its pre-activation module (pre_act_module)")
                     h = mod.register_forward_hook(self._pre_act_hook(L))
                 self._handles.append(h)
             self._entry = self._runtime_patches

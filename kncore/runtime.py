@@ -401,7 +401,7 @@ def patch_setup(ad, patches, capture, capture_positions, input_ids, attention_ma
     # after the call's own: a Patch, or a callable that builds Patches for
     # this call's (input_ids, attention_mask, position_ids).
     held = []
-    for hp in getattr(ad, "persistent_patches", ()):  # (T5's stack adapters hold none)
+    for hp in ad.persistent_patches:
         held.extend([hp] if isinstance(hp, Patch) else hp(input_ids, attention_mask, position_ids))
     table = _norm_patches([*patches, *held])
     wanted = {parse_site(c) for c in capture}

@@ -181,6 +181,13 @@ class Adapter:
         adapter does not say (then it overrides both)."""
         return None
 
+    def pre_act_module(self, L: int) -> nn.Module | None:
+        """The module whose output is the ``pre_act`` site (the hook point of
+        :func:`kncore.patch_neurons` on the Hugging Face forward); by default
+        the up-projection of :meth:`mlp_modules`, None where it names none."""
+        m = self.mlp_modules(L)
+        return None if m is None else m.up
+
     def down_weight(self, L: int) -> torch.Tensor:
         """The down-projection weight as [d_ff, d_model] (a view, no copy);
         by default that of an nn.Linear down_module."""
