@@ -61,6 +61,11 @@ class Family:
         return tuple(seq), pos, tids
 
     @staticmethod
+    def row_len(key) -> int:
+        """A row key's length, by which rows are sorted into batches (less padding)."""
+        return len(key)
+
+    @staticmethod
     def _check_len(lm: LM, seq, prompt: str) -> None:
         if len(seq) > lm.adapter.n_ctx:
             raise InputError(f"prompt and target are {len(seq)} tokens, more than the model's context of "
@@ -125,6 +130,10 @@ class EncoderDecoderFamily(Family):
     def score_request(self, lm: LM, prompt: str, target: str):
         from . import t5
         return t5.score_request(lm, prompt, target)
+
+    @staticmethod
+    def row_len(key) -> int:
+        return len(key[0]) + len(key[1])  # encoder and decoder tokens
 
     def logprobs_at(self, lm: LM, keys: Sequence, where: torch.Tensor, patches=()) -> torch.Tensor:
         from . import t5

@@ -76,7 +76,7 @@ def score_request(lm: LM, prompt: str, target: str):
 @torch.no_grad()
 def score_sequences(lm: LM, reqs: list, patches, batch_size: int):
     """[(log-probs, argmax ids)] for requests (row key, positions, target ids)
-(:func:`score_request`; the row keys are the family's, see :mod:`kncore.family`).
+    (:func:`score_request`; the row keys are the family's, see :mod:`kncore.family`).
 
     Identical sequences run once (a single-token target only needs its
     prompt, so every candidate answer to one prompt shares a row). Only the
@@ -88,9 +88,9 @@ def score_sequences(lm: LM, reqs: list, patches, batch_size: int):
     for k, (seq, _, _) in enumerate(reqs):
         users.setdefault(rows.setdefault(seq, len(rows)), []).append(k)
     seqs = list(rows)
-    order = sorted(range(len(seqs)), key=lambda r: len(seqs[r]))
-    res: list = [None] * len(reqs)
     fam = family(lm)
+    order = sorted(range(len(seqs)), key=lambda r: fam.row_len(seqs[r]))
+    res: list = [None] * len(reqs)
     for s in range(0, len(order), batch_size):
         chunk = order[s: s + batch_size]
         col: dict = {}  # (batch row, position) -> index into the scored positions
