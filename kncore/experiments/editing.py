@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..family import EDITORS, family
+from ..family import EDITORS, family  # noqa: F401  (EDITORS: still importable from here)
 from ..lm import LM, InputError
 from .common import open_run, parse_task, progress_bar, uniform, write_result
 
