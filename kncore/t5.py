@@ -73,6 +73,34 @@ def top_k(lm: LM, prompt: str, k: int = 5, patches=(), enc_patches=()) -> list:
     return [(lm.tokenizer.decode([int(t)]), float(x)) for t, x in zip(i, v)]
 
 
+# -- teacher-forced scoring (kncore.evaluation's scorer on T5) ------------------------------
+def score_request(lm: LM, prompt: str, target: str):
+    """(row key, scored decoder positions, target ids) of one (prompt, target):
+    the key is (encoder ids, decoder input ids), the decoder input the target
+    shifted right, so decoder position q is scored on target[q]."""
+    ad = adapter(lm)
+    tids = target_ids(lm, target)
+    dec_in = [ad.start_id] + tids[:-1]
+    return (tuple(lm.tokenize(prompt)), tuple(dec_in)), list(range(len(tids))), tids
+
+
+def logprobs_at(lm: LM, keys: Sequence, where: torch.Tensor, patches=()) -> torch.Tensor:
+    """Log-probabilities [len(where), V] at (row, decoder position) pairs
+    ``where`` [n, 2] of one batch of :func:`score_request` keys: the encoder
+    inputs and decoder inputs right-padded, one encoder pass and one decoder
+    pass; ``patches`` apply to the decoder (as :func:`kncore.patch_neurons`)."""
+    ad = adapter(lm)
+    for k in keys:
+        if not (isinstance(k, tuple) and len(k) == 2 and all(isinstance(x, tuple) for x in k)):
+            raise InputError("T5 scores (encoder ids, decoder ids) rows made by kncore.t5.score_request; "
+                             "rows of single token sequences are for decoder-only and masked LMs")
+    e = lm.batch_ids([k[0] for k in keys])
+    d = lm.batch_ids([k[1] for k in keys])
+    enc = encode(ad, e.input_ids, attention_mask=e.attention_mask)
+    out = decode(ad, d.input_ids, enc=enc, attention_mask=d.attention_mask, patches=patches, logits=None)
+    return ad.final(out.hidden[where[:, 0], where[:, 1]]).float().log_softmax(-1)
+
+
 # -- KN attribution ---------------------------------------------------------------------
 def _check_stack_layers(ad: T5Adapter, stack: str, layers):
     sa = ad.stack_adapter(stack)

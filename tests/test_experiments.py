@@ -346,6 +346,9 @@ def test_edit_eval_refuses(tmp_path):
         X.edit_eval(lm, "counterfact", tmp_path / "x", editor="memit")
     with pytest.raises(InputError, match="unknown edit data set"):
         X.edit_eval(lm, "nowhere.json", tmp_path / "x", editor="kn")
+    with pytest.raises(InputError, match=r"ROME edits causal LMs; this is a masked LM \(use editor='kn'\)"):
+        X.edit_eval(tiny_lm("bert", seed=0), "counterfact", tmp_path / "z", editor="rome")
+    assert not (tmp_path / "z").exists()
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps([{"subject": "canada", "prompt": "the capital of canada is", "target_new": "rome"}]))
     with pytest.raises(InputError, match="target_true"):

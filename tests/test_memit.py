@@ -15,7 +15,7 @@ import kncore
 from kncore import rome
 from kncore.rome import editing, memit, reference, solver
 from kncore.testing import _WORDS, tiny_lm
-from test_rome import _one_thread  # noqa: F401  (autouse: tiny models on one thread)
+from test_rome import CAUSAL, _one_thread  # noqa: F401  (autouse: tiny models on one thread)
 
 WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
 PROMPTS = ["the capital of {} is", "{} speaks", "the language of {} is", "{} was born in"]
@@ -108,11 +108,15 @@ def test_solver_matches_plain_formulas():
 # -- whole edits against the plain reference -----------------------------------------------
 
 @pytest.mark.parametrize("method", ["MEMIT", "EMMET"])
-@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
+@pytest.mark.parametrize("arch", CAUSAL)
 def test_edit_matches_reference(arch, method):
     """z, keys and every layer's update equal MEMIT's line-by-line computation
     (float64 model); the applied change is their sum; undo restores every bit."""
-    lm = tiny_lm(arch, seed=_seed(), dtype=torch.float64)
+    # Gemma: a window longer than the rows, as in test_rome's reference test
+    # (HF's eager attention turns a padded fp64 batch NaN when a query has every
+    # key outside its window); the windows are tested in test_runtime.
+    kw = {"window": 64} if arch in ("gemma2", "gemma3") else {}
+    lm = tiny_lm(arch, seed=_seed(), dtype=torch.float64, **kw)
     cls = memit.METHODS[method]
     hp = _hp(cls, [0, 1])
     layers = hp.layers
@@ -134,7 +138,9 @@ def test_edit_matches_reference(arch, method):
     assert _rel(steps[layers[-1]].z, ref["z"]) < 1e-6
     for L in layers:
         s = steps[L]
-        assert _rel(s.keys, ref["keys"][L]) < 1e-9
+        # HF's eager Gemma attention takes its softmax in fp32, so the fp64
+        # reference's keys carry fp32 rounding there (measured 6e-8).
+        assert _rel(s.keys, ref["keys"][L]) < (1e-6 if arch.startswith("gemma") else 1e-9)
         assert _rel(s.residual, ref["resid"][L]) < 1e-5
         upd = s.right.double() @ s.left.double().T
         assert _rel(upd, ref["updates"][L]) < 1e-5

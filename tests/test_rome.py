@@ -453,6 +453,41 @@ def test_hparams_files(tmp_path):
         rome.ROMEHparams.from_dict({"layers": [1], "v_lrr": 0.1})
 
 
+def test_shipped_pythia_and_gemma2_hparams():
+    """The Pythia-6.9B and Gemma-2-9B files load with their sources' values,
+    resolve by model name (hub ids, the -it checkpoint), fit their own layout
+    and are refused on the other; unknown names list the shipped choices."""
+    from kncore.lm import LM
+
+    py, ge = rome.load_hparams("pythia-6.9b"), rome.load_hparams("gemma-2-9b")
+    assert (py.layers, py.v_num_grad_steps, py.v_weight_decay, py.mom2_adjustment) == ([5], 20, 0.5, False)
+    assert (ge.layers, ge.v_num_grad_steps, ge.v_weight_decay, ge.mom2_adjustment) == ([5], 50, 1e-3, False)
+    for hp in (py, ge):
+        assert (hp.v_lr, hp.clamp_norm_factor, hp.kl_factor, hp.mom2_dtype) == (0.5, 4.0, 0.0625, "float32")
+        assert hp.context_template_length_params == [[5, 10], [10, 10]] and hp.mom2_n_samples == 100000
+    assert {"pythia-6.9b", "gemma-2-9b"} <= set(rome.available())
+    neox, gemma = tiny_lm("gpt_neox", seed=0), tiny_lm("gemma2", seed=0)
+    for model_lm, name, want in ((neox, "EleutherAI/pythia-6.9b", py), (gemma, "google/gemma-2-9b", ge),
+                                 (gemma, "google/gemma-2-9b-it", ge), (gemma, "/models/Gemma-2-9B-IT/", ge)):
+        named = LM(model_lm.model, model_lm.tokenizer, name=name)
+        assert rome.hparams_for(named) == want
+        with pytest.raises(kncore.InputError, match="outside the model's 3 layers"):
+            rome.hparams_for(named).check_model(named)  # layer 5 of a 3-layer tiny model
+    # Each file's down-projection template fits its own layout and not the other's.
+    py.replace(layers=[1]).check_model(neox)
+    ge.replace(layers=[1]).check_model(gemma)
+    with pytest.raises(kncore.InputError, match="another architecture"):
+        py.replace(layers=[1]).check_model(gemma)
+    with pytest.raises(kncore.InputError, match="another architecture"):
+        ge.replace(layers=[1]).check_model(neox)
+    # Bad names: the error lists every shipped file.
+    for bad in ("pythia-1.4b", "gemma-2-2b"):
+        with pytest.raises(kncore.InputError, match=r"shipped: \[.*'gemma-2-9b'.*'pythia-6.9b'"):
+            rome.hparams_for(LM(neox.model, neox.tokenizer, name=f"org/{bad}"))
+        with pytest.raises(kncore.InputError, match=r"not one of the shipped \[.*'gemma-2-9b'.*'pythia-6.9b'"):
+            rome.load_hparams(bad)
+
+
 # -- the real model ----------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@ decoder's key/value cache, KN attribution against plain references, KN edits,
 causal tracing against hooks on the HF model, and the bad-input errors."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -251,6 +253,137 @@ def test_erase_and_dai_edit_undo_exactly(t5lm, mode):
         torch.testing.assert_close(t5.target_probs(t5lm, PROMPT, "paris"), _hf_probs(t5lm, PROMPT, "paris"),
                                    rtol=1e-4, atol=1e-7)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- the KN-edit table on T5: scoring and edit_eval -----------------------------------------
+SCORED = [(PROMPT, TARGET), ("the capital of france is", "paris"), (PROMPT, "ottawa"),
+          ("she speaks", "french and english , not german")]
+
+
+def test_score_targets_teacher_force_the_shifted_target(t5lm):
+    """kncore.evaluation.score_targets on T5, batched over targets of several
+    lengths (right padding in both stacks), equals HF's labels= path (which
+    shifts the decoder input itself) token by token, and differs from feeding
+    the target unshifted; patches apply to the decoder."""
+    from kncore.evaluation import score_targets
+    from kncore.family import family
+    assert family(t5lm).encoder_decoder and not family(tiny_lm("gpt2")).encoder_decoder
+    got = score_targets(t5lm, [p for p, _ in SCORED], [t for _, t in SCORED], batch_size=3)
+    gaps = []
+    for (p, t), sc in zip(SCORED, got):
+        enc_ids, tgt, _ = t5._pair(t5lm, p, t)
+        with torch.no_grad():
+            lp = t5lm.model(input_ids=enc_ids, labels=tgt).logits[0].float().log_softmax(-1)
+            unshifted = t5lm.model(input_ids=enc_ids, decoder_input_ids=tgt).logits[0].float().log_softmax(-1)
+        assert sc.ids == tgt[0].tolist()
+        torch.testing.assert_close(torch.tensor(sc.logprobs), lp.gather(1, tgt[0][:, None])[:, 0],
+                                   rtol=1e-4, atol=1e-5)
+        assert sc.argmax == lp.argmax(-1).tolist()
+        gaps.append((torch.tensor(sc.logprobs) - unshifted.gather(1, tgt[0][:, None])[:, 0]).abs().max())
+    assert max(gaps) > 0.1  # feeding the target unshifted would score something else
+    patch = [Patch("act", 1, neurons=[n for l, n in _active_neurons(t5lm, PROMPT) if l == 1], value=torch.zeros(()))]
+    sc = score_targets(t5lm, [PROMPT], [TARGET], patches=patch)[0]
+    torch.testing.assert_close(torch.tensor(sc.logprobs).exp(), t5.target_probs(t5lm, PROMPT, TARGET, patches=patch),
+                               rtol=1e-4, atol=1e-7)
+    with pytest.raises(InputError, match="minimal-pair scores run on decoders and masked LMs"):
+        kncore.evaluation.minimal_pair_scores(t5lm, [None])
+
+
+CAPITALS = [("canada", "ottawa"), ("france", "paris"), ("italy", "rome"), ("germany", "berlin"), ("japan", "tokyo")]
+
+
+def _zsre_shaped(folder):
+    """A zsRE file (MEND's layout) in data_dir/zsre: questions, a rephrasing, an NQ-style locality question."""
+    recs = [{"subject": s, "src": f"what is the capital of {s} ?", "pred": o,
+             "rephrase": f"what city is the capital of {s} ?", "alt": CAPITALS[(k + 1) % 5][1], "answers": [o],
+             "loc": f"nq question: what language is spoken in {CAPITALS[(k + 2) % 5][0]}", "loc_ans": "french"}
+            for k, (s, o) in enumerate(CAPITALS[:3])]
+    (folder / "zsre").mkdir(parents=True)
+    (folder / "zsre" / "zsre_mend_eval_first5_sample.json").write_text(json.dumps(recs))
+    return "zsre"
+
+
+def _counterfact_shaped(folder):
+    """A CounterFact file in ROME's layout: the rewrite, paraphrases, neighbourhood prompts."""
+    recs = [{"case_id": k, "requested_rewrite": {"prompt": "the capital of {} is", "relation_id": "P36",
+                                                 "subject": s, "target_new": {"str": CAPITALS[(k + 1) % 5][1]},
+                                                 "target_true": {"str": o}},
+             "paraphrase_prompts": [f"the capital city of {s} is", f"{s} has its capital in"],
+             "neighborhood_prompts": [f"the capital of {CAPITALS[(k + 2) % 5][0]} is"]}
+            for k, (s, o) in enumerate(CAPITALS[:3])]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cf.json").write_text(json.dumps(recs))
+    return str(folder / "cf.json")
+
+
+@pytest.mark.parametrize("shape", ["zsre", "counterfact"])
+def test_edit_eval_kn_on_t5(t5lm, shape, tmp_path):
+    """The paper's KN-edit table on T5: edit_eval(editor="kn") localises decoder
+    neurons with t5.attribute, applies Dai's edit, scores reliability,
+    generality and locality teacher-forced with the shifted decoder input, and
+    writes rows with the decoder-only rows' columns; every edit is undone."""
+    from kncore import experiments as X
+    ds = (_zsre_shaped if shape == "zsre" else _counterfact_shaped)(tmp_path / "data")
+    kw = dict(editor="kn", kn_steps=3, extra_probes=False, data_dir=tmp_path / "data", progress=False, chunk=2)
+    before = {k: v.clone() for k, v in t5lm.model.state_dict().items()}
+    res = X.edit_eval(t5lm, ds, tmp_path / "t5", **kw)
+    after = t5lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {r["kind"] for r in res["kinds"]} == {"reliability", "generality", "locality"}
+    assert res["summary"]["n_cases"] == 3
+    edited = 0
+    for (key, c), r in zip(X.edit_cases(t5lm, ds, extra_probes=False, data_dir=tmp_path / "data"), res["edits"]):
+        assert r["key"] == key and r["n_reliability"] == 1 and r["n_locality"] == 1
+        # the pre-edit score is the teacher-forced one of kncore.t5
+        assert r["reliability_prob_pre"] == pytest.approx(float(t5.target_probs(t5lm, c.prompt, c.target_new).prod()),
+                                                          rel=1e-4)
+        assert set(r["kn_layers"]) <= {0, 1}  # the decoder's layers
+        # the post-edit score is that of the same KN edit applied by hand
+        with X.kn_fact_edit(t5lm, c, steps=3) as e:
+            assert len(e.neurons) == r["n_kn"]
+            post = float(t5.target_probs(t5lm, c.prompt, c.target_new).prod())
+        assert r["reliability_prob_post"] == pytest.approx(post, rel=1e-4)
+        if r["n_kn"]:
+            edited += 1
+            assert r["reliability_prob_post"] != r["reliability_prob_pre"]
+            if t5lm.adapter.rescale:
+                # v1.0 ties the head to the embeddings, so Dai's edit (value
+                # vectors += 2 (E[new] - E[old])) raises the new answer. v1.1
+                # unties them: the input embedding is not the output direction
+                # (on this random model it can lower P(new)).
+                assert r["reliability_prob_post"] > r["reliability_prob_pre"]
+                assert r["generality_prob_post"] > r["generality_prob_pre"]
+    assert edited >= 2
+    # the same table from a decoder-only model has the same columns
+    gpt2 = X.edit_eval(tiny_lm("gpt2"), ds, tmp_path / "gpt2", **kw)
+    assert set(gpt2["edits"][0]) == set(res["edits"][0]) and set(gpt2["kinds"][0]) == set(res["kinds"][0])
+
+
+@pytest.mark.parametrize("mode", ["suppress", "enhance"])
+def test_kn_patch_edits_move_the_target_on_t5(t5lm, mode):
+    """patch_neurons on the decoder neurons that t5.attribute ranks highest for a
+    target, evaluated by kncore.evaluation.evaluate_edit: suppress lowers the
+    target's probability, enhance raises it, in the scorer and in t5.target_probs alike."""
+    from kncore.evaluation import EditCase, Probe, evaluate_edit
+    att = t5.attribute(t5lm, PROMPT, "ottawa", steps=6)
+    top = att.scores[0].flatten().topk(4).indices.tolist()
+    kns = [(att.layers[i // t5lm.d_ff], i % t5lm.d_ff) for i in top]
+    case = EditCase(0, "canada", PROMPT, "ottawa", "paris", None,
+                    [Probe("reliability", PROMPT, "ottawa", "paris")])
+    row = evaluate_edit(t5lm, case, lambda: kncore.patch_neurons(t5lm, kns, mode=mode))
+    with kncore.patch_neurons(t5lm, kns, mode=mode):
+        want = float(t5.target_probs(t5lm, PROMPT, "ottawa").prod())
+    assert row["reliability_prob_post"] == pytest.approx(want, rel=1e-4)
+    moved = row["reliability_prob_post"] - row["reliability_prob_pre"]
+    assert (moved < 0) if mode == "suppress" else (moved > 0), row
+
+
+def test_edit_eval_rome_on_t5_refused(t5lm, tmp_path):
+    from kncore import experiments as X
+    with pytest.raises(InputError, match=r"edit_eval\(editor='rome'\) does not run on T5 .*kncore.t5.rome_edit") as e:
+        X.edit_eval(t5lm, "counterfact", tmp_path / "x", editor="rome")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 # -- causal tracing --------------------------------------------------------------------------------

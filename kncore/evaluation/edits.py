@@ -8,6 +8,7 @@ import inspect
 import math
 from typing import Callable, Sequence
 
+from ..family import family
 from ..lm import LM, InputError
 from ..runtime import Patch
 from .cases import EditCase
@@ -61,19 +62,11 @@ def before_after(fn: Callable, apply_edit):
 # =============================================================================
 # evaluating edits
 # =============================================================================
-def _mlm_prompt(lm: LM, prompt: str) -> str:
-    """A masked LM's prompt: a prompt without the mask token gets `` [MASK] .``
-    appended (the LAMA/PARAREL form)."""
-    if not lm.is_mlm:
-        return prompt
-    mask = lm.tokenizer.mask_token
-    return prompt if mask in prompt else f"{prompt.rstrip()} {mask} ."
-
-
 def _case_requests(lm: LM, case: EditCase):
     reqs, index = [], []  # index[k] = (probe, which) with which in ("target", "foil")
+    fam = family(lm)
     for p in case.probes:
-        q = _mlm_prompt(lm, p.prompt)
+        q = fam.probe_prompt(lm, p.prompt)
         for which, ans in (("target", p.target), ("foil", p.foil)):
             if ans is None:
                 continue

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from ..family import family
 from ..lm import LM, InputError
 from ..runtime import Patch
 
@@ -65,25 +66,17 @@ def check_patches(patches) -> list:
 
 
 def score_request(lm: LM, prompt: str, target: str):
-    """(sequence, scored positions, target ids) of one (prompt, target)."""
-    tids = lm.target_ids(prompt, target)
-    ids = lm.tokenize(prompt)
-    if lm.is_mlm:
-        m = lm.mask_position(ids, prompt)
-        seq = ids[:m] + [lm.tokenizer.mask_token_id] * len(tids) + ids[m + 1:]
-        pos = list(range(m, m + len(tids)))
-    else:
-        seq = ids + tids[:-1]
-        pos = list(range(len(ids) - 1, len(ids) - 1 + len(tids)))
-    if len(seq) > lm.adapter.n_ctx:
-        raise InputError(f"prompt and target are {len(seq)} tokens, more than the model's context of "
-                         f"{lm.adapter.n_ctx}: {prompt[:60]!r}")
-    return tuple(seq), pos, tids
+    """(row key, scored positions, target ids) of one (prompt, target), as the
+    model's family builds it (:mod:`kncore.family`): a decoder's token
+    sequence, a masked LM's masked sequence, or T5's (encoder ids, decoder
+    ids shifted right)."""
+    return family(lm).score_request(lm, prompt, target)
 
 
 @torch.no_grad()
 def score_sequences(lm: LM, reqs: list, patches, batch_size: int):
-    """[(log-probs, argmax ids)] for requests (seq, positions, target ids).
+    """[(log-probs, argmax ids)] for requests (row key, positions, target ids)
+    (:func:`score_request`; the row keys are the family's, see :mod:`kncore.family`).
 
     Identical sequences run once (a single-token target only needs its
     prompt, so every candidate answer to one prompt shares a row). Only the
@@ -95,19 +88,18 @@ def score_sequences(lm: LM, reqs: list, patches, batch_size: int):
     for k, (seq, _, _) in enumerate(reqs):
         users.setdefault(rows.setdefault(seq, len(rows)), []).append(k)
     seqs = list(rows)
-    order = sorted(range(len(seqs)), key=lambda r: len(seqs[r]))
+    fam = family(lm)
+    order = sorted(range(len(seqs)), key=lambda r: fam.row_len(seqs[r]))
     res: list = [None] * len(reqs)
     for s in range(0, len(order), batch_size):
         chunk = order[s: s + batch_size]
-        b = lm.batch_ids([list(seqs[r]) for r in chunk])
-        out = lm.run(b.input_ids, attention_mask=b.attention_mask, logits=None, patches=patches)
         col: dict = {}  # (batch row, position) -> index into the scored positions
         for i, r in enumerate(chunk):
             for k in users[r]:
                 for p in reqs[k][1]:
                     col.setdefault((i, p), len(col))
-        where = torch.tensor(list(col), device=out.hidden.device).reshape(-1, 2)
-        lp = lm.adapter.final(out.hidden[where[:, 0], where[:, 1]]).float().log_softmax(-1)
+        where = torch.tensor(list(col), device=lm.device).reshape(-1, 2)
+        lp = fam.logprobs_at(lm, [seqs[r] for r in chunk], where, patches)
         top = lp.argmax(-1).tolist()
         for i, r in enumerate(chunk):
             for k in users[r]:
@@ -124,8 +116,11 @@ def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *, pat
 
     Decoders: the prompt followed by the target's tokens (``lm.target_ids``,
     so " Paris" after "is"). Masked LMs: the prompt's ``[MASK]`` becomes one
-    mask per target token, each scored at its own mask. ``patches`` (without
-    ``rows=``) apply to every forward.
+    mask per target token, each scored at its own mask. T5: the prompt is the
+    encoder's input and the target is teacher-forced in the decoder with its
+    input shifted right (``decoder_start_token_id`` first), so decoder
+    position q scores target[q]. ``patches`` (without ``rows=``) apply to
+    every forward (on T5, to the decoder).
     """
     if isinstance(prompts, str) or isinstance(targets, str):
         raise InputError("give lists of prompts and targets")
@@ -221,6 +216,9 @@ def minimal_pair_scores(lm: LM, prompts: Sequence, *, method: str = "auto", patc
     ``method="target"`` (or patch ``positions="all"``).
     """
     prompts = list(prompts)
+    if family(lm).encoder_decoder:
+        raise InputError("minimal-pair scores run on decoders and masked LMs; for T5 compare targets with "
+                         "score_targets (the prompt in the encoder, the target in the decoder)")
     if method == "auto":
         method = "target" if lm.is_mlm else "sentence"
     if method not in ("sentence", "target"):

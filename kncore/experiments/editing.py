@@ -10,10 +10,10 @@ from typing import Sequence
 
 import torch
 
+from ..family import EDITORS, family  # noqa: F401  (EDITORS: still importable from here)
 from ..lm import LM, InputError
 from .common import open_run, parse_task, progress_bar, uniform, write_result
 
-EDITORS = ("rome", "kn")
 KINDS = ("reliability", "generality", "locality", "symmetry", "synonymy")
 
 
@@ -73,18 +73,20 @@ def kn_fact_edit(lm: LM, case, *, steps: int = 20, layers=None, adaptive_thresho
     answer as target (:func:`kncore.attribute`, coarse at ``adaptive_threshold``
     x max, :func:`kncore.refine` with the adaptive p), and the first token of
     the old and the new answer (after the edited prompt) are swapped in their
-    value vectors."""
-    from ..attribution import attribute
+    value vectors. On T5 the neurons are the decoder's, attributed with
+    :func:`kncore.t5.attribute` (the answer teacher-forced in the decoder,
+    its input shifted right); :mod:`kncore.family` picks the attribution."""
     from ..selection import refine, select_coarse
 
     if case.target_true is None:
         raise InputError(f"edit case {case.case_id}: a KN edit needs the old answer (target_true) to localise")
+    fam = family(lm)
     prompts = list(dict.fromkeys(p.prompt for p in case.probes if p.kind in ("reliability", "generality")))
-    attr = attribute(lm, prompts, case.target_true, steps=steps, layers=layers, batch_size=batch_size,
-                     progress=False)
+    attr = fam.attribute(lm, [fam.probe_prompt(lm, p) for p in prompts], case.target_true, steps=steps,
+                         layers=layers, batch_size=batch_size)
     ref = refine([select_coarse(attr, adaptive_threshold=adaptive_threshold)], "adaptive")
-    old = lm.target_ids(case.prompt, case.target_true)[0]
-    new = lm.target_ids(case.prompt, case.target_new)[0]
+    old = fam.target_ids(lm, case.prompt, case.target_true)[0]
+    new = fam.target_ids(lm, case.prompt, case.target_new)[0]
     e = KNWeightEdit(lm, ref.sets[0], old, new, scale)
     e.p = ref.p
     return e
@@ -160,8 +162,7 @@ def edit_eval(lm: LM, dataset, out, *, editor: str = "rome", limit: int | None =
     from .. import evaluation
     from ..rundir import run_items
 
-    if editor not in EDITORS:
-        raise InputError(f"editor must be one of {EDITORS}, got {editor!r}")
+    family(lm).check_editor(editor)  # e.g. ROME through edit_eval on T5: refused in one line
     cases = edit_cases(lm, dataset, limit=limit, extra_probes=extra_probes, data_dir=data_dir)
     config = {"experiment": "edit_eval", "dataset": str(dataset), "editor": editor, "limit": limit,
               "extra_probes": extra_probes}

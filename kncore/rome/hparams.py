@@ -268,6 +268,9 @@ _BY_MODEL = {
     "smollm2-135m": "smollm2-135m",
     "gpt-neox-20b": "gpt-neox-20b",
     "qwen2.5-7b": "qwen2.5-7b",
+    "pythia-6.9b": "pythia-6.9b",
+    "gemma-2-9b": "gemma-2-9b",
+    "gemma-2-9b-it": "gemma-2-9b",  # the source file was written for the -it checkpoint
 }
 
 

@@ -54,8 +54,14 @@ def _block_out(out):
 
 def delta_ref(lm, layer: int, rows: _Rows, hparams, init: str = "mlp"):
     """ROME's ``compute_v`` optimisation: ``(delta, v_init, losses)``.
-    ``init="layer"``: MEMIT's ``compute_z``, whose initial value (for the clamp
-    and the weight decay) is the layer's output rather than the MLP's."""
+
+    ``init="mlp"``: ROME's, delta added to the MLP module's output (where a
+    norm follows the MLP, as Gemma-2's post-feedforward norm, the residual
+    stream changes by that norm of the sum). ``init="layer"``: MEMIT's
+    ``compute_z``, delta added to the layer's (block's) output, which is also
+    the initial value for the clamp and the weight decay. The two places are
+    the same residual change wherever the MLP output enters the residual
+    stream as it is (GPT-2, GPT-J, LLaMA, GPT-NeoX), not behind a norm."""
     dev = lm.device
     b = lm.batch_ids(rows.ids)
     B, T = b.input_ids.shape
@@ -70,24 +76,21 @@ def delta_ref(lm, layer: int, rows: _Rows, hparams, init: str = "mlp"):
     look = rows.lookup
 
     def hook(m, i, out):
-        if state["v_init"] is None:
-            state["v_init"] = out[0, look[0]].detach().clone()
-        add = torch.zeros_like(out)
+        o = _block_out(out)
+        if state["v_init"] is None:  # the first forward, whose delta is still zero
+            state["v_init"] = o[0, look[0]].detach().clone()
+        add = torch.zeros_like(o)
         add[torch.arange(B, device=dev), torch.tensor(look, device=dev)] = 1
-        return out + add * delta.to(out.dtype)
+        o = o + add * delta.to(o.dtype)
+        return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
 
+    if init not in ("mlp", "layer"):
+        raise ValueError(f"init must be 'mlp' or 'layer', got {init!r}")
+    where = _mlp_module(lm, layer) if init == "mlp" else get_module(lm.model, lm.adapter.layer_module_name(layer))
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     kl_init = None
     losses = []
-    h = _mlp_module(lm, layer).register_forward_hook(hook)
-    if init == "layer":  # the block output of the first forward, whose delta is still zero
-        state["block"] = None
-
-        def block_hook(m, i, out):
-            if state["block"] is None:
-                state["block"] = _block_out(out)[0, look[0]].detach().clone()
-
-        hb = get_module(lm.model, lm.adapter.layer_module_name(layer)).register_forward_hook(block_hook)
+    h = where.register_forward_hook(hook)
     try:
         for it in range(hparams.v_num_grad_steps):
             opt.zero_grad()
@@ -101,7 +104,7 @@ def delta_ref(lm, layer: int, rows: _Rows, hparams, init: str = "mlp"):
             nll_each = -(tok * (targets != -100)).sum(1) / nt
             nll = nll_each.mean()
             kl = hparams.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
-            v_init = state["v_init"] if init == "mlp" else state["block"]
+            v_init = state["v_init"]
             wd = hparams.v_weight_decay * (delta.norm() / v_init.norm().to(vd) ** 2)
             loss = nll + kl + wd
             losses.append(float(loss.detach()))
@@ -115,10 +118,7 @@ def delta_ref(lm, layer: int, rows: _Rows, hparams, init: str = "mlp"):
                     delta[...] = delta * max_norm / delta.norm()
     finally:
         h.remove()
-        if init == "layer":
-            hb.remove()
-    v_init = state["v_init"] if init == "mlp" else state["block"]
-    return delta.detach(), v_init.to(vd), losses
+    return delta.detach(), state["v_init"].to(vd), losses
 
 
 def update_ref(lm, layer: int, req: Request, rows: _Rows, hparams, C=None):
