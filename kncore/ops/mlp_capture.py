@@ -128,8 +128,9 @@ def mlp_params(ad, L: int):
     if mods is None:
         return None, f"architecture {ad.arch!r} has no fused-MLP mapping"
     # The fused pass replaces mlp_pre + mlp_act, so it must be the class that
-    # names the modules that also computes with them.
-    owner = next(c for c in type(ad).__mro__ if "mlp_modules" in vars(c))
+    # names the modules (declares mlp_paths or overrides mlp_modules) that
+    # also computes with them.
+    owner = next(c for c in type(ad).__mro__ if "mlp_modules" in vars(c) or "mlp_paths" in vars(c))
     if type(ad).mlp_pre is not owner.mlp_pre or type(ad).mlp_act is not owner.mlp_act:
         return None, f"{type(ad).__name__} overrides mlp_pre/mlp_act"
     up, fn, gate_up = mods.up, mods.act, mods.gate_up
