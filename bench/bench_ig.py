@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 import kncore  # noqa: E402
 from kncore.attribution import attribute, attribute_ref  # noqa: E402
-from kncore.testing import _WORDS, tiny_tokenizer  # noqa: E402
+from kncore.testing import WORDS, tiny_tokenizer  # noqa: E402
 
 STEPS = 20
 
@@ -232,7 +232,7 @@ def build_model(shape, device, dtype):
 
 def make_prompts(n, T, seed):
     g = torch.Generator().manual_seed(seed)
-    words = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
+    words = list(WORDS)
     pick = lambda k: [words[int(i)] for i in torch.randint(0, len(words), (k,), generator=g)]
     return [" ".join(pick(T)) for _ in range(n)], [pick(1)[0] for _ in range(n)]
 

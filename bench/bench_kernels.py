@@ -142,26 +142,17 @@ def mlp_cases(dev, dtype, quick):
         for P in ((8,) if quick or SMOKE else PROMPTS):
             M = P * STEPS
             x = r(M, d)
-            # runtime: pre-activation + activation, what kncore.runtime asks for every MLP;
-            # ig-steps: per-row alphas and one captured row per prompt (IG that scales the neurons).
-            variants = {
-                "runtime": dict(return_pre=True),
-                "ig-steps": dict(row_scale=torch.rand(M, generator=g).to(dev),
-                                 capture_rows=torch.arange(STEPS - 1, M, STEPS, device=dev)),
-            }
-            for var, extra in variants.items():
-                R = extra["capture_rows"].numel() if "capture_rows" in extra else 0
-                outs = 2 if extra.get("return_pre") else 1
-                mats = 2 if s["gated"] else 1
-                plain = lambda: MC.mlp_capture_ref(x, w, **kw, **extra)
-                # The runtime's peer is its own plain path: the HF modules (GPT-J's
-                # gelu_new is eight elementwise kernels in eager PyTorch).
-                eager = (lambda: _hf_mlp(x, w, kw, hf_act)) if var == "runtime" else plain
-                # (each case's closures run before the generator moves on)
-                yield Case(f"mlp_capture {name}", M, var, 2 * M * d * N * mats,
-                           esz * (M * d + mats * d * N + outs * M * N + R * N) + (4 * M if R else 0),
-                           fast=lambda: MC.mlp_capture(x, w, **kw, **extra), eager=eager,
-                           ref=lambda: MC.mlp_capture_ref(x.float(), w.float(), **kw32, **extra), plain=plain)
+            # runtime: pre-activation + activation, what kncore.runtime asks for every MLP.
+            mats = 2 if s["gated"] else 1
+            # The runtime's peer is its own plain path: the HF modules (GPT-J's
+            # gelu_new is eight elementwise kernels in eager PyTorch).
+            # (each case's closures run before the generator moves on)
+            yield Case(f"mlp_capture {name}", M, "runtime", 2 * M * d * N * mats,
+                       esz * (M * d + mats * d * N + 2 * M * N),
+                       fast=lambda: MC.mlp_capture(x, w, **kw, return_pre=True),
+                       eager=lambda: _hf_mlp(x, w, kw, hf_act),
+                       ref=lambda: MC.mlp_capture_ref(x.float(), w.float(), **kw32, return_pre=True),
+                       plain=lambda: MC.mlp_capture_ref(x, w, **kw, return_pre=True))
 
 
 def _hf_mlp(x, w, kw, hf_act):

@@ -62,8 +62,8 @@ def main(argv=None) -> int:
             "dynamic allocation + ptxas' static bytes, against 163 KiB (sm_80) and 227 KiB (sm_90) a block. "
             "Shapes: LLaMA-2-7B (d 4096, d_ff 11008, 640 rows); `variant` is the dtype (fp32 with IEEE or "
             "tf32 dots) and the flag set: `llama` gated SiLU, no bias, pre and up stored (backward); `gpt2` "
-            "gelu_tanh with bias on a Conv1D weight; `all-flags` gated with both biases, row and neuron "
-            "scales, neuron rows, captured rows; `relu-none` no optional input. Time on a GPU: not measured "
+            "gelu_tanh with bias on a Conv1D weight; `all-flags` gated with both biases, the neuron "
+            "scale and its rows; `relu-none` no optional input. Time on a GPU: not measured "
             "on GPU.\n\n"
             f"**{len(bad)} of {len(rows)} cases fail** (compile error, spills, or shared memory over the "
             "target's).\n\n")

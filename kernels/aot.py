@@ -136,14 +136,12 @@ def _mlp_variants(dtype):
     linear = _meta(D_FF, D_MODEL, dtype=dtype).t()   # nn.Linear weight, as the runtime passes it
     conv1d = _meta(D_MODEL, D_FF, dtype=dtype)       # GPT-2 Conv1D weight
     bias = _meta(D_FF, dtype=dtype)
-    none = dict(b=None, w_up=None, b_up=None, row_scale=None, neuron_scale=None, neuron_rows=None,
-                capture_rows=None)
+    none = dict(b=None, w_up=None, b_up=None, neuron_scale=None, neuron_rows=None)
     out = {
         "llama": dict(none, x=x, w=linear, w_up=linear, act="silu", store_pre=True, store_up=True),
         "gpt2": dict(none, x=x, w=conv1d, b=bias, act="gelu_tanh", store_pre=True, store_up=False),
         "all-flags": dict(x=x, w=linear, b=bias, w_up=linear, b_up=bias, act="gelu",
-                          row_scale=_meta(ROWS, dtype=torch.float32), neuron_scale=_meta(D_FF, dtype=torch.float32),
-                          neuron_rows=_meta(ROWS, dtype=torch.bool), capture_rows=_meta(8, dtype=torch.long),
+                          neuron_scale=_meta(D_FF, dtype=torch.float32), neuron_rows=_meta(ROWS, dtype=torch.bool),
                           store_pre=True, store_up=True),
         "relu-none": dict(none, x=x, w=linear, act="relu", store_pre=False, store_up=False),
     }

@@ -1,16 +1,14 @@
-"""Fused MLP up-projection + activation, with neuron scaling and capture (Triton).
+"""Fused MLP up-projection + activation, with neuron scaling (Triton).
 
 One pass computes, for rows x [M, d] of the MLP input,
 
     pre = x @ W + b                               (the ``pre_act`` site)
     h   = act(pre)            or  act(pre) * (x @ W_up + b_up)   (gated: SwiGLU)
-    h   = h * row_scale[m]                        (IG step alphas, optional)
     h   = h * neuron_scale[j]   on rows where neuron_rows[m]   (suppress / enhance)
 
-and writes ``h`` (the ``act`` site, the neurons), optionally ``pre`` and the
-captured rows ``h[capture_rows]`` as a second output, straight from the matmul
-epilogue. Eager PyTorch does the same in 2 (4 gated) full [M, d_ff] round trips
-through memory after the matmuls, plus the copy a capture hook makes.
+and writes ``h`` (the ``act`` site, the neurons) and optionally ``pre``,
+straight from the matmul epilogue. Eager PyTorch does the same in 2 (4 gated)
+full [M, d_ff] round trips through memory after the matmuls.
 
 Activations: ``gelu_tanh`` (GPT-2 / GPT-J ``gelu_new``), ``gelu`` (erf, BERT),
 ``silu`` (LLaMA's SwiGLU with ``W_up``) and ``relu``.
@@ -41,9 +39,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class MLPCaptureOut(NamedTuple):
-    act: torch.Tensor                 # [M, d_ff] the neuron activations (after scales)
-    pre: Optional[torch.Tensor]       # [M, d_ff] pre-activation (the gate for SwiGLU), if asked
-    captured: Optional[torch.Tensor]  # [R, d_ff] act at capture_rows, if asked
+    act: torch.Tensor            # [M, d_ff] the neuron activations (after the neuron scale)
+    pre: Optional[torch.Tensor]  # [M, d_ff] pre-activation (the gate for SwiGLU), if asked
 
 
 # --------------------------------------------------------------------------- reference
@@ -60,25 +57,21 @@ def _act_ref(name: str, z: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
-def mlp_capture_ref(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neuron_scale=None,
-                    neuron_rows=None, capture_rows=None, return_pre=False) -> MLPCaptureOut:
+def mlp_capture_ref(x, w, b=None, *, act, w_up=None, b_up=None, neuron_scale=None,
+                    neuron_rows=None, return_pre=False) -> MLPCaptureOut:
     """Plain PyTorch definition of :func:`mlp_capture` (same arguments), in x's dtype.
 
-    x [M, d]; w, w_up [d, d_ff]; b, b_up [d_ff]; row_scale [M]; neuron_scale
-    [d_ff]; neuron_rows [M] bool (rows the neuron scale applies to; None: all);
-    capture_rows [R] row indices.
+    x [M, d]; w, w_up [d, d_ff]; b, b_up [d_ff]; neuron_scale [d_ff];
+    neuron_rows [M] bool (rows the neuron scale applies to; None: all).
     """
     pre = x @ w if b is None else torch.addmm(b, x, w)
     h = _act_ref(act, pre)
     if w_up is not None:
         h = h * (x @ w_up if b_up is None else torch.addmm(b_up, x, w_up))
-    if row_scale is not None:
-        h = h * row_scale.to(h.dtype)[:, None]
     if neuron_scale is not None:
         scaled = h * neuron_scale.to(h.dtype)
         h = scaled if neuron_rows is None else torch.where(neuron_rows[:, None], scaled, h)
-    cap = None if capture_rows is None else h[capture_rows]
-    return MLPCaptureOut(h, pre if return_pre else None, cap)
+    return MLPCaptureOut(h, pre if return_pre else None)
 
 
 # --------------------------------------------------------------------------- kernel
@@ -126,12 +119,12 @@ def _to_out(v, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
 
 @_jit
 def _mlp_capture_kernel(
-        x_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, rs_ptr, ns_ptr, nr_ptr, slot_ptr,
-        act_ptr, pre_ptr, up_ptr, cap_ptr,
+        x_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, ns_ptr, nr_ptr,
+        act_ptr, pre_ptr, up_ptr,
         M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, stride_uk, stride_un,
         M_KEY,  # autotuning key only (a power-of-2 bucket of M)
         ACT: tl.constexpr, GATED: tl.constexpr, HAS_B: tl.constexpr, HAS_BU: tl.constexpr,
-        HAS_RS: tl.constexpr, HAS_NS: tl.constexpr, HAS_NR: tl.constexpr, HAS_CAP: tl.constexpr,
+        HAS_NS: tl.constexpr, HAS_NR: tl.constexpr,
         STORE_PRE: tl.constexpr, STORE_UP: tl.constexpr, EMU_BF16: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row tiles in a row reuse the same W column tiles from L2.
@@ -184,8 +177,6 @@ def _mlp_capture_kernel(
         if HAS_BU:
             acc_u += tl.load(bu_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         h = h * acc_u
-    if HAS_RS:
-        h = h * tl.load(rs_ptr + rm, mask=m_ok, other=1.0).to(tl.float32)[:, None]
     if HAS_NS:
         ns = tl.load(ns_ptr + rn, mask=n_ok, other=1.0).to(tl.float32)[None, :]
         if HAS_NR:
@@ -202,10 +193,6 @@ def _mlp_capture_kernel(
         tl.store(pre_ptr + offs, _to_out(acc, act_ptr.dtype.element_ty, EMU_BF16), mask=ok)
     if STORE_UP:
         tl.store(up_ptr + offs, _to_out(acc_u, act_ptr.dtype.element_ty, EMU_BF16), mask=ok)
-    if HAS_CAP:
-        slot = tl.load(slot_ptr + rm, mask=m_ok, other=-1)
-        tl.store(cap_ptr + slot[:, None].to(tl.int64) * N + rn[None, :], out,
-                 mask=(slot >= 0)[:, None] & n_ok[None, :])
 
 
 AVAILABLE = triton is not None
@@ -232,6 +219,8 @@ _GPU_CONFIGS = [] if triton is None else [
 _IEEE_CONFIGS = [] if triton is None else [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4)]
 _AUTOTUNE_CONFIGS = _GPU_CONFIGS + _IEEE_CONFIGS
+# ("all flags" in these notes: measured when the kernel also took per-row
+# scales and captured rows, two optional inputs it no longer has.)
 # Limits that _prune_configs applies, measured by compiling every configuration
 # for sm_80 and sm_90 (tests/test_kernels_compile.py; the table is in
 # bench/results/bench_kernels_compile_*): every configuration with 128 fp32
@@ -291,9 +280,9 @@ def _ieee(dtype) -> bool:
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def _launch(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
+def _launch(x, w, b, w_up, b_up, neuron_scale, neuron_rows,
             act: str, store_pre: bool, store_up: bool):
-    """What :func:`_forward` launches: (outputs (act, pre, up, cap), kernel arguments, constexprs).
+    """What :func:`_forward` launches: (outputs (act, pre, up), kernel arguments, constexprs).
 
     The one place the kernel's arguments and flags are derived from a call;
     ``kernels/aot.py`` calls it on meta tensors to compile what dispatch would.
@@ -304,30 +293,24 @@ def _launch(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_r
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     pre = torch.empty_like(out) if store_pre else x.new_empty(0)  # (outputs may not alias)
     up = torch.empty_like(out) if (store_up and gated) else x.new_empty(0)
-    if capture_rows is not None:
-        cap = torch.empty((capture_rows.numel(), N), device=x.device, dtype=x.dtype)
-        slot = torch.full((M,), -1, device=x.device, dtype=torch.int32)
-        slot[capture_rows] = torch.arange(capture_rows.numel(), device=x.device, dtype=torch.int32)
-    else:
-        cap, slot = x.new_empty(0), None
     nr = None if neuron_rows is None else neuron_rows.to(torch.int8)
-    args = (x, w, b, w_up if gated else w, b_up, row_scale, neuron_scale, nr, slot,
-            out, pre, up, cap,
+    args = (x, w, b, w_up if gated else w, b_up, neuron_scale, nr,
+            out, pre, up,
             M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             (w_up if gated else w).stride(0), (w_up if gated else w).stride(1),
             min(triton.next_power_of_2(max(M, 1)), 4096))
     flags = dict(
         ACT=_ACT_CODE[act], GATED=gated, HAS_B=b is not None, HAS_BU=b_up is not None,
-        HAS_RS=row_scale is not None, HAS_NS=neuron_scale is not None, HAS_NR=nr is not None,
-        HAS_CAP=slot is not None, STORE_PRE=store_pre, STORE_UP=store_up and gated,
+        HAS_NS=neuron_scale is not None, HAS_NR=nr is not None,
+        STORE_PRE=store_pre, STORE_UP=store_up and gated,
         EMU_BF16=INTERPRETED and x.dtype == torch.bfloat16, IEEE=_ieee(x.dtype) or INTERPRETED)
-    return (out, pre, up, cap), args, flags
+    return (out, pre, up), args, flags
 
 
-def _forward(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
+def _forward(x, w, b, w_up, b_up, neuron_scale, neuron_rows,
              act: str, store_pre: bool, store_up: bool):
-    """Launch the kernel. Returns (act, pre, up, cap); unrequested ones are empty."""
-    outs, args, flags = _launch(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
+    """Launch the kernel. Returns (act, pre, up); unrequested ones are empty."""
+    outs, args, flags = _launch(x, w, b, w_up, b_up, neuron_scale, neuron_rows,
                                 act, store_pre, store_up)
     M, N = x.shape[0], w.shape[1]
     if M == 0:
@@ -341,19 +324,17 @@ def _forward(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_
 # --------------------------------------------------------------------------- autograd
 
 def _op_impl(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], w_up: Optional[torch.Tensor],
-             b_up: Optional[torch.Tensor], row_scale: Optional[torch.Tensor],
-             neuron_scale: Optional[torch.Tensor], neuron_rows: Optional[torch.Tensor],
-             capture_rows: Optional[torch.Tensor], act: str, store_pre: bool,
-             store_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
-                    act, store_pre, store_up)
+             b_up: Optional[torch.Tensor], neuron_scale: Optional[torch.Tensor],
+             neuron_rows: Optional[torch.Tensor], act: str, store_pre: bool,
+             store_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, w, b, w_up, b_up, neuron_scale, neuron_rows, act, store_pre, store_up)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows, act, _, _ = inputs
-    _, pre, up, _ = output
+    x, w, b, w_up, b_up, neuron_scale, neuron_rows, act, _, _ = inputs
+    _, pre, up = output
     ctx.act = act
-    ctx.save_for_backward(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows, pre, up)
+    ctx.save_for_backward(x, w, b, w_up, b_up, neuron_scale, neuron_rows, pre, up)
 
 
 def _act_grad(name, g, z):
@@ -367,16 +348,12 @@ def _act_grad(name, g, z):
     return torch.ops.aten.threshold_backward(g, z, 0)
 
 
-def _backward(ctx, g_act, g_pre, g_up, g_cap):
+def _backward(ctx, g_act, g_pre, g_up):
     # Gradients with respect to x only; mlp_capture refuses weights or scales
     # that require grad, so the Nones below are never a silent wrong answer.
-    x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows, pre, up = ctx.saved_tensors
+    x, w, b, w_up, b_up, neuron_scale, neuron_rows, pre, up = ctx.saved_tensors
     M, N = x.shape[0], w.shape[1]
     g = torch.zeros((M, N), device=x.device, dtype=x.dtype) if g_act is None else g_act
-    if g_cap is not None and capture_rows is not None and capture_rows.numel():
-        g = g.index_add(0, capture_rows, g_cap.to(g.dtype))
-    if row_scale is not None:
-        g = g * row_scale.to(g.dtype)[:, None]
     if neuron_scale is not None:
         scaled = g * neuron_scale.to(g.dtype)
         g = scaled if neuron_rows is None else torch.where(neuron_rows[:, None], scaled, g)
@@ -396,7 +373,7 @@ def _backward(ctx, g_act, g_pre, g_up, g_cap):
     gx = gp @ w.t()
     if gated:
         gx = gx + gu @ w_up.t()
-    return (gx,) + (None,) * 11
+    return (gx,) + (None,) * 9
 
 
 def autograd_function():
@@ -432,7 +409,7 @@ _op = _register() if AVAILABLE else None
 
 # --------------------------------------------------------------------------- entry
 
-def _check(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows, act):
+def _check(x, w, b, w_up, b_up, neuron_scale, neuron_rows, act):
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
@@ -441,7 +418,7 @@ def _check(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_ro
     if x.dtype not in DTYPES:
         raise ValueError(f"dtype {x.dtype} not supported by the kernel; supported: {DTYPES}")
     shapes = {"b": (b, (N,)), "w_up": (w_up, tuple(w.shape)), "b_up": (b_up, (N,)),
-              "row_scale": (row_scale, (M,)), "neuron_scale": (neuron_scale, (N,)),
+              "neuron_scale": (neuron_scale, (N,)),
               "neuron_rows": (neuron_rows, (M,))}
     for nm, (t, shape) in shapes.items():
         if t is None:
@@ -459,21 +436,15 @@ def _check(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_ro
         raise ValueError("b_up given without w_up")
     if neuron_rows is not None and (neuron_rows.dtype != torch.bool or neuron_scale is None):
         raise ValueError("neuron_rows must be a bool [M] mask and comes with neuron_scale")
-    for nm, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up), ("row_scale", row_scale),
-                  ("neuron_scale", neuron_scale)):
+    for nm, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up), ("neuron_scale", neuron_scale)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{nm} requires grad; the kernel differentiates x only "
                              "(use mlp_capture_ref, or freeze it)")
-    if capture_rows is not None:
-        if capture_rows.dim() != 1 or capture_rows.dtype not in (torch.int32, torch.int64):
-            raise ValueError("capture_rows must be a 1-D integer tensor of row indices")
-        if capture_rows.numel() and (int(capture_rows.min()) < 0 or int(capture_rows.max()) >= M):
-            raise ValueError(f"capture_rows outside [0, {M})")
 
 
-def mlp_capture(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neuron_scale=None,
-                neuron_rows=None, capture_rows=None, return_pre=False) -> MLPCaptureOut:
-    """Fused ``act(x @ w + b) [* (x @ w_up + b_up)]``, scaled, with captured rows (Triton).
+def mlp_capture(x, w, b=None, *, act, w_up=None, b_up=None, neuron_scale=None,
+                neuron_rows=None, return_pre=False) -> MLPCaptureOut:
+    """Fused ``act(x @ w + b) [* (x @ w_up + b_up)]``, scaled per neuron (Triton).
 
     Same arguments and result as :func:`mlp_capture_ref`. ``w``/``w_up`` may be
     any strided [d, d_ff] view (``linear.weight.t()`` needs no copy). Matmuls
@@ -484,20 +455,7 @@ def mlp_capture(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neur
     if not AVAILABLE:
         raise RuntimeError("the mlp_capture kernel needs triton (pip install triton); "
                            "kncore.ops.mlp_capture.mlp_capture falls back to the reference")
-    _check(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows, act)
-    inv = None
-    if capture_rows is not None:
-        capture_rows = capture_rows.long()
-        uniq, inv = torch.unique(capture_rows, return_inverse=True)
-        if uniq.numel() == capture_rows.numel():
-            inv = None  # no repeats: the kernel writes the rows in the order given
-        else:
-            capture_rows = uniq
+    _check(x, w, b, w_up, b_up, neuron_scale, neuron_rows, act)
     grad = torch.is_grad_enabled() and x.requires_grad
-    a, pre, _, cap = _op(x, w, b, w_up, b_up, row_scale, neuron_scale, neuron_rows, capture_rows,
-                         act, return_pre or grad, grad)
-    if capture_rows is None:
-        cap = None
-    elif inv is not None:
-        cap = cap[inv]
-    return MLPCaptureOut(a, pre if return_pre else None, cap)
+    a, pre, _ = _op(x, w, b, w_up, b_up, neuron_scale, neuron_rows, act, return_pre or grad, grad)
+    return MLPCaptureOut(a, pre if return_pre else None)

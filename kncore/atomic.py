@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -100,6 +101,22 @@ def atomic_write(path, write, *, sidecar: bool = False) -> str:
     else:
         fsync_dir(path.parent)
     return digest
+
+
+def replace_dir(tmp, dest) -> None:
+    """Move the finished folder ``tmp`` (made beside ``dest``, on the same file
+    system) onto ``dest``: two renames, the old folder aside and the new one
+    in, so a reader finds the old folder or the whole new one (or, between
+    the renames, none), never a partial one. The old folder is then deleted."""
+    tmp, dest = Path(tmp), Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.with_name(dest.name + f".old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path, data: bytes, *, sidecar: bool = False) -> str:

@@ -376,7 +376,7 @@ class Demo:
             summary = self.summary(time.perf_counter() - t_start, t_load)
             self.rd.update_manifest(summary=summary["flat"])
             from .report import write
-            from .rundir import atomic_write_text
+            from .atomic import atomic_write_text
             atomic_write_text(self.out / "demo.json", json.dumps(summary["full"], indent=1, default=float) + "\n")
             self.plot_related()
             html, md = write(self.rd)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import sha256_file as _sha256
+from .atomic import replace_dir, sha256_file
 from .lm import LM
 
 log = logging.getLogger("kncore")
@@ -155,7 +155,7 @@ def embedded_gguf(name: str) -> Path:
     return p
 
 
-def _cache_ok(cdir: Path, source: dict) -> bool:
+def cache_ok(cdir: Path, source: dict) -> bool:
     """Whether the model cache at ``cdir`` was made from ``source`` and every
     file still has the SHA-256 recorded when it was written; a damaged or
     missing file is named in a warning (the caller rebuilds the cache)."""
@@ -187,7 +187,7 @@ def _load_embedded(name: str):
     st = gguf.stat()
     source = {"file": gguf.name, "size": st.st_size}
     cdir = cache_root() / name
-    if _cache_ok(cdir, source):
+    if cache_ok(cdir, source):
         model = AutoModelForCausalLM.from_pretrained(cdir, local_files_only=True, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(cdir, local_files_only=True)
         return model, tok
@@ -208,17 +208,11 @@ def _load_embedded(name: str):
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         tok.save_pretrained(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         from .atomic import write_json_checked
         write_json_checked(tmp / "kncore-cache.json",
                            {"format": _CACHE_FORMAT, "name": name, "source": source, "files": files}, indent=1)
-        old = None
-        if cdir.exists():
-            old = cdir.with_name(cdir.name + f".old-{os.getpid()}")
-            os.replace(cdir, old)
-        os.replace(tmp, cdir)  # atomic: a reader sees the old cache or the whole new one
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, cdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,17 +1,17 @@
 """Figures shared by the experiments, the demo and the report, and the
 statistics drawn on them: the relative probability change under an edit with
 its one-sample t-test, the paper's bar plot of it, and the layer distribution
-of knowledge neurons. Written atomically (a temp file, then a rename)."""
+of knowledge neurons. Written with :func:`kncore.atomic.atomic_write` (a temp
+file, fsync'd, then a rename: a reader sees the old figure or the whole new one)."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .atomic import atomic_write
 from .lm import InputError
 
 
@@ -69,21 +69,14 @@ def probability_change_stats(before, after, tokens: Sequence[str], *, alpha: flo
 
 
 def save_figure(fig, path) -> Path:
-    """Write a matplotlib figure atomically (temp file, then rename)."""
+    """Write a matplotlib figure atomically, in the format its suffix names."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, bbox_inches="tight", dpi=150)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    fmt = path.suffix[1:] or matplotlib.rcParams["savefig.format"]  # (the temporary name has no suffix)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=150))
     return path
 
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .atomic import atomic_write, atomic_write_text
 from .lm import InputError
-from .rundir import RunDir, atomic_write, atomic_write_text
+from .rundir import RunDir
 
 # table name -> functions (table: pyarrow.Table, rd: RunDir) -> list[(title, matplotlib Figure or PNG bytes)]
 PLOTS: dict[str, list[Callable]] = {}

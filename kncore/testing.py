@@ -15,14 +15,17 @@ ARCHS = CORE_ARCHS + ("gpt_neox", "gpt_neox_seq", "qwen2", "qwen3", "gemma2", "g
 # tests do not apply): T5 v1.0 (ReLU, tied head) and v1.1 / Flan-T5 (gated GELU, untied).
 ENC_DEC_ARCHS = ("t5", "t5_v11")
 
-_WORDS = (
+# The tiny tokenizer's vocabulary after SPECIAL (words and punctuation, each once)
+VOCAB = tuple(dict.fromkeys((
     "the capital of canada is ottawa france paris italy rome germany berlin japan tokyo "
     "this that these those apple apples dog dogs cat cats sketch sketches committee "
     "a an and or not was were are be been has have had it its he she they we you i "
     "city country language speaks spoken french english german works field physics "
     "music painting born in on at to from with by for as like red blue green big small "
     "one two three four five six seven eight nine ten , . ? !"
-).split()
+).split()))
+# Its words alone: what the tests and benches build prompts from.
+WORDS = tuple(w for w in VOCAB if w.isalpha())
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 
 
@@ -30,7 +33,7 @@ def tiny_tokenizer(mlm: bool = False):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIAL + list(dict.fromkeys(_WORDS)))}
+    vocab = {t: i for i, t in enumerate(SPECIAL + list(VOCAB))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit() if not mlm else pre_tokenizers.Whitespace()
@@ -51,7 +54,7 @@ def tiny_model(arch: str, *, seed: int = 0, d_model: int = 40, d_ff: int = 123, 
     the sliding window of Qwen2's and Gemma's windowed layers."""
     import transformers as tf
 
-    V = vocab_size or (len(SPECIAL) + len(dict.fromkeys(_WORDS)))
+    V = vocab_size or (len(SPECIAL) + len(VOCAB))
     torch.manual_seed(seed)
     if arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_ff, vocab_size=V,
@@ -182,7 +185,7 @@ def fullwidth_config(name: str, *, n_layers: int = 2, vocab_size: int | None = N
         raise ValueError(f"unknown full-width model {name!r}; choose from {sorted(FULL_WIDTH)}")
     spec = dict(FULL_WIDTH[name])
     mt = spec.pop("model_type")
-    V = vocab_size or (len(SPECIAL) + len(dict.fromkeys(_WORDS)))
+    V = vocab_size or (len(SPECIAL) + len(VOCAB))
     common = dict(vocab_size=V, bos_token_id=5, eos_token_id=6, tie_word_embeddings=False)
     if mt == "gptj":
         return tf.GPTJConfig(n_layer=n_layers, **common, **spec)

@@ -302,7 +302,7 @@ def test_damaged_trace_record_is_named_and_traced_again(tmp_path, caplog):
 # -- the model cache -----------------------------------------------------------------------------
 def test_damaged_model_cache_file_is_named(tmp_path, caplog):
     from kncore.atomic import sha256_file, write_json_checked
-    from kncore.loading import _cache_ok
+    from kncore.loading import cache_ok
 
     src = {"file": "m.gguf", "size": 123}
     for how in HOW:
@@ -312,14 +312,29 @@ def test_damaged_model_cache_file_is_named(tmp_path, caplog):
         (cdir / "config.json").write_text("{}")
         write_json_checked(cdir / "kncore-cache.json", {"format": 1, "source": src, "files": {
             p.name: sha256_file(p) for p in cdir.iterdir()}})
-        assert _cache_ok(cdir, src)
+        assert cache_ok(cdir, src)
         _damage(cdir / "model.safetensors", how)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kncore"):
-            assert not _cache_ok(cdir, src)
+            assert not cache_ok(cdir, src)
         assert _warned(caplog, cdir / "model.safetensors")
     atomic_write_text(cdir / "kncore-cache.json", "{")
-    assert not _cache_ok(cdir, src)
+    assert not cache_ok(cdir, src)
+
+
+def test_replace_dir_puts_the_whole_new_folder_in_place(tmp_path):
+    """The model cache's folder swap: the new folder's files replace the old
+    folder's, the temporary and the old folder are gone."""
+    from kncore.atomic import replace_dir
+
+    dest = tmp_path / "cache"
+    for n in (1, 2):
+        tmp = tmp_path / f".new-{n}"
+        tmp.mkdir()
+        (tmp / f"file{n}").write_text(str(n))
+        replace_dir(tmp, dest)
+        assert [p.name for p in dest.iterdir()] == [f"file{n}"] and (dest / f"file{n}").read_text() == str(n)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
 # -- the statistics cache is addressed by content --------------------------------------------------

@@ -127,10 +127,10 @@ def test_smollm_cache_detects_corruption(smollm, tmp_path):
     src = loading.cache_root() / "smollm2-135m"
     gguf = loading.embedded_gguf("smollm2-135m")
     source = {"file": gguf.name, "size": gguf.stat().st_size}
-    assert loading._cache_ok(src, source)
+    assert loading.cache_ok(src, source)
     copy = tmp_path / "c"
     shutil.copytree(src, copy)
-    assert loading._cache_ok(copy, source)
+    assert loading.cache_ok(copy, source)
     meta = json.loads((copy / "kncore-cache.json").read_text())
     assert meta["source"] == source
     with open(copy / "model.safetensors", "r+b") as f:  # flip one byte deep in the weights
@@ -138,7 +138,7 @@ def test_smollm_cache_detects_corruption(smollm, tmp_path):
         b = f.read(1)
         f.seek(10_000_000)
         f.write(bytes([b[0] ^ 0xFF]))
-    assert not loading._cache_ok(copy, source)
+    assert not loading.cache_ok(copy, source)
     (copy / "kncore-cache.json").unlink()  # a partial cache (no manifest) is refused too
-    assert not loading._cache_ok(copy, source)
-    assert not loading._cache_ok(src, {"file": gguf.name, "size": 1})  # another source
+    assert not loading.cache_ok(copy, source)
+    assert not loading.cache_ok(src, {"file": gguf.name, "size": 1})  # another source

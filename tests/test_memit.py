@@ -14,10 +14,9 @@ import torch
 import kncore
 from kncore import rome
 from kncore.rome import editing, memit, reference, solver
-from kncore.testing import _WORDS, tiny_lm
+from kncore.testing import WORDS, tiny_lm
 from test_rome import CAUSAL, _one_thread  # noqa: F401  (autouse: tiny models on one thread)
 
-WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
 PROMPTS = ["the capital of {} is", "{} speaks", "the language of {} is", "{} was born in"]
 
 

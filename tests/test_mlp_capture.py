@@ -44,7 +44,7 @@ def _case(M, gated, device, *, dtype=torch.float32, transposed=True, g=None):
     if gated:
         kw.update(w_up=r(F, D).t() / D ** 0.5 * 2, b_up=r(F) * 0.3)
     x = r(M, D)
-    kw.update(row_scale=torch.rand(M, generator=g) * 2, neuron_scale=r(F),
+    kw.update(neuron_scale=r(F),
               neuron_rows=torch.rand(M, generator=g) > 0.4)
     # Round the inputs to the low dtype first: the fp64 reference sees the same numbers.
     cast = lambda t: t.to(dtype).to(device) if t.is_floating_point() else t.to(device)
@@ -62,9 +62,8 @@ def _err(a, ref):
 @pytest.mark.parametrize("M", [1, 5, 17])
 def test_matches_reference_fp32(device, act, gated, M):
     x, w, kw = _case(M, gated, device, transposed=(M != 5))
-    rows = torch.tensor([M - 1, 0, M // 2, M - 1], device=device)  # a repeat, in any order
-    out = K.mlp_capture(x, w, act=act, capture_rows=rows, return_pre=True, **kw)
-    ref = K.mlp_capture_ref(x, w, act=act, capture_rows=rows, return_pre=True, **kw)
+    out = K.mlp_capture(x, w, act=act, return_pre=True, **kw)
+    ref = K.mlp_capture_ref(x, w, act=act, return_pre=True, **kw)
     scale = ref.act.abs().max().item()
     assert scale > 1e-3  # never compare zeros
     for got, want in zip(out, ref):
@@ -77,7 +76,7 @@ def test_matches_reference_fp32(device, act, gated, M):
 def test_plain_call_has_no_extras(device):
     x, w, kw = _case(9, False, device)
     out = K.mlp_capture(x, w, kw["b"], act="gelu")
-    assert out.pre is None and out.captured is None
+    assert out.pre is None and out._fields == ("act", "pre")
     ref = K.mlp_capture_ref(x, w, kw["b"], act="gelu")
     assert _err(out.act, ref.act) <= 2e-6 * ref.act.abs().max().item()
 
@@ -95,11 +94,10 @@ def test_low_precision_bar(device, dtype, act, gated):
     products are exact in fp32) and rounds to nearest even by hand, as the GPU does.
     """
     x, w, kw = _case(17, gated, device, dtype=dtype)
-    rows = torch.tensor([3, 16], device=device)
-    ref = K.mlp_capture_ref(x.double(), w.double(), act=act, capture_rows=rows, return_pre=True,
+    ref = K.mlp_capture_ref(x.double(), w.double(), act=act, return_pre=True,
                             **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()})
-    plain = K.mlp_capture_ref(x, w, act=act, capture_rows=rows, return_pre=True, **kw)
-    fast = K.mlp_capture(x, w, act=act, capture_rows=rows, return_pre=True, **kw)
+    plain = K.mlp_capture_ref(x, w, act=act, return_pre=True, **kw)
+    fast = K.mlp_capture(x, w, act=act, return_pre=True, **kw)
     for name, f, p, r in zip(ref._fields, fast, plain, ref):
         assert f.dtype == dtype
         assert _err(p, r) > 0, "the plain low-precision run should not be exact"
@@ -111,11 +109,10 @@ def test_low_precision_bar(device, dtype, act, gated):
 @pytest.mark.parametrize("act,gated", [("gelu_tanh", False), ("gelu", False), ("silu", True), ("relu", True)])
 def test_backward_matches_reference(device, act, gated):
     x, w, kw = _case(17, gated, device)
-    rows = torch.tensor([2, 11, 2], device=device)
     grads = []
     for fn in (K.mlp_capture, K.mlp_capture_ref):
         xg = x.clone().requires_grad_(True)
-        out = fn(xg, w, act=act, capture_rows=rows, return_pre=True, **kw)
+        out = fn(xg, w, act=act, return_pre=True, **kw)
         g = torch.Generator().manual_seed(7)
         loss = sum((t * torch.randn(t.shape, generator=g).to(device)).sum() for t in out)
         loss.backward()
@@ -131,28 +128,27 @@ def test_autograd_function_path(device):
     x, w, kw = _case(5, True, device)
     fn = K.autograd_function()
     xg = x.clone().requires_grad_(True)
-    act, pre, up, cap = fn(xg, w, kw["b"], kw["w_up"], kw["b_up"], kw["row_scale"], None, None, None,
-                           "silu", True, True)
+    act, pre, up = fn(xg, w, kw["b"], kw["w_up"], kw["b_up"], kw["neuron_scale"], None, "silu", True, True)
     ref = K.mlp_capture_ref(x, w, kw["b"], act="silu", w_up=kw["w_up"], b_up=kw["b_up"],
-                            row_scale=kw["row_scale"], return_pre=True)
+                            neuron_scale=kw["neuron_scale"], return_pre=True)
     assert _err(act, ref.act) <= 2e-6 * ref.act.abs().max().item()
     assert _err(pre, ref.pre) <= 2e-6 * ref.pre.abs().max().item()
     act.sum().backward()
     xr = x.clone().requires_grad_(True)
     K.mlp_capture_ref(xr, w, kw["b"], act="silu", w_up=kw["w_up"], b_up=kw["b_up"],
-                      row_scale=kw["row_scale"]).act.sum().backward()
+                      neuron_scale=kw["neuron_scale"]).act.sum().backward()
     assert _err(xg.grad, xr.grad) <= 5e-6 * xr.grad.abs().max().item()
 
 
 @needs_kernel
 def test_bad_arguments_raise():
     x, w, kw = _case(4, False, DEVICES[0])
-    with pytest.raises(ValueError, match="row_scale"):
-        K.mlp_capture(x, w, act="gelu", row_scale=kw["row_scale"][:3])
+    with pytest.raises(ValueError, match="neuron_scale"):
+        K.mlp_capture(x, w, act="gelu", neuron_scale=kw["neuron_scale"][:3])
     with pytest.raises(ValueError, match=r"x \[M, d\]"):
         K.mlp_capture(x[:, :7], w, act="gelu")
-    with pytest.raises(ValueError, match="capture_rows outside"):
-        K.mlp_capture(x, w, act="gelu", capture_rows=torch.tensor([4], device=x.device))
+    with pytest.raises(ValueError, match="neuron_rows has shape"):
+        K.mlp_capture(x, w, act="gelu", neuron_scale=kw["neuron_scale"], neuron_rows=kw["neuron_rows"][:3])
     with pytest.raises(ValueError, match="activation"):
         K.mlp_capture(x, w, act="tanh")
     with pytest.raises(ValueError, match="requires grad"):
@@ -296,8 +292,7 @@ compiled_cuda = pytest.mark.skipif(not torch.cuda.is_available() or K.INTERPRETE
 @compiled_cuda
 def test_opcheck_cuda():
     x, w, kw = _case(17, True, "cuda")
-    args = (x, w, kw["b"], kw["w_up"], kw["b_up"], kw["row_scale"], kw["neuron_scale"], kw["neuron_rows"],
-            torch.tensor([1, 4], device="cuda"), "silu", True, False)
+    args = (x, w, kw["b"], kw["w_up"], kw["b_up"], kw["neuron_scale"], kw["neuron_rows"], "silu", True, False)
     torch.library.opcheck(torch.ops.kncore.mlp_capture.default, args)
 
 

@@ -12,11 +12,10 @@ import torch
 import kncore
 from kncore import rome
 from kncore.rome import editing, reference
-from kncore.testing import _WORDS, ARCHS, tiny_lm
+from kncore.testing import WORDS, ARCHS, tiny_lm
 
 CAUSAL = tuple(a for a in ARCHS if a != "bert")  # every causal tiny architecture
 REQ = {"prompt": "the capital of {} is", "subject": "canada", "target_new": "rome"}
-WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
 
 
 @pytest.fixture(autouse=True)

@@ -12,13 +12,11 @@ import pytest
 import torch
 
 from kncore import InputError
-from kncore.testing import _WORDS, tiny_lm
+from kncore.testing import WORDS, tiny_lm
 from kncore.tracing import (TraceResult, average_indirect_effect, embedding_std, trace,
                             trace_corpus, trace_ref, window_layers)
 from kncore.tracing import core
 from kncore.tracing import corpus as corpus_mod
-
-WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
 
 
 def _rng():

@@ -5,7 +5,7 @@ Loaders take a path (or a data folder; default :func:`default_data_dir`:
 records. A malformed record raises :class:`DataError` (an
 :class:`kncore.InputError`) naming the file and the line or list index.
 """
-from ._io import DataError, default_data_dir, read_json_list, read_jsonl
+from ._io import DataError, default_data_dir, json_file, json_lines, read_json_list, read_jsonl
 from .blimp import (BlimpPair, BlimpPrompt, BlimpPrompts, blimp_paradigms, blimp_prompts, build_blimp_prompts,
                     load_blimp, load_blimp_file, pair_class)
 from .counterfact import CounterFactRecord, load_counterfact
@@ -15,7 +15,7 @@ from .pararel import (FactBag, FactBags, PararelFact, PararelPattern, build_fact
 from .zsre import ZsreRecord, load_zsre
 
 __all__ = [
-    "DataError", "default_data_dir", "read_jsonl", "read_json_list",
+    "DataError", "default_data_dir", "json_file", "json_lines", "read_jsonl", "read_json_list",
     "BlimpPair", "BlimpPrompt", "BlimpPrompts", "blimp_paradigms", "load_blimp", "load_blimp_file",
     "build_blimp_prompts", "blimp_prompts", "pair_class",
     "PararelPattern", "PararelFact", "FactBag", "FactBags", "pararel_relations", "load_pararel_patterns",

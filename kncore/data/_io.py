@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import InputError
 
@@ -43,30 +43,51 @@ def resolve(path, default_rel: str, data_dir=None) -> Path:
     return p
 
 
-def read_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, record)`` for each non-blank line (1-based)."""
-    path = Path(path)
+def json_lines(path, bad_line: Callable[[int, json.JSONDecodeError], Exception]) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, value)`` for each non-blank line of a JSON Lines
+    file (1-based). A line that is not JSON raises ``bad_line(n, error)``: the
+    caller's exception, in its own words. The one JSON Lines parser of kncore."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(path, f"line {n}", f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(path, f"line {n}", f"expected a JSON object, got {type(rec).__name__}")
-            yield n, rec
+                raise bad_line(n, e) from None
+            yield n, value
+
+
+def json_file(path, bad_json: Callable[[ValueError], Exception]) -> Any:
+    """The value a JSON file holds. A file that is not JSON (or not UTF-8)
+    raises ``bad_json(error)``: the caller's exception, in its own words."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise bad_json(e) from None
+
+
+def read_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` for each non-blank line (1-based)."""
+    path = Path(path)
+    bad = lambda n, e: DataError(path, f"line {n}", f"invalid JSON ({e.msg} at column {e.colno})")  # noqa: E731
+    for n, rec in json_lines(path, bad):
+        if not isinstance(rec, dict):
+            raise DataError(path, f"line {n}", f"expected a JSON object, got {type(rec).__name__}")
+        yield n, rec
+
+
+def _not_json(path: Path, e: ValueError) -> DataError:
+    if isinstance(e, json.JSONDecodeError):
+        return DataError(path, f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
+    return DataError(path, None, f"not UTF-8 text ({e})")
 
 
 def read_json_list(path) -> list[dict]:
     """A JSON file holding a list of objects."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})") from None
+    data = json_file(path, lambda e: _not_json(path, e))
     if not isinstance(data, list):
         raise DataError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
     for i, rec in enumerate(data):
@@ -105,3 +126,54 @@ def str_list(rec: dict, key: str, path, where: str, *, optional: bool = False) -
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise DataError(path, where, f"field {key!r} should be a list of strings, got {v!r:.60}")
     return list(v)
+
+
+class Fields:
+    """One record of a data file and where it stands (``n``: its line number
+    or list index; ``where``: ``"line 12"`` or ``"record 3"``; ``source``:
+    ``"file.jsonl:12"`` or ``"file.json[3]"``), read field by field with
+    :func:`field` and :func:`str_list`'s checks."""
+
+    __slots__ = ("rec", "path", "n", "where", "source")
+
+    def __init__(self, rec: dict, path: Path, n: int, where: str, source: str):
+        self.rec, self.path, self.n, self.where, self.source = rec, path, n, where, source
+
+    def __call__(self, key: str, typ=str, *, optional: bool = False, default: Any = None):
+        return field(self.rec, key, typ, self.path, self.where, optional=optional, default=default)
+
+    def strs(self, key: str, *, optional: bool = False) -> list[str]:
+        return str_list(self.rec, key, self.path, self.where, optional=optional)
+
+    def error(self, problem: str) -> DataError:
+        return DataError(self.path, self.where, problem)
+
+
+def jsonl_fields(path) -> Iterator[Fields]:
+    """The records of a JSON Lines file, as :class:`Fields`."""
+    path = Path(path)
+    for n, rec in read_jsonl(path):
+        yield Fields(rec, path, n, f"line {n}", f"{path.name}:{n}")
+
+
+def json_list_fields(path) -> Iterator[Fields]:
+    """The records of a JSON list file, as :class:`Fields`."""
+    path = Path(path)
+    for i, rec in enumerate(read_json_list(path)):
+        yield Fields(rec, path, i, f"record {i}", f"{path.name}[{i}]")
+
+
+class ItemsView:
+    """Iterating, counting and indexing for a record holding its items in the
+    list attribute named by ``ITEMS``."""
+
+    ITEMS = "items"
+
+    def __iter__(self):
+        return iter(getattr(self, self.ITEMS))
+
+    def __len__(self):
+        return len(getattr(self, self.ITEMS))
+
+    def __getitem__(self, i):
+        return getattr(self, self.ITEMS)[i]

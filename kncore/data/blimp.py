@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import InputError
-from ._io import DataError, default_data_dir, field, read_jsonl
+from ._io import DataError, ItemsView, default_data_dir, jsonl_fields
 
 _KNOWN = {"sentence_good", "sentence_bad", "field", "linguistics_term", "UID", "pairID", "simple_LM_method",
           "one_prefix_method", "two_prefix_method", "lexically_identical", "one_prefix_prefix",
@@ -92,21 +92,12 @@ class BlimpPrompt:
 
 
 @dataclass
-class BlimpPrompts:
+class BlimpPrompts(ItemsView):
     """Prompts built from a list of pairs, and the pairs dropped, by reason."""
 
     items: list
     dropped: Counter
     total: int
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
 
     def by_class(self) -> dict[str, list[BlimpPrompt]]:
         """The prompts grouped by class."""
@@ -139,11 +130,8 @@ def load_blimp(paradigm: str, data_dir=None, *, path=None) -> list[BlimpPair]:
 
 def load_blimp_file(path) -> list[BlimpPair]:
     """Read one BLiMP jsonl file."""
-    path = Path(path)
     pairs = []
-    for n, r in read_jsonl(path):
-        w = f"line {n}"
-        f = lambda k, t=str, **kw: field(r, k, t, path, w, **kw)  # noqa: E731
+    for f in jsonl_fields(path):
         one, two = f("one_prefix_method", bool, optional=True, default=False), \
             f("two_prefix_method", bool, optional=True, default=False)
         p = BlimpPair(
@@ -157,9 +145,9 @@ def load_blimp_file(path) -> list[BlimpPair]:
             prefix_good=f("two_prefix_prefix_good", optional=not two),
             prefix_bad=f("two_prefix_prefix_bad", optional=not two),
             shared_word=f("two_prefix_word", optional=not two),
-            extra={k: v for k, v in r.items() if k not in _KNOWN}, source=f"{path.name}:{n}")
+            extra={k: v for k, v in f.rec.items() if k not in _KNOWN}, source=f.source)
         if one and two:
-            raise DataError(path, w, "both one_prefix_method and two_prefix_method are set")
+            raise f.error("both one_prefix_method and two_prefix_method are set")
         pairs.append(p)
     return pairs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._io import DataError, field, read_json_list, resolve
+from ._io import json_list_fields, resolve
 
 DEFAULT = "known/known_1000.json"
 
@@ -25,13 +25,11 @@ def load_known(path=None, data_dir=None) -> list[KnownFact]:
     """Read ``known_1000.json`` (or a file in its layout)."""
     p = resolve(path, DEFAULT, data_dir)
     out = []
-    for i, r in enumerate(read_json_list(p)):
-        w = f"record {i}"
-        f = lambda k, t=str, **kw: field(r, k, t, p, w, **kw)  # noqa: E731
+    for f in json_list_fields(p):
         rec = KnownFact(f("known_id", int), f("subject"), f("attribute"), f("template", optional=True, default=""),
                         f("prediction", optional=True, default=""), f("prompt"),
-                        f("relation_id", optional=True, default=""), f"{p.name}[{i}]")
+                        f("relation_id", optional=True, default=""), f.source)
         if rec.subject not in rec.prompt:
-            raise DataError(p, w, f"subject {rec.subject!r} is not in the prompt {rec.prompt!r}")
+            raise f.error(f"subject {rec.subject!r} is not in the prompt {rec.prompt!r}")
         out.append(rec)
     return out

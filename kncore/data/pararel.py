@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import InputError
-from ._io import DataError, default_data_dir, field, read_jsonl
+from ._io import DataError, ItemsView, default_data_dir, jsonl_fields
 
 
 @dataclass
@@ -51,7 +51,7 @@ class FactBag:
 
 
 @dataclass
-class FactBags:
+class FactBags(ItemsView):
     """Fact bags, with the templates dropped (per reason) and, after
     :func:`single_token_bags`, the bags dropped (per reason)."""
 
@@ -59,15 +59,7 @@ class FactBags:
     dropped_templates: Counter = dc_field(default_factory=Counter)
     dropped_bags: Counter = dc_field(default_factory=Counter)
     n_templates: int = 0
-
-    def __iter__(self):
-        return iter(self.bags)
-
-    def __len__(self):
-        return len(self.bags)
-
-    def __getitem__(self, i):
-        return self.bags[i]
+    ITEMS = "bags"
 
 
 def _dir(data_dir) -> Path:
@@ -93,29 +85,22 @@ def _file(kind, relation, data_dir, path) -> Path:
 
 def load_pararel_patterns(relation: str, data_dir=None, *, path=None) -> list[PararelPattern]:
     """The paraphrased templates of one relation (``"P36"``)."""
-    p = _file("patterns", relation, data_dir, path)
     out = []
-    for n, r in read_jsonl(p):
-        w = f"line {n}"
-        pat = field(r, "pattern", str, p, w)
+    for f in jsonl_fields(_file("patterns", relation, data_dir, path)):
+        pat = f("pattern")
         if pat.count("[X]") != 1 or pat.count("[Y]") != 1:
-            raise DataError(p, w, f"pattern needs exactly one [X] and one [Y]: {pat!r}")
-        out.append(PararelPattern(relation, pat, field(r, "lemma", str, p, w, optional=True, default=""),
-                                  field(r, "extended_lemma", str, p, w, optional=True, default=""),
-                                  field(r, "tense", str, p, w, optional=True, default=""), f"{p.name}:{n}"))
+            raise f.error(f"pattern needs exactly one [X] and one [Y]: {pat!r}")
+        out.append(PararelPattern(relation, pat, f("lemma", optional=True, default=""),
+                                  f("extended_lemma", optional=True, default=""),
+                                  f("tense", optional=True, default=""), f.source))
     return out
 
 
 def load_pararel_facts(relation: str, data_dir=None, *, path=None) -> list[PararelFact]:
     """The facts (subject, object) of one relation."""
-    p = _file("facts", relation, data_dir, path)
-    out = []
-    for n, r in read_jsonl(p):
-        w = f"line {n}"
-        out.append(PararelFact(relation, field(r, "sub_label", str, p, w), field(r, "obj_label", str, p, w),
-                               field(r, "uuid", str, p, w, optional=True, default=f"{relation}-{n}"),
-                               f"{p.name}:{n}"))
-    return out
+    return [PararelFact(relation, f("sub_label"), f("obj_label"),
+                        f("uuid", optional=True, default=f"{relation}-{f.n}"), f.source)
+            for f in jsonl_fields(_file("facts", relation, data_dir, path))]
 
 
 def template_prompt(pattern: str, subject: str, *, mlm: bool = False, mask_token: str = "[MASK]") -> str | None:

@@ -5,11 +5,10 @@ objects. Each record is a dict with a ``key`` that names it in the run
 directory's tables."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import InputError
-from ._io import read_jsonl
+from ._io import json_file, read_jsonl
 
 # The data sets a ``--data`` name refers to (anything else is a file).
 DATA_SETS = ("pararel", "blimp", "known", "counterfact", "zsre")
@@ -23,10 +22,7 @@ def read_records(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         recs = [r for _, r in read_jsonl(path)]  # errors name the file's line, not the line's own "line 1"
     else:
-        try:
-            recs = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise InputError(f"{path}: not valid JSON: {e}") from None
+        recs = json_file(path, lambda e: InputError(f"{path}: not valid JSON: {e}"))
     if isinstance(recs, dict):
         recs = [recs]
     if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):

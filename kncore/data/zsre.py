@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._io import DataError, field, read_json_list, resolve, str_list
+from ._io import json_list_fields, resolve
 
 DEFAULT = "zsre/zsre_mend_eval_first5_sample.json"
 
@@ -28,15 +28,12 @@ class ZsreRecord:
 
 def load_zsre(path=None, data_dir=None) -> list[ZsreRecord]:
     """Read a zsRE file (default: the 5-record sample in the shared data)."""
-    p = resolve(path, DEFAULT, data_dir)
-    out = []
-    for i, r in enumerate(read_json_list(p)):
-        w = f"record {i}"
-        f = lambda k, **kw: field(r, k, str, p, w, **kw)  # noqa: E731
-        answers = str_list(r, "answers", p, w)
-        if not answers:
-            raise DataError(p, w, "field 'answers' is empty")
-        out.append(ZsreRecord(i, f("subject"), f("src"), f("pred", optional=True, default=""), f("rephrase"),
-                              f("alt"), answers, f("loc"), f("loc_ans"), f("cond", optional=True, default=""),
-                              f"{p.name}[{i}]"))
-    return out
+    return [_record(f) for f in json_list_fields(resolve(path, DEFAULT, data_dir))]
+
+
+def _record(f) -> ZsreRecord:
+    answers = f.strs("answers")
+    if not answers:
+        raise f.error("field 'answers' is empty")
+    return ZsreRecord(f.n, f("subject"), f("src"), f("pred", optional=True, default=""), f("rephrase"), f("alt"),
+                      answers, f("loc"), f("loc_ans"), f("cond", optional=True, default=""), f.source)

@@ -65,7 +65,9 @@ class MLPModules:
 
 
 class Adapter:
-    """Base class. Subclasses set the dimensions and implement the pieces.
+    """Base class. Subclasses set the dimensions, declare where the Hugging
+    Face modules are (the names below; the default pieces read them) and
+    implement the pieces that are more than a module call.
 
     ``persistent_patches``: patches (or callables that build them for a call)
     that :func:`kncore.runtime.run` applies to every forward while they are
@@ -80,10 +82,34 @@ class Adapter:
     # norm ln2 of the block input (GPT-NeoX's post_attention_layernorm).
     mlp_norm_shared: bool = True
 
+    # -- where the modules are: dotted paths, from the model or from a block --
+    # (empty: the adapter implements the piece itself)
+    blocks_path: str = ""        # the blocks' ModuleList, from the model ("transformer.h")
+    embedding_path: str = ""     # the token embedding, from the model
+    ln1_path: str = ""           # the norm before attention, from a block
+    ln2_path: str = ""           # the norm before the MLP, from a block
+    attn_out_path: str = ""      # the attention's output projection, from a block
+    # the MLP, from a block, then its up-projection, activation and (gated)
+    # second up-projection, from the MLP: what mlp_modules returns
+    mlp_paths: tuple = ()
+    down_path: str = ""          # the down-projection (ROME edits it), from a block
+    final_norm_path: str = ""    # the final norm, from the model
+    head_path: str = ""          # the LM head, from the model
+    # layer_module_name's kinds ("mlp", "attn") as paths from a block; None:
+    # the kind is the block's attribute name itself
+    module_kinds: dict | None = None
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
         self.persistent_patches: list = []
+        if self.blocks_path:
+            self.blocks = get_module(model, self.blocks_path)
+
+    def _block_module(self, L: int, path: str, piece: str) -> nn.Module:
+        if not path:
+            raise NotImplementedError(f"{type(self).__name__} declares no module for {piece}")
+        return get_module(self.blocks[L], path)
 
     # -- dimensions ---------------------------------------------------------
     n_layers: int
@@ -118,7 +144,9 @@ class Adapter:
         """The token-embedding module. Its output is the runtime's ``embed``
         site, where causal tracing adds its noise: ROME hooks this module's
         output, so the noise and its scale ("3sd") are measured there."""
-        raise NotImplementedError
+        if not self.embedding_path:
+            raise NotImplementedError(f"{type(self).__name__} declares no embedding module")
+        return get_module(self.model, self.embedding_path)
 
     def embed_rest(self, tok: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """What the model does to the token embeddings ``tok`` [B, n, d] (the
@@ -127,10 +155,10 @@ class Adapter:
         return tok
 
     def ln1(self, L: int, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self._block_module(L, self.ln1_path, "ln1")(h)
 
     def ln2(self, L: int, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self._block_module(L, self.ln2_path, "ln2")(h)
 
     def qkv(self, L: int, x: torch.Tensor, position_ids: torch.Tensor):
         """Return q [B,H,n,Dh], k and v [B,H_kv,n,Dh] with positions applied."""
@@ -153,7 +181,7 @@ class Adapter:
 
     def attn_proj(self, L: int, o: torch.Tensor) -> torch.Tensor:
         """Output projection of the merged heads o [B, n, H*Dh]."""
-        raise NotImplementedError
+        return self._block_module(L, self.attn_out_path, "attn_proj")(o)
 
     def mlp_pre(self, L: int, x: torch.Tensor):
         """Return (pre_act, aux). pre_act is the pre-activation site; aux is
@@ -177,9 +205,13 @@ class Adapter:
     def mlp_modules(self, L: int) -> MLPModules | None:
         """The modules that :meth:`mlp_pre` and :meth:`mlp_act` compute with
         (the fused MLP kernel and the ``pre_act`` hook of
-        :func:`kncore.patch_neurons` take them from here); None where the
-        adapter does not say (then it overrides both)."""
-        return None
+        :func:`kncore.patch_neurons` take them from here), from
+        ``mlp_paths``; None where the adapter does not say (then it overrides
+        both)."""
+        if not self.mlp_paths:
+            return None
+        mlp = get_module(self.blocks[L], self.mlp_paths[0])
+        return MLPModules(*(getattr(mlp, name) for name in self.mlp_paths[1:]))
 
     def pre_act_module(self, L: int) -> nn.Module | None:
         """The module whose output is the ``pre_act`` site (the hook point of
@@ -198,7 +230,7 @@ class Adapter:
 
     def down_module(self, L: int) -> nn.Module:
         """The module that holds the down-projection (ROME edits it)."""
-        raise NotImplementedError
+        return self._block_module(L, self.down_path, "down_module")
 
     def mlp_down(self, L: int, act: torch.Tensor) -> torch.Tensor:
         out = act @ self.down_weight(L)
@@ -215,11 +247,18 @@ class Adapter:
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and (LM or MLM) head: hidden [.., d_model] -> logits."""
-        raise NotImplementedError
+        if not (self.final_norm_path and self.head_path):
+            raise NotImplementedError(f"{type(self).__name__} declares no final norm and head")
+        return get_module(self.model, self.head_path)(get_module(self.model, self.final_norm_path)(h))
 
     def layer_module_name(self, L: int, kind: str | None = None) -> str:
         """Hugging Face module path of block L (kind None), its mlp or attn."""
-        raise NotImplementedError
+        if not self.blocks_path:
+            raise NotImplementedError(f"{type(self).__name__} declares no blocks")
+        base = f"{self.blocks_path}.{L}"
+        if kind is None:
+            return base
+        return f"{base}.{kind if self.module_kinds is None else self.module_kinds[kind]}"
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, MLPModules, BLOCK_POST_LN
+from .base import Adapter, BLOCK_POST_LN
 
 
 class BertAdapter(Adapter):
     arch = "bert"
     causal = False
     block_style = BLOCK_POST_LN
+    blocks_path, embedding_path = "bert.encoder.layer", "bert.embeddings.word_embeddings"
+    attn_out_path = "attention.output.dense"
+    mlp_paths, down_path = ("intermediate", "dense", "intermediate_act_fn"), "output.dense"
+    module_kinds = {"mlp": "output", "attn": "attention"}
 
     def __init__(self, model):
-        super().__init__(model)
-        c = self.config
         if not hasattr(model, "cls") or not hasattr(model, "bert"):
             raise ValueError("BERT is supported as a masked LM (BertForMaskedLM)")
+        super().__init__(model)
         self.enc = model.bert
-        self.blocks = self.enc.encoder.layer
         self._standard_dims()
-        pet = getattr(c, "position_embedding_type", "absolute")
+        pet = getattr(self.config, "position_embedding_type", "absolute")
         if pet not in (None, "absolute"):
             raise ValueError(f"BERT position_embedding_type={pet!r} is not supported (only 'absolute')")
 
@@ -31,9 +33,6 @@ class BertAdapter(Adapter):
         x = tok + e.position_embeddings(position_ids)
         x = x + e.token_type_embeddings(torch.zeros_like(position_ids))
         return e.LayerNorm(x)
-
-    def embedding_module(self):
-        return self.enc.embeddings.word_embeddings
 
     def ln1(self, L, h):
         return h  # post-LN: attention reads the residual directly
@@ -48,27 +47,11 @@ class BertAdapter(Adapter):
         return (a.query(x).view(shape).transpose(1, 2), a.key(x).view(shape).transpose(1, 2),
                 a.value(x).view(shape).transpose(1, 2))
 
-    def attn_proj(self, L, o):
-        return self.blocks[L].attention.output.dense(o)
-
     def post_attn_norm(self, L, h):
         return self.blocks[L].attention.output.LayerNorm(h)
-
-    def mlp_modules(self, L):
-        m = self.blocks[L].intermediate
-        return MLPModules(m.dense, m.intermediate_act_fn)
-
-    def down_module(self, L):
-        return self.blocks[L].output.dense
 
     def post_mlp_norm(self, L, h):
         return self.blocks[L].output.LayerNorm(h)
 
     def final(self, h):
         return self.model.cls(h)
-
-    def layer_module_name(self, L, kind=None):
-        base = f"bert.encoder.layer.{L}"
-        if kind is None:
-            return base
-        return f"{base}.{ {'mlp': 'output', 'attn': 'attention'}[kind] }"

@@ -28,6 +28,7 @@ class Gemma2Adapter(LlamaAdapter):
     arch = "gemma2"
     block_style = BLOCK_SANDWICH
     exact_windows = True
+    ln2_path = "pre_feedforward_layernorm"
 
     def __init__(self, model):
         super().__init__(model)
@@ -46,9 +47,6 @@ class Gemma2Adapter(LlamaAdapter):
 
     def embed_rest(self, tok, position_ids):
         return tok if self._embed_scale is None else tok * torch.tensor(self._embed_scale, dtype=tok.dtype)
-
-    def ln2(self, L, h):
-        return self.blocks[L].pre_feedforward_layernorm(h)
 
     def post_attn_norm(self, L, a):
         return self.blocks[L].post_attention_layernorm(a)

@@ -13,30 +13,23 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL, MLPModules
+from .base import Adapter, BLOCK_PARALLEL, BLOCK_SEQUENTIAL
 from .llama import rope
 
 
 class GPTNeoXAdapter(Adapter):
     arch = "gpt_neox"
     mlp_norm_shared = False
+    blocks_path, embedding_path = "gpt_neox.layers", "gpt_neox.embed_in"
+    ln1_path, ln2_path, attn_out_path = "input_layernorm", "post_attention_layernorm", "attention.dense"
+    mlp_paths, down_path = ("mlp", "dense_h_to_4h", "act"), "mlp.dense_4h_to_h"
+    module_kinds = {"mlp": "mlp", "attn": "attention"}
 
     def __init__(self, model):
         super().__init__(model)
-        c = self.config
         self.tr = model.gpt_neox
-        self.blocks = self.tr.layers
-        self.block_style = BLOCK_PARALLEL if c.use_parallel_residual else BLOCK_SEQUENTIAL
+        self.block_style = BLOCK_PARALLEL if self.config.use_parallel_residual else BLOCK_SEQUENTIAL
         self._standard_dims()
-
-    def embedding_module(self):
-        return self.tr.embed_in
-
-    def ln1(self, L, h):
-        return self.blocks[L].input_layernorm(h)
-
-    def ln2(self, L, h):
-        return self.blocks[L].post_attention_layernorm(h)
 
     def qkv(self, L, x, position_ids):
         a = self.blocks[L].attention
@@ -50,20 +43,6 @@ class GPTNeoXAdapter(Adapter):
         k = torch.cat([rope(k[..., :r], cos, sin), k[..., r:]], dim=-1)
         return q, k, v
 
-    def attn_proj(self, L, o):
-        return self.blocks[L].attention.dense(o)
-
-    def mlp_modules(self, L):
-        m = self.blocks[L].mlp
-        return MLPModules(m.dense_h_to_4h, m.act)
-
-    def down_module(self, L):
-        return self.blocks[L].mlp.dense_4h_to_h
-
     def final(self, h):
         # the head is lm_head in transformers 5, embed_out in 4
         return self.model.get_output_embeddings()(self.tr.final_layer_norm(h))
-
-    def layer_module_name(self, L, kind=None):
-        base = f"gpt_neox.layers.{L}"
-        return base if kind is None else f"{base}.{ {'mlp': 'mlp', 'attn': 'attention'}[kind] }"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, MLPModules, BLOCK_PARALLEL
+from .base import BLOCK_PARALLEL
+from .gpt2 import GPT2Layout
 
 
 def _rotate_every_two(x):
@@ -12,32 +13,16 @@ def _rotate_every_two(x):
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
-class GPTJAdapter(Adapter):
+class GPTJAdapter(GPT2Layout):
     arch = "gptj"
-    causal = True
     block_style = BLOCK_PARALLEL
+    ln2_path = "ln_1"  # parallel block: the MLP reads the same normed input as the attention
+    attn_out_path = "attn.out_proj"
+    mlp_paths, down_path = ("mlp", "fc_in", "act"), "mlp.fc_out"
 
     def __init__(self, model):
         super().__init__(model)
-        c = self.config
-        self.tr = model.transformer
-        self.blocks = self.tr.h
-        self.n_layers = c.n_layer
-        self.d_model = c.n_embd
-        self.d_ff = c.n_inner if c.n_inner is not None else 4 * c.n_embd
-        self.n_heads = self.n_kv_heads = c.n_head
-        self.head_dim = c.n_embd // c.n_head
-        self.rotary_dim = c.rotary_dim
-        self.n_ctx = c.n_positions
-        self.vocab_size = c.vocab_size
-
-    def embedding_module(self):
-        return self.tr.wte
-
-    def ln1(self, L, h):
-        return self.blocks[L].ln_1(h)
-
-    ln2 = ln1  # parallel block: the MLP reads the same normed input
+        self.rotary_dim = self.config.rotary_dim
 
     def _rope(self, t, sin, cos):
         sin = torch.repeat_interleave(sin, 2, -1)[:, None]
@@ -72,19 +57,3 @@ class GPTJAdapter(Adapter):
     def attn_upcast(self):
         return True  # HF GPT-J computes scores in fp32
 
-    def attn_proj(self, L, o):
-        return self.blocks[L].attn.out_proj(o)
-
-    def mlp_modules(self, L):
-        m = self.blocks[L].mlp
-        return MLPModules(m.fc_in, m.act)
-
-    def down_module(self, L):
-        return self.blocks[L].mlp.fc_out
-
-    def final(self, h):
-        return self.model.lm_head(self.tr.ln_f(h))
-
-    def layer_module_name(self, L, kind=None):
-        base = f"transformer.h.{L}"
-        return base if kind is None else f"{base}.{kind}"

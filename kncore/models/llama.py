@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, BLOCK_SEQUENTIAL, MLPModules
+from .base import Adapter
 
 
 def _rotate_half(x):
@@ -27,9 +27,12 @@ def rope(t, cos, sin):
 
 class LlamaAdapter(Adapter):
     arch = "llama"
-    causal = True
-    block_style = BLOCK_SEQUENTIAL
     adds_bos = True
+    blocks_path, embedding_path = "model.layers", "model.embed_tokens"
+    ln1_path, ln2_path, attn_out_path = "input_layernorm", "post_attention_layernorm", "self_attn.o_proj"
+    mlp_paths, down_path = ("mlp", "gate_proj", "act_fn", "up_proj"), "mlp.down_proj"
+    final_norm_path, head_path = "model.norm", "lm_head"
+    module_kinds = {"mlp": "mlp", "attn": "self_attn"}
     # False: a config's sliding_window caps the context (prompts longer are
     # refused); True: the layers the config marks "sliding_attention" (every
     # layer when it names none) get the exact window mask (attn_window).
@@ -39,7 +42,6 @@ class LlamaAdapter(Adapter):
         super().__init__(model)
         c = self.config
         self.base = model.model
-        self.blocks = self.base.layers
         self._standard_dims()
         W = getattr(c, "sliding_window", None)
         self._windows = [None] * self.n_layers
@@ -50,15 +52,6 @@ class LlamaAdapter(Adapter):
             # Mistral's sliding window: prompts longer than it are refused by
             # the tokenisation helpers rather than silently mis-attended.
             self.n_ctx = W
-
-    def embedding_module(self):
-        return self.base.embed_tokens
-
-    def ln1(self, L, h):
-        return self.blocks[L].input_layernorm(h)
-
-    def ln2(self, L, h):
-        return self.blocks[L].post_attention_layernorm(h)
 
     def qkv(self, L, x, position_ids):
         a = self.blocks[L].self_attn
@@ -84,19 +77,3 @@ class LlamaAdapter(Adapter):
     def attn_scale(self, L):
         return self.blocks[L].self_attn.scaling
 
-    def attn_proj(self, L, o):
-        return self.blocks[L].self_attn.o_proj(o)
-
-    def mlp_modules(self, L):
-        m = self.blocks[L].mlp
-        return MLPModules(m.gate_proj, m.act_fn, m.up_proj)
-
-    def down_module(self, L):
-        return self.blocks[L].mlp.down_proj
-
-    def final(self, h):
-        return self.model.lm_head(self.base.norm(h))
-
-    def layer_module_name(self, L, kind=None):
-        base = f"model.layers.{L}"
-        return base if kind is None else f"{base}.{ {'mlp': 'mlp', 'attn': 'self_attn'}[kind] }"

@@ -1,4 +1,4 @@
-"""Fused MLP up-projection + activation with neuron scaling and capture.
+"""Fused MLP up-projection + activation with neuron scaling.
 
 Dispatch between the Triton kernel (``kernels/mlp_capture.py``, imported as
 ``kncore.kernels.mlp_capture``) and its plain PyTorch reference:
@@ -37,8 +37,8 @@ def mlp_capture_ref(*args, **kwargs):
     return kernels().mlp_capture_ref(*args, **kwargs)
 
 
-def not_supported_reasons(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neuron_scale=None,
-                          neuron_rows=None, capture_rows=None) -> list[str]:
+def not_supported_reasons(x, w, b=None, *, act, w_up=None, b_up=None, neuron_scale=None,
+                          neuron_rows=None) -> list[str]:
     """Why the Triton kernel cannot run this call (empty list: it can).
 
     Same arguments as :func:`mlp_capture`. Shape errors are not reasons: they
@@ -53,39 +53,37 @@ def not_supported_reasons(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=
         if t is not None and t.dtype != x.dtype:
             reasons.append(f"{name} has dtype {t.dtype}, x has {x.dtype}")
     grad = torch.is_grad_enabled()
-    for name, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up), ("row_scale", row_scale),
-                    ("neuron_scale", neuron_scale)):
+    for name, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up), ("neuron_scale", neuron_scale)):
         if t is not None and grad and t.requires_grad:
             reasons.append(f"{name} requires grad (the kernel differentiates x only)")
-    for name, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up), ("row_scale", row_scale),
-                    ("neuron_scale", neuron_scale), ("neuron_rows", neuron_rows), ("capture_rows", capture_rows)):
+    for name, t in (("w", w), ("b", b), ("w_up", w_up), ("b_up", b_up), ("neuron_scale", neuron_scale),
+                    ("neuron_rows", neuron_rows)):
         if t is not None and t.device != x.device:
             reasons.append(f"{name} is on {t.device}, x on {x.device}")
     return reasons
 
 
-def mlp_capture(x, w, b=None, *, act, w_up=None, b_up=None, row_scale=None, neuron_scale=None,
-                neuron_rows=None, capture_rows=None, return_pre=False):
-    """``act(x @ w + b) [* (x @ w_up + b_up)]``, scaled per row and per neuron, with captured rows.
+def mlp_capture(x, w, b=None, *, act, w_up=None, b_up=None, neuron_scale=None,
+                neuron_rows=None, return_pre=False):
+    """``act(x @ w + b) [* (x @ w_up + b_up)]``, scaled per neuron on chosen rows.
 
     x [M, d]; w, w_up [d, d_ff] (any strides: ``linear.weight.t()``); b, b_up
     [d_ff]; ``act`` one of :data:`ACTIVATIONS` (``w_up`` given: gated, e.g.
-    SwiGLU = ``silu``); row_scale [M] (IG alphas); neuron_scale [d_ff] applied
-    on the rows where neuron_rows [M] (bool; None: all) is True (0 suppresses,
-    2 enhances); capture_rows [R] rows whose activations come back as a second
-    output. Returns ``MLPCaptureOut(act [M, d_ff], pre [M, d_ff] | None,
-    captured [R, d_ff] | None)``. The Triton kernel where supported (CUDA),
+    SwiGLU = ``silu``); neuron_scale [d_ff] applied on the rows where
+    neuron_rows [M] (bool; None: all) is True (0 suppresses, 2 enhances).
+    Returns ``MLPCaptureOut(act [M, d_ff], pre [M, d_ff] | None)``. The
+    Triton kernel where supported (CUDA),
     else the reference; differentiable with respect to x either way.
     """
-    reasons = not_supported_reasons(x, w, b, act=act, w_up=w_up, b_up=b_up, row_scale=row_scale,
-                                    neuron_scale=neuron_scale, neuron_rows=neuron_rows, capture_rows=capture_rows)
+    reasons = not_supported_reasons(x, w, b, act=act, w_up=w_up, b_up=b_up, neuron_scale=neuron_scale,
+                                    neuron_rows=neuron_rows)
     K = kernels()
     fn = K.mlp_capture
     if reasons:
         log_fallback("mlp_capture", reasons, x.device)
         fn = K.mlp_capture_ref
-    return fn(x, w, b, act=act, w_up=w_up, b_up=b_up, row_scale=row_scale, neuron_scale=neuron_scale,
-              neuron_rows=neuron_rows, capture_rows=capture_rows, return_pre=return_pre)
+    return fn(x, w, b, act=act, w_up=w_up, b_up=b_up, neuron_scale=neuron_scale,
+              neuron_rows=neuron_rows, return_pre=return_pre)
 
 
 # --------------------------------------------------------------------------- model glue
@@ -130,8 +128,9 @@ def mlp_params(ad, L: int):
     if mods is None:
         return None, f"architecture {ad.arch!r} has no fused-MLP mapping"
     # The fused pass replaces mlp_pre + mlp_act, so it must be the class that
-    # names the modules that also computes with them.
-    owner = next(c for c in type(ad).__mro__ if "mlp_modules" in vars(c))
+    # names the modules (declares mlp_paths or overrides mlp_modules) that
+    # also computes with them.
+    owner = next(c for c in type(ad).__mro__ if "mlp_modules" in vars(c) or "mlp_paths" in vars(c))
     if type(ad).mlp_pre is not owner.mlp_pre or type(ad).mlp_act is not owner.mlp_act:
         return None, f"{type(ad).__name__} overrides mlp_pre/mlp_act"
     up, fn, gate_up = mods.up, mods.act, mods.gate_up

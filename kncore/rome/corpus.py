@@ -23,7 +23,6 @@ iterate the texts from the start again, which resuming needs.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..data import json_file, json_lines
 from ..lm import InputError
 
 DEFAULT_CORPUS = "pydoc"
@@ -94,23 +94,12 @@ def pydoc_texts(min_chars: int = 400) -> list[str]:
 def _file_texts(path: Path) -> Iterator[str]:
     suf = path.suffix.lower()
     if suf == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{i}: not JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise InputError(f"{path}:{i}: a jsonl corpus needs a string field \"text\" on every line")
-                yield rec["text"]
+        for i, rec in json_lines(path, lambda i, e: InputError(f"{path}:{i}: not JSON ({e.msg})")):
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise InputError(f"{path}:{i}: a jsonl corpus needs a string field \"text\" on every line")
+            yield rec["text"]
     elif suf == ".json":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: not JSON ({e.msg})") from None
+        data = json_file(path, lambda e: InputError(f"{path}: not JSON ({getattr(e, 'msg', e)})"))
         if not isinstance(data, list):
             raise InputError(f"{path}: a JSON corpus must be a list of strings or of {{\"text\": ...}} objects")
         for i, rec in enumerate(data):
