@@ -10,9 +10,13 @@ storage.
 The figures are not a second formula. For each job the planner takes the
 decisions the engine takes (attribution's item chunks and rows per group,
 tracing's jobs, walks and walk order, the statistics' batches, ROME's rows)
-from the engine's own functions, and costs every step by running
-:func:`kncore.runtime.run` (and the autograd backward where the job has one)
-on the meta device under a dispatch mode:
+from the engine's own functions, and costs every step by running it on the
+meta device under a dispatch mode. Attribution and tracing run there through
+the very functions the real job calls (``attribution.ig_chunk``;
+``tracing.core.clean_run``, ``corrupted_run`` and ``run_grid``), so the same
+code answers "what will you do" and does it; the statistics and ROME's edit
+run :func:`kncore.runtime.run` (and the autograd backward) in the engine's
+order. The mode counts:
 
 * FLOPs by torch's ``FlopCounterMode`` rules, op by op, over the same calls
   (matmuls, attention; elementwise work is not counted, as FlopCounterMode
