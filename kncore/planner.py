@@ -452,13 +452,16 @@ def _no_restorations(L, code, lo, hi, t, clean) -> list:
 def trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, window: int, max_tokens: int):
     """:func:`kncore.tracing.trace` on the meta device: its clean and
     corrupted runs and its grid walk (``tracing.core.run_grid``), the same
-    functions the real trace calls. The noise (an add at the subject's
-    embeddings, no FLOPs) and the restorations are left out."""
-    from .tracing.core import clean_run, corrupted_run, run_grid
+    functions the real trace calls, after the noise scale ("3sd": the std of
+    the embedding matrix, an fp32 copy of it for a bf16 model). The noise (an
+    add at the subject's embeddings, no FLOPs) and the restorations are left
+    out."""
+    from .tracing.core import clean_run, corrupted_run, embedding_matrix_std, run_grid
 
     tpos = T - 1 if lm.adapter.causal else max(0, T - 2)
     x = _ids(1, T)
     with torch.no_grad():
+        embedding_matrix_std(lm)
         clean = clean_run(lm, x, kinds, tpos)
         # as trace() does: the clean distribution and the corrupted run stay alive
         p_clean = clean.logits.float().softmax(-1)[0]  # noqa: F841

@@ -83,7 +83,7 @@ def embedding_std(lm: LM, subjects: Sequence[str] | None = None) -> float:
         # Gemma's embedding module (transformers >= 5) multiplies its rows by
         # embed_scale = sqrt(d_model): its output's std is the rows' std times that.
         scale = getattr(emb, "embed_scale", None)
-        return float(emb.weight.detach().float().std()) * (1.0 if scale is None else float(scale))
+        return float(embedding_matrix_std(lm)) * (1.0 if scale is None else float(scale))
     if isinstance(subjects, str):
         raise InputError("noise_subjects must be a list of subject strings, not one string")
     ids = []
@@ -94,6 +94,13 @@ def embedding_std(lm: LM, subjects: Sequence[str] | None = None) -> float:
     if len(ids) < 2:
         raise InputError("noise_subjects give fewer than 2 tokens: cannot measure a standard deviation")
     return float(emb(torch.tensor(ids, device=lm.device)).float().std())
+
+
+def embedding_matrix_std(lm: LM) -> torch.Tensor:
+    """The std of every element of the embedding matrix, in fp32 (a 0-d tensor).
+    For a bf16/fp16 model this makes an fp32 copy of the matrix ([vocab,
+    d_model] x 4 bytes): kncore.planner runs it on the meta device to count it."""
+    return lm.adapter.embedding_module().weight.detach().float().std()
 
 
 def resolve_noise(lm: LM, noise, subjects: Sequence[str] | None = None) -> float:
