@@ -10,9 +10,13 @@ storage.
 The figures are not a second formula. For each job the planner takes the
 decisions the engine takes (attribution's item chunks and rows per group,
 tracing's jobs, walks and walk order, the statistics' batches, ROME's rows)
-from the engine's own functions, and costs every step by running
-:func:`kncore.runtime.run` (and the autograd backward where the job has one)
-on the meta device under a dispatch mode:
+from the engine's own functions, and costs every step by running it on the
+meta device under a dispatch mode. Attribution and tracing run there through
+the very functions the real job calls (``attribution.ig_chunk``;
+``tracing.core.clean_run``, ``corrupted_run`` and ``run_grid``), so the same
+code answers "what will you do" and does it; the statistics and ROME's edit
+run :func:`kncore.runtime.run` (and the autograd backward) in the engine's
+order. The mode counts:
 
 * FLOPs by torch's ``FlopCounterMode`` rules, op by op, over the same calls
   (matmuls, attention; elementwise work is not counted, as FlopCounterMode
@@ -42,6 +46,7 @@ from typing import Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils import flop_counter as flop_counter_rules
 from torch.utils.flop_counter import FlopCounterMode
 
 from .lm import LM, InputError
@@ -151,6 +156,46 @@ def meta_lm(model, dtype=None) -> LM:
 # ---------------------------------------------------------------------------
 def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
+
+
+def _sdpa(q, k, v, *a, out_val=None, **kw):
+    return flop_counter_rules.sdpa_flop_count(q.shape, k.shape, v.shape)
+
+
+def _sdpa_bwd(g, q, k, v, *a, out_val=None, **kw):
+    return flop_counter_rules.sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
+
+
+_sdpa._get_raw = _sdpa_bwd._get_raw = True
+# FlopCounterMode counts the CUDA attention kernels but not the CPU one that
+# an fp32 CPU run dispatches to: the same rules, registered for it.
+CPU_SDPA_RULES = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_bwd}
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs by torch's FlopCounterMode rules (and :data:`CPU_SDPA_RULES`),
+    of the ops on real devices (``meta=False``: what ``--profile`` counts a
+    run with, leaving out the planning that ``batch_size="auto"`` does on the
+    meta device inside it) or of those on the meta device (``meta=True``)."""
+
+    def __init__(self, meta: bool = False):
+        super().__init__()
+        self.meta = meta
+        self.flops = 0
+        self.rules = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_RULES).flop_registry
+
+    def get_total_flops(self) -> int:
+        return self.flops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        rule = self.rules.get(func._overloadpacket)
+        if rule is not None:
+            first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
+            if first is not None and first.is_meta == self.meta:
+                self.flops += rule(*args, **(kwargs or {}), out_val=out)
+        return out
 
 
 class _Meter(TorchDispatchMode):
@@ -312,89 +357,22 @@ def _target_pos(lm: LM, lengths: Sequence[int]) -> list:
 
 
 # -- attribute ----------------------------------------------------------------------------
-def _attr_chunk(lm: LM, lengths: list, layers: list, site: str, per_group: int, fixed_only: bool = False):
+def attribute_chunk(lm: LM, lengths: list, layers: list, site: str, scheme: str, steps: int):
     """One chunk of :func:`kncore.attribution.attribute` on the meta device:
-    the base pass, then the step pass with its backward and reduction (the
-    steps of ``attribution._step_pass``, in its order)."""
-    from . import runtime
-    from .attribution import _LeafSite, _Segment, _TargetProb, base_captures, expand_steps, reduce_steps, run_segments
-    from .runtime import KVCache
+    ``attribution.ig_chunk`` itself (its base pass, then its step pass with
+    the backward and the reduction), over items of these context lengths,
+    without gap_tol refinement."""
+    from .attribution import Item, ig_chunk
 
-    ad = lm.adapter
-    N, causal = ad.n_layers, ad.causal
-    B, T = len(lengths), max(lengths)
-    pos_l = _target_pos(lm, lengths)
-    pos = torch.tensor(pos_l).to("meta")
-    caps, inject = base_captures(ad, layers, site)
-    with torch.no_grad():
-        out = runtime.run(ad, _ids(B, T), attention_mask=_mask(lengths, T), capture=caps,
-                          capture_positions=pos if causal else None, return_kv=causal, logits=pos)
-        rows = torch.arange(B, device="meta")
-        act, entry, aux = {}, {}, {}
-        for L in layers:
-            a = out[(site, L)]
-            act[L] = a[:, 0] if causal else a[rows, pos]
-            if inject:
-                h = out[("resid_pre", L)][:, 0]
-                entry[L] = h + out[("attn_out", L)][:, 0]
-                if site == "pre_act":
-                    from .models.base import BLOCK_SEQUENTIAL
-                    x = ad.ln2(L, entry[L]) if ad.block_style == BLOCK_SEQUENTIAL else ad.ln1(L, h)
-                    aux[L] = ad.mlp_pre(L, x)[1]
-            else:
-                entry[L] = out[("resid_pre", L)]
-        probs = out.logits.float().softmax(-1)[:, 0]
-        prefix = None
-        if causal:
-            keep = (torch.arange(T - 1)[None] < torch.tensor(pos_l)[:, None]).to("meta")
-            first = min(layers)
-            cut = lambda ts: [None if (t is None or L < first) else t[:, :, : T - 1] for L, t in enumerate(ts)]
-            prefix = KVCache(cut(out.kv.k), cut(out.kv.v), keep)
-        mask = _mask(lengths, T)
-        del out
-    if fixed_only:
-        return prefix, act, entry, probs
+    items = [Item(i, [0] * n, p, 0) for i, (n, p) in enumerate(zip(lengths, _target_pos(lm, lengths)))]
     with torch.enable_grad():
-        leaves, segs = [], []
-        for L in sorted(layers):
-            items_ = torch.arange(B).repeat_interleave(per_group)  # CPU, like the run's r_item order
-            items_m = items_.to("meta")
-            alphas = _meta(len(items_))
-            if site == "act":
-                y = act[L] @ ad.down_weight(L)
-                z = expand_steps(y, items_m, alphas, ad.down_bias(L))
-            else:
-                z = expand_steps(act[L], items_m, alphas)
-            z = z.detach().requires_grad_(True)
-            leaves.append(z)
-            if inject:
-                m = z if site == "act" else ad.mlp_down(L, ad.mlp_act(
-                    L, z, None if aux[L] is None else aux[L].index_select(0, items_m)))
-                segs.append(_Segment(L + 1, (entry[L].index_select(0, items_m) + m)[:, None], items_, None, None))
-            else:
-                # the step rows enter at L with the leaf patched in at the target column
-                # (the patch is an index_put: no FLOPs, its bytes are the rows')
-                h = entry[L].index_select(0, items_m)
-                where = torch.zeros(len(items_), dtype=torch.long) if causal else torch.tensor(pos_l).index_select(0, items_)
-                segs.append(_Segment(L, h, items_, None if causal else mask.index_select(0, items_m),
-                                     _LeafSite("mlp_out" if site == "act" else "pre_act", L, z, where.to("meta"))))
-        h, past_rows, rmask = run_segments(ad, segs, prefix, _rows_patch)
-        logits = runtime.run(ad, hidden=h, start_layer=N, attention_mask=rmask,
-                             logits="last" if causal else pos.index_select(0, past_rows.to("meta"))).logits
-        tgt = torch.zeros(len(past_rows), dtype=torch.long, device="meta")
-        p = _TargetProb.apply(logits, tgt)
-        grads = torch.autograd.grad(p, leaves, grad_outputs=_meta(len(past_rows), dtype=p.dtype))
-    del logits, p, h
-    ig = []
-    for L, g in zip(sorted(layers), grads):
-        local = torch.arange(B).repeat_interleave(per_group).to("meta")
-        ig.append(reduce_steps(g, local, B, act[L], ad.down_weight(L) if site == "act" else None))
-    return ig, probs, prefix
+        return ig_chunk(lm, items, list(layers), site, scheme, steps, make_patch=_rows_patch)
 
 
 def _rows_patch(pb, off: int, n_rows: int, n_pos: int):
-    """attribution._row_patch's index_put, as a patch over every entry of the
-    call (the meta device cannot build the row index the runtime would)."""
+    """The IG leaf patch of ``attribution.run_segments`` (an index_put of the
+    leaf rows at their target columns) as a patch over every entry of the
+    call: the meta device cannot build the row index the runtime would."""
     from .runtime import Patch
     site, L, z, where = pb
 
@@ -417,8 +395,9 @@ def attribute_chunk_memory(lm: LM, T: int, layers: list, per_group: int, site: s
 
 @functools.lru_cache(maxsize=64)
 def _attr_memory(ml: LM, T: int, layers: tuple, per_group: int, site: str) -> int:
+    # the rows, not their alphas, set the memory: riemann-left has per_group rows at per_group steps
     c = _Costing(ml)
-    c.stage("chunk", _attr_chunk, 1, ml, [T], list(layers), site, per_group)
+    c.stage("chunk", attribute_chunk, 1, ml, [T], list(layers), site, "riemann-left", per_group)
     return max(1, c.peak)
 
 
@@ -432,10 +411,10 @@ def plan_attribute(lm: LM, *, prompts: int = 1, tokens: int = 16, target_tokens:
     whose context lengths are ``lengths``. ``batch_size="auto"`` plans for
     ``memory_bytes`` above the weights (default: this machine's free memory)
     on a ``device_type`` device."""
-    from .attribution import (check_layers, _check_options, chunk_items, chunk_size, rows_per_group)
+    from .attribution import (check_layers, check_options, chunk_items, chunk_size, rows_per_group)
 
     layers = check_layers(lm, layers)
-    _check_options(lm, scheme, site, steps, "teacher", None, None)
+    check_options(lm, scheme, site, steps, "teacher", None, None)
     _positive(prompts=prompts, tokens=tokens, target_tokens=target_tokens)
     if not lm.adapter.causal and target_tokens != 1:
         raise InputError("a masked LM predicts one target token")
@@ -454,7 +433,7 @@ def plan_attribute(lm: LM, *, prompts: int = 1, tokens: int = 16, target_tokens:
         key = tuple(lengths[i] for i in ch)
         shapes[key] = shapes.get(key, 0) + 1
     for key, n in shapes.items():
-        c.stage(f"chunk of {len(key)} items", _attr_chunk, n, lm, list(key), layers, site, per_group)
+        c.stage(f"chunk of {len(key)} items", attribute_chunk, n, lm, list(key), layers, site, scheme, steps)
     return JobPlan("attribute", dict(prompts=prompts, tokens=tokens, target_tokens=target_tokens, steps=steps,
                                      layers=len(layers), scheme=scheme, site=site, batch=k,
                                      rows_per_chunk=k * per_group * len(layers)),
@@ -463,72 +442,32 @@ def plan_attribute(lm: LM, *, prompts: int = 1, tokens: int = 16, target_tokens:
 
 
 # -- trace ----------------------------------------------------------------------------------
-def _trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, window: int, max_tokens: int):
-    """:func:`kncore.tracing.trace` on the meta device: the clean and
-    corrupted runs, then every walk of ``tracing.core.walk_parts`` in the
-    order of ``walk_order`` (``_walk``'s steps; restorations are index copies
-    without FLOPs)."""
-    from .tracing.core import (SITE_OF, _first_layers, _jobs, _target_probs, _top_layer, walk_order,
-                               walk_parts, walk_step)
+def _no_restorations(L, code, lo, hi, t, clean) -> list:
+    """The walk's restorations on the meta device: none. Each is an index copy
+    of the clean state into some rows ([rows, d_model], no FLOPs), and the
+    runtime cannot select rows by index on the meta device."""
+    return []
 
-    ad = lm.adapter
-    N, causal = ad.n_layers, ad.causal
-    tpos = T - 1 if causal else max(0, T - 2)
+
+def trace_run(lm: LM, T: int, b: int, e: int, kinds: tuple, samples: int, window: int, max_tokens: int):
+    """:func:`kncore.tracing.trace` on the meta device: its clean and
+    corrupted runs and its grid walk (``tracing.core.run_grid``), the same
+    functions the real trace calls, after the noise scale ("3sd": the std of
+    the embedding matrix, an fp32 copy of it for a bf16 model). The noise (an
+    add at the subject's embeddings, no FLOPs) and the restorations are left
+    out."""
+    from .tracing.core import clean_run, corrupted_run, embedding_matrix_std, run_grid
+
+    tpos = T - 1 if lm.adapter.causal else max(0, T - 2)
     x = _ids(1, T)
-    sites = sorted({SITE_OF[k] for k in kinds})
     with torch.no_grad():
-        clean = lm.run(x, capture=[(s, L) for s in sites for L in range(N)],
-                       logits=torch.tensor([tpos]).to("meta"))
-        cor = lm.run(x.expand(samples, -1), capture=[("resid_pre", L) for L in range(N)], return_kv=causal,
-                     logits=torch.full((samples,), tpos).to("meta"))
+        embedding_matrix_std(lm)
+        clean = clean_run(lm, x, kinds, tpos)
         # as trace() does: the clean distribution and the corrupted run stay alive
         p_clean = clean.logits.float().softmax(-1)[0]  # noqa: F841
+        cor = corrupted_run(lm, x, samples, tpos, [])
         cor.logits.float().softmax(-1)[:, 0].mean()
-        inputs = [cor[("resid_pre", L)] for L in range(N)] + [cor.hidden]
-        kv = cor.kv
-        job_list, _ = _jobs(kinds, T, N, b, window, causal)
-        firsts = set()
-        d = ad.d_model
-        for p0, part in walk_parts(job_list, causal, samples, T, d, inputs[0].element_size()):
-            _, jobs, joins = walk_order([job_list[i] for i in part])
-            here = {id(j) for j in jobs}
-            S, R, n = samples, len(jobs) * samples, T - p0
-            past = kv.truncate(p0) if (causal and p0 > 0) else None
-            step = walk_step(max_tokens, n)
-            col = n - 1 if causal else tpos - p0
-            row_sample = torch.arange(S).repeat(len(jobs))
-            h = inputs[0].new_empty(R, n, d)
-            final = inputs[0].new_empty(R, d)
-            entry = torch.tensor(joins)
-            joined = 0
-            for L in range(joins[0], N + 1):
-                upto = int(torch.searchsorted(entry, L, right=True))
-                if upto > joined:
-                    h[joined * S: upto * S] = inputs[L][:, p0:].repeat(upto - joined, 1, 1)
-                    for j in jobs[joined:upto]:
-                        branch = j.parent is not None and id(j.parent) in here
-                        if causal and j.code and not branch and (j.code, L - 1) not in firsts:
-                            firsts.add((j.code, L - 1))  # once per (kind, layer), as the walk caches it
-                            _first_layers(lm, L - 1, j.code, inputs, clean)
-                    if L == N:
-                        final[joined * S: upto * S] = h[joined * S: upto * S, col]
-                    joined = upto
-                if L == N:
-                    break
-                active = joined * S
-                for s in range(0, active, step):
-                    e_ = min(active, s + step)
-                    rows = None if past is None else row_sample[s:e_]
-                    if L < N - 1:
-                        h[s:e_] = lm.run(hidden=h[s:e_], start_layer=L, stop_layer=L + 1, past=past, past_rows=rows,
-                                         logits=None).hidden
-                    elif causal and n > 1:
-                        final[s:e_] = _top_layer(lm, h[s:e_], p0, past, rows, [])
-                    else:
-                        final[s:e_] = lm.run(hidden=h[s:e_], start_layer=L, past=past, past_rows=rows,
-                                             logits=None).hidden[:, col]
-            _target_probs(ad, final, 0)
-            del h, final
+        run_grid(lm, kinds, b, window, samples, clean, cor, 0, tpos, max_tokens, _no_restorations)
 
 
 def plan_trace(lm: LM, *, tokens: int = 10, subject: tuple = (0, 3), kinds=("hidden", "mlp", "attn"),
@@ -544,7 +483,7 @@ def plan_trace(lm: LM, *, tokens: int = 10, subject: tuple = (0, 3), kinds=("hid
         raise InputError(f"subject tokens {b}:{e} are not inside a prompt of {tokens} tokens")
     mt = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     c = _Costing(lm)
-    c.stage("trace", _trace_run, 1, lm, tokens, b, e, kinds, samples, window, mt)
+    c.stage("trace", trace_run, 1, lm, tokens, b, e, kinds, samples, window, mt)
     return JobPlan("trace", dict(tokens=tokens, subject=[b, e], kinds=list(kinds), samples=samples,
                                  window=window, max_tokens=mt),
                    c.stages, _weights_bytes(lm), _weights_bytes(lm) + c.peak)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import inspect
 import json
 import statistics
 import sys
@@ -93,18 +94,81 @@ def cmd_plan(args) -> int:
 # --profile
 # ---------------------------------------------------------------------------
 # (module, function, stage name): the stages of the CLI jobs, timed where
-# they are defined; a stage's figures include the stages it calls.
+# they are defined; a stage's figures include the stages it calls. A function
+# reached under two names (kncore.tracing.trace is kncore.tracing.core.trace)
+# is listed under both, with one stage name: only the outermost call counts.
 STAGES = (
+    ("kncore.attribution", "_ig_chunk", "IG chunks"),
     ("kncore.attribution", "_base_pass", "attribute: base pass"),
     ("kncore.attribution", "_step_pass", "attribute: step rows, backward, reduction"),
+    ("kncore.tracing", "trace", "trace: one prompt"),
     ("kncore.tracing.core", "trace", "trace: one prompt"),
     ("kncore.tracing.core", "_walk", "trace: walks"),
     ("kncore.rome.stats", "_compute", "stats: layer statistics"),
+    ("kncore.rome.editing", "_edit_one", "edit: one request"),
     ("kncore.rome.templates", "context_templates", "edit: context templates"),
     ("kncore.rome.editing", "compute_keys", "edit: keys"),
     ("kncore.rome.editing", "left_vector", "edit: C^-1 k"),
     ("kncore.rome.editing", "optimise_delta", "edit: optimise v"),
 )
+
+
+def _plan_chunk(c: dict):
+    """The plan of one ``attribution.ig_chunk`` call: the same function on the
+    meta device, over items of the same lengths (no gap_tol refinement)."""
+    from . import planner as P
+    lengths = [len(it.ids) for it in c["items"]]
+
+    def plan():
+        P.attribute_chunk(P.meta_lm(c["lm"]), lengths, c["layers"], c["site"], c["scheme"], c["steps"])
+    return plan
+
+
+def _plan_trace(c: dict):
+    """The plan of one ``tracing.trace`` call: its runs and grid walk on the meta device."""
+    from . import planner as P
+    from .tracing.core import DEFAULT_MAX_TOKENS, check_args
+    lm = c["lm"]
+    T = len(lm.tokenize(c["prompt"]))
+    b, e = lm.subject_span(c["prompt"], c["subject"])
+    kinds = check_args(c["kinds"], c["samples"], c["window"], c["seed"])
+    mt = DEFAULT_MAX_TOKENS if c["max_tokens"] is None else c["max_tokens"]
+    return lambda: P.trace_run(P.meta_lm(lm), T, b, e, kinds, c["samples"], c["window"], mt)
+
+
+def _plan_edit(c: dict):
+    """The plan of one ROME request (``rome.editing._edit_one``): ``kncore.plan``'s
+    edit job for a prompt of the request's length, subject end and target."""
+    from . import planner as P
+    from .rome.editing import locate
+    lm, req, hp = c["lm"], c["req"], c["hp"]
+    ids, look = locate(lm, req.prompt, req.subject, hp.fact_token)
+    n_target = len(lm.target_ids(req.text(), req.target))
+    return lambda: P.plan_edit(P.meta_lm(lm), tokens=len(ids), subject_end=min(len(ids), look + 1),
+                               target_tokens=n_target, hparams=hp, layer=c["layer"]).flops
+
+
+# Stages timed and planned but not printed: an IG chunk is its two stages.
+HIDDEN = {"IG chunks"}
+# stage name -> (bound arguments of a call -> a function that plans that call on
+# the meta device, after the run; it returns the planned FLOPs, or None when
+# they are the FLOPs counted while it runs the engine's own functions)
+PLANS = {"IG chunks": _plan_chunk, "trace: one prompt": _plan_trace, "edit: one request": _plan_edit}
+
+
+def _device_name(device) -> str:
+    import torch
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
 
 
 def matmul_peak(device, d: int = 768, rows: int = 1024, reps: int = 3) -> float:
@@ -124,39 +188,92 @@ def matmul_peak(device, d: int = 768, rows: int = 1024, reps: int = 3) -> float:
     return 2 * rows * d * 4 * d / statistics.median(ts)
 
 
+def cached_matmul_peak(device) -> tuple[float, bool]:
+    """(:func:`matmul_peak` of ``device``, whether it came from the cache):
+    measured once per machine, device and thread count, and kept in
+    ``$KNCORE_CACHE/matmul_peak.json``. An unreadable cache is measured again
+    and rewritten."""
+    import torch
+
+    from .atomic import atomic_write_text
+    from .loading import cache_root
+    path = cache_root() / "matmul_peak.json"
+    key = f"{_device_name(device)} | {torch.device(device).type} | threads {torch.get_num_threads()} | " \
+          f"torch {torch.__version__}"
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            table = {}
+    except (OSError, ValueError):
+        table = {}
+    v = table.get(key)
+    if isinstance(v, (int, float)) and v > 0:
+        return float(v), True
+    table[key] = matmul_peak(device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True))
+    except OSError:  # a read-only cache: the figure is still good for this run
+        pass
+    return table[key], False
+
+
 class Profile:
-    """Wall time and FLOPs (torch's FlopCounterMode, on the real run) of each stage."""
+    """Wall time and FLOPs (torch's FlopCounterMode, on the real run) of each
+    stage, and the planned FLOPs of the stages :data:`PLANS` can plan: each
+    such call is replayed on the meta device after the run (by the engine's
+    own functions for attribute and trace, so their inner stages get planned
+    figures too)."""
 
     def __init__(self):
-        self.rows: dict = {}
+        self.rows: dict = {}      # name -> [calls, seconds, counted FLOPs]
+        self.planned: dict = {}   # name -> planned FLOPs
+        self.requests: list = []  # (name, planning function) of the calls to plan
         self.saved = []
+        self.active: dict = {}    # name -> depth of its calls running now
         self.fc = None
+        self.planning = None      # the counter of the meta-device replay, while it runs
 
     def _wrap(self, name, fn):
         import torch
+        plan_of = PLANS.get(name)
+
         @functools.wraps(fn)
         def timed(*a, **kw):
-            f0 = self.fc.get_total_flops()
+            if self.active.get(name) or (self.planning is None and _on_meta(a)):
+                # an inner call of the same stage (the outer one counts it), or
+                # the planning batch_size="auto" does inside the run
+                return fn(*a, **kw)
+            self.active[name] = 1
+            fc = self.planning or self.fc
+            f0 = fc.get_total_flops()
             t0 = time.perf_counter()
             try:
-                return fn(*a, **kw)
+                out = fn(*a, **kw)
+                if self.planning is None and plan_of is not None:  # planned after the run, from the same arguments
+                    self.requests.append((name, plan_of(_bind(fn, a, kw))))
+                return out
             finally:
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    torch.cuda.synchronize()
-                r = self.rows.setdefault(name, [0, 0.0, 0])
-                r[0] += 1
-                r[1] += time.perf_counter() - t0
-                r[2] += self.fc.get_total_flops() - f0
+                self.active[name] = 0
+                if self.planning is not None:
+                    self.planned[name] = self.planned.get(name, 0) + fc.get_total_flops() - f0
+                else:
+                    if torch.cuda.is_available() and torch.cuda.is_initialized():
+                        torch.cuda.synchronize()
+                    r = self.rows.setdefault(name, [0, 0.0, 0])
+                    r[0] += 1
+                    r[1] += time.perf_counter() - t0
+                    r[2] += fc.get_total_flops() - f0
         return timed
 
     def __enter__(self):
-        from torch.utils.flop_counter import FlopCounterMode
+        from .planner import FlopCount
         for mod, fn, name in STAGES:
             m = importlib.import_module(mod)
             orig = getattr(m, fn)
             self.saved.append((m, fn, orig))
             setattr(m, fn, self._wrap(name, orig))
-        self.fc = FlopCounterMode(display=False)
+        self.fc = FlopCount()
         self.fc.__enter__()
         self.t0 = time.perf_counter()
         return self
@@ -164,19 +281,52 @@ class Profile:
     def __exit__(self, *exc):
         self.total = time.perf_counter() - self.t0
         self.fc.__exit__(*exc)
-        for m, fn, orig in reversed(self.saved):
-            setattr(m, fn, orig)
+        try:
+            if exc[0] is None:
+                self._plan()
+        finally:
+            for m, fn, orig in reversed(self.saved):
+                setattr(m, fn, orig)
+
+    def _plan(self):
+        """Replay the plan of every recorded call on the meta device (the
+        stage wrappers still in place, counting into ``planned``)."""
+        from .planner import FlopCount
+        for name, plan in self.requests:
+            self.planning = FlopCount(meta=True)
+            with self.planning:
+                val = plan()
+                counted = self.planning.get_total_flops()
+            self.planned[name] = self.planned.get(name, 0) + (counted if val is None else val)
+        self.planning = None
 
     def report(self, peak: float, file=None) -> None:
         file = file or sys.stderr  # the stream of the moment, not of import time
-        print(f"\nprofile (FLOPs counted by torch's FlopCounterMode on this run; measured fp32 matmul peak "
+        print(f"\nprofile (counted: FLOPs by torch's FlopCounterMode on this run; planned: kncore.plan's "
+              f"FLOPs for the same calls, on the meta device; measured fp32 matmul peak "
               f"{peak / 1e9:.1f} GFLOP/s):", file=file)
-        print(f"{'stage':44s} {'calls':>6s} {'seconds':>9s} {'GFLOP':>10s} {'GFLOP/s':>9s} {'of peak':>8s}",
-              file=file)
-        rows = list(self.rows.items()) + [("whole command", [1, self.total, self.fc.get_total_flops()])]
-        for name, (n, s, f) in rows:
+        print(f"{'stage':44s} {'planned GFLOP':>13s} {'of plan':>8s} {'calls':>6s} {'seconds':>9s} "
+              f"{'GFLOP':>10s} {'GFLOP/s':>9s} {'of peak':>8s}", file=file)
+        plan_total = sum(self.planned.get(n, 0) for n in PLANS) if self.requests else None
+        rows = [(n, r, self.planned.get(n)) for n, r in self.rows.items() if n not in HIDDEN]
+        rows.append(("whole command", [1, self.total, self.fc.get_total_flops()], plan_total))
+        for name, (n, s, f), pf in rows:
             rate = f / s if s > 0 else 0.0
-            print(f"{name:44s} {n:6d} {s:9.3f} {f / 1e9:10.3f} {rate / 1e9:9.2f} {rate / peak:8.1%}", file=file)
+            pl = f"{pf / 1e9:13.4f} {f / pf:8.1%}" if pf else f"{'-':>13s} {'-':>8s}"
+            print(f"{name:44s} {pl} {n:6d} {s:9.3f} {f / 1e9:10.4f} {rate / 1e9:9.2f} {rate / peak:8.1%}", file=file)
+
+
+def _on_meta(a) -> bool:
+    """Whether a stage call runs on the meta device (its model comes first)."""
+    import torch
+    dev = getattr(a[0], "device", None) if a else None
+    return isinstance(dev, torch.device) and dev.type == "meta"
+
+
+def _bind(fn, a, kw) -> dict:
+    b = inspect.signature(fn).bind(*a, **kw)
+    b.apply_defaults()
+    return dict(b.arguments)
 
 
 def profiled(func, args):
@@ -184,7 +334,7 @@ def profiled(func, args):
     import torch
     dev = "cuda" if (getattr(args, "device", "cpu") in ("auto", "cuda") or str(args.device).startswith("cuda")) \
         and torch.cuda.is_available() else "cpu"
-    peak = matmul_peak(dev)
+    peak, _ = cached_matmul_peak(dev)
     with Profile() as prof:
         rc = func(args)
     prof.report(peak)

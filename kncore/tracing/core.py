@@ -83,7 +83,7 @@ def embedding_std(lm: LM, subjects: Sequence[str] | None = None) -> float:
         # Gemma's embedding module (transformers >= 5) multiplies its rows by
         # embed_scale = sqrt(d_model): its output's std is the rows' std times that.
         scale = getattr(emb, "embed_scale", None)
-        return float(emb.weight.detach().float().std()) * (1.0 if scale is None else float(scale))
+        return float(embedding_matrix_std(lm)) * (1.0 if scale is None else float(scale))
     if isinstance(subjects, str):
         raise InputError("noise_subjects must be a list of subject strings, not one string")
     ids = []
@@ -94,6 +94,13 @@ def embedding_std(lm: LM, subjects: Sequence[str] | None = None) -> float:
     if len(ids) < 2:
         raise InputError("noise_subjects give fewer than 2 tokens: cannot measure a standard deviation")
     return float(emb(torch.tensor(ids, device=lm.device)).float().std())
+
+
+def embedding_matrix_std(lm: LM) -> torch.Tensor:
+    """The std of every element of the embedding matrix, in fp32 (a 0-d tensor).
+    For a bf16/fp16 model this makes an fp32 copy of the matrix ([vocab,
+    d_model] x 4 bytes): kncore.planner runs it on the meta device to count it."""
+    return lm.adapter.embedding_module().weight.detach().float().std()
 
 
 def resolve_noise(lm: LM, noise, subjects: Sequence[str] | None = None) -> float:
@@ -276,23 +283,12 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
     N, T, dev = ad.n_layers, len(ids), lm.device
     x = torch.tensor([ids], device=dev)
 
-    sites = sorted({SITE_OF[k] for k in kinds})
-    clean = lm.run(x, capture=[(s, L) for s in sites for L in range(N)], logits=torch.tensor([tpos], device=dev))
+    clean = clean_run(lm, x, kinds, tpos)
     p_clean = clean.logits.float().softmax(-1)[0]
     tgt = resolve_target(lm, prompt, target, p_clean)
-
-    cor = lm.run(x.expand(samples, -1), patches=[noise_patch(b, e, noise_t)],
-                 capture=[("resid_pre", L) for L in range(N)], return_kv=ad.causal,
-                 logits=torch.full((samples,), tpos, device=dev))
+    cor = corrupted_run(lm, x, samples, tpos, [noise_patch(b, e, noise_t)])
     low = float(cor.logits.float().softmax(-1)[:, tgt].mean())
-    inputs = [cor[("resid_pre", L)] for L in range(N)] + [cor.hidden]
-
-    job_list, cell_job = _jobs(kinds, T, N, b, window, ad.causal)
-    probs = torch.full((len(job_list),), float("nan"))
-    firsts: dict = {}  # (code, layer) -> _first_layers, shared by the walks of every token
-    for p0, part in walk_parts(job_list, ad.causal, samples, T, ad.d_model, inputs[0].element_size()):
-        probs[part] = _walk(lm, [job_list[i] for i in part], p0, inputs, clean, cor.kv, samples, tgt, tpos,
-                            max_tokens, firsts)
+    probs, cell_job = run_grid(lm, kinds, b, window, samples, clean, cor, tgt, tpos, max_tokens)
 
     scores = {}
     for k in kinds:
@@ -305,6 +301,47 @@ def trace(lm: LM, prompt: str, subject: str, *, target=None, kinds: Iterable[str
                        input_ids=list(ids), subject_range=(b, e), target=tgt, answer=tok.decode([tgt]),
                        target_position=tpos, prompt=prompt, subject=subject, kinds=kinds, window=int(window),
                        samples=int(samples), noise=scale, seed=int(seed), model=str(lm.name))
+
+
+def clean_run(lm: LM, x: torch.Tensor, kinds, tpos: int):
+    """The clean run of ``x`` [1, T]: the restored sites of every layer, the
+    logits at the target position."""
+    sites = sorted({SITE_OF[k] for k in kinds})
+    return lm.run(x, capture=[(s, L) for s in sites for L in range(lm.n_layers)],
+                  logits=torch.tensor([tpos]).to(x.device))
+
+
+def corrupted_run(lm: LM, x: torch.Tensor, samples: int, tpos: int, noise: list):
+    """The corrupted run of ``samples`` copies of ``x`` [1, T] under the
+    ``noise`` patches: every layer's input, the keys and values (decoders),
+    the logits at the target position."""
+    return lm.run(x.expand(samples, -1), patches=noise, capture=[("resid_pre", L) for L in range(lm.n_layers)],
+                  return_kv=lm.adapter.causal, logits=torch.full((samples,), tpos).to(x.device))
+
+
+def run_grid(lm: LM, kinds, b: int, window: int, samples: int, clean, cor, target: int, tpos: int,
+             max_tokens: int, make_patches=None) -> tuple[torch.Tensor, dict]:
+    """(mean target probability of each restoration job, each kind's [T, N]
+    job index per cell; see :func:`_jobs`): every walk of :func:`walk_parts`
+    over the clean and corrupted runs.
+
+    ``make_patches(L, code, lo, hi, t, clean)`` builds the restorations of
+    one slice of rows at layer L (default :func:`restore_patches`);
+    kncore.planner runs this same walk on the meta device, where a patch that
+    selects rows by index cannot run, and passes one that restores nothing
+    (restorations are index copies, without FLOPs)."""
+    ad = lm.adapter
+    N = ad.n_layers
+    inputs = [cor[("resid_pre", L)] for L in range(N)] + [cor.hidden]
+    T = inputs[0].shape[1]
+    job_list, cell_job = _jobs(kinds, T, N, b, window, ad.causal)
+    host = "meta" if inputs[0].is_meta else "cpu"
+    probs = torch.full((len(job_list),), float("nan"), device=host)
+    firsts: dict = {}  # (code, layer) -> _first_layers, shared by the walks of every token
+    for p0, part in walk_parts(job_list, ad.causal, samples, T, ad.d_model, inputs[0].element_size()):
+        probs[part] = _walk(lm, [job_list[i] for i in part], p0, inputs, clean, cor.kv, samples, target, tpos,
+                            max_tokens, firsts, make_patches or restore_patches)
+    return probs, cell_job
 
 
 def _jobs(kinds, T: int, N: int, b: int, window: int, causal: bool) -> tuple[list, dict]:
@@ -371,7 +408,7 @@ def walk_step(max_tokens: int, n: int) -> int:
 
 
 def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, target: int, tpos: int,
-          max_tokens: int, firsts: dict) -> torch.Tensor:
+          max_tokens: int, firsts: dict, make_patches) -> torch.Tensor:
     """Mean target probability of each job; all jobs compute positions p0.. .
 
     Row r belongs to job r // samples and reads corrupted sample r % samples.
@@ -394,7 +431,9 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
     entry = torch.tensor(joins)
     field_of = lambda name: torch.tensor([getattr(j, name) for j in jobs]).repeat_interleave(S)
     code, lo, hi, tt = field_of("code"), field_of("lo"), field_of("hi"), field_of("t")
-    row_sample = torch.arange(S, device=dev).repeat(J)
+    # the cache rows of the slices: on the meta device (kncore.planner) they stay on
+    # the CPU, where the runtime decides its row sharing as in the real run
+    row_sample = torch.arange(S, device="cpu" if dev.type == "meta" else dev).repeat(J)
     past = kv.truncate(p0) if (causal and p0 > 0) else None
     step = walk_step(max_tokens, n)
     col = n - 1 if causal else tpos - p0  # the target position among the computed ones
@@ -426,7 +465,7 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
         active = joined * S
         for s in range(0, active, step):
             e = min(active, s + step)
-            patches = _patches(L, code[s:e], lo[s:e], hi[s:e], tt[s:e], clean)
+            patches = make_patches(L, code[s:e], lo[s:e], hi[s:e], tt[s:e], clean)
             rows = None if past is None else row_sample[s:e]
             if L < N - 1:
                 h[s:e] = lm.run(hidden=h[s:e], start_layer=L, stop_layer=L + 1, past=past, past_rows=rows,
@@ -439,8 +478,8 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
                 final[s:e] = lm.run(hidden=h[s:e], start_layer=L, past=past, past_rows=rows, patches=patches,
                                     logits=None).hidden[:, col]
     means = _target_probs(ad, final, target).view(J, S).mean(1)
-    out = torch.empty(J)
-    out[torch.tensor(order)] = means
+    out = torch.empty(J, device=means.device)
+    out[torch.tensor(order, device=means.device)] = means
     return out
 
 
@@ -491,7 +530,7 @@ def _top_layer(lm: LM, h: torch.Tensor, p0: int, past, past_rows, patches) -> to
     return lm.run(hidden=h[:, -1:], start_layer=L, past=cache, patches=patches, logits=None).hidden[:, 0]
 
 
-def _patches(L, code, lo, hi, tt, clean) -> list:
+def restore_patches(L, code, lo, hi, tt, clean) -> list:
     """Restorations at layer L for one slice of rows (row indices local to it)."""
     ps = []
     for c, site in _PATCH_SITE.items():
