@@ -565,9 +565,10 @@ def _segment(ad, base: _Base, site: str, L: int, items_, z, dt) -> "_Segment":
 
 
 def _wide_ends(lm) -> bool:
-    """Whether F(a) and F(0) for the completeness gap come from :func:`_end_probs`
-    (fp32) rather than the unmodified pass and the alpha = 0 step row: for
-    bf16/fp16 models. A bf16 forward evaluates F with an error of about 0.01
+    """Whether IG's base pass runs in fp32 (:func:`_run_wide`) and F(a) and F(0)
+    for the completeness gap come from :func:`_end_probs` (fp32) rather than the
+    unmodified pass and the alpha = 0 step row: for bf16/fp16 models (fp32 and
+    fp64 models keep their results bit for bit). A bf16 forward evaluates F with an error of about 0.01
     on SmolLM2 (F(a) 0.25-0.77), uncorrelated between alpha = 0 and 1, while a
     layer's F(a) - F(0) can be ~1e-3; the bf16 gradients integrate to within a
     few 1e-3 of the fp32 F(a) - F(0) from the same prefix (measured, 3 prompts
