@@ -189,3 +189,28 @@ def test_bad_input_is_refused(monkeypatch, tmp_path, capsys):
         assert main(["stats", "--model", "tiny-gpt2", "--layers", "0", "--out", str(tmp_path / "r"), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_memit_on_converged_statistics_with_shared_targets():
+    """An editor takes converged statistics as any others, and z computed once
+    (compute_targets) gives the same edit as z computed inside batch_edit."""
+    from test_memit import _hp, _requests
+    from kncore.rome import memit
+    from kncore.rome.templates import context_templates
+    lm = tiny_lm("llama", seed=_seed())
+    reqs = _requests(3, _seed())
+    keys = rome.probe_keys_for(lm, reqs, [1, 2])
+    st = rome.layer_stats(lm, [1, 2], _texts(150, _seed()), probe_keys=keys, until="converged", tol=0.3,
+                          use_cache=False, **KW)
+    assert st[1].convergence["stopped"] and st[1].n_texts < 150
+    hp = _hp(rome.MEMITHparams, [1, 2], v_num_grad_steps=3)
+    targets = memit.compute_targets(lm, memit.check_batch(lm, reqs, hp), hp, context_templates(lm, hp))
+    with rome.memit_edit(lm, reqs, hp, stats=st) as plain:
+        a = [(s.left.clone(), s.right.clone()) for s in plain.steps]
+    with rome.batch_edit(lm, reqs, hp, stats=st, targets=targets) as shared:
+        b = [(s.left.clone(), s.right.clone()) for s in shared.steps]
+    for (la, ra), (lb, rb) in zip(a, b):
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rb, ra, rtol=1e-5, atol=1e-7)
+    with pytest.raises(InputError, match="targets are for 3 requests"):
+        rome.batch_edit(lm, reqs[:2], hp, stats=st, targets=targets)
