@@ -316,8 +316,9 @@ UNTIL = (None, "converged")
 # fall below by chance when a few texts happen to resemble the last ones.
 CONVERGED_CHECKS = 2
 # Texts per chunk when probes are given and chunk_texts is not: checks fall at chunk
-# ends, so a chunk of 1024 pydoc texts (~110k SmolLM2 tokens) would allow one check.
-PROBE_CHUNK_TEXTS = 64
+# ends, and 1024 pydoc texts (~110k SmolLM2 tokens, the whole corpus) would allow one
+# check; 16 are ~2,300 SmolLM2 tokens, about one check per d_ff (1536) tokens.
+PROBE_CHUNK_TEXTS = 16
 
 
 def probe_keys_for(lm, requests, layers, fact_token: str = "subject_last") -> dict[int, torch.Tensor]:
@@ -472,7 +473,7 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
     ``progress``: True (a bar), False, or a callable given after every batch a
     dict with ``batches``, ``texts``, ``tokens`` (and ``change``, the last
     probe change, when probes are given). ``chunk_texts``: texts sorted by
-    length together (default 1024; 64 with probes).
+    length together (default 1024; 16 with probes).
 
     Convergence (module doc): ``probe_keys`` ``{layer: [P, d_ff]}`` (see
     :func:`probe_keys_for`) turns on a check every ``check_every`` tokens
