@@ -214,3 +214,30 @@ def test_memit_on_converged_statistics_with_shared_targets():
         torch.testing.assert_close(rb, ra, rtol=1e-5, atol=1e-7)
     with pytest.raises(InputError, match="targets are for 3 requests"):
         rome.batch_edit(lm, reqs[:2], hp, stats=st, targets=targets)
+
+
+def test_cli_stats_until_converged_equals_the_api(tmp_path):
+    import json
+
+    from kncore.rundir import RunDir
+    seed = _seed()
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("\n".join(_texts(150, _seed())) + "\n")
+    facts = [{"prompt": f"the capital of {s} is", "subject": s, "target_new": "rome", "ground_truth": "paris"}
+             for s in random.Random(seed).sample(WORDS, 3)]
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    assert main(["stats", "--model", f"tiny-llama:{seed}", "--data", str(corpus), "--layers", "0,2",
+                 "--n-samples", "150", "--stats-dtype", "float64", "--probes", str(tmp_path / "facts.json"),
+                 "--n-probes", "2", "--check-every", "150", "--until", "converged", "--tol", "0.3",
+                 "--stats-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    lm = tiny_lm("llama", seed=seed)
+    keys = rome.probe_keys_for(lm, facts[:2], [0, 2])
+    want = rome.layer_stats(lm, [0, 2], str(corpus), n_samples=150, dtype="float64", probe_keys=keys,
+                            check_every=150, until="converged", tol=0.3, use_cache=False, progress=False)
+    rows = RunDir.load(tmp_path / "run").read("stats").to_pylist()
+    assert [r["layer"] for r in rows] == [0, 2]
+    for r in rows:
+        got, w = rome.load_stats(r["file"]), want[r["layer"]]
+        assert torch.equal(got.second_moment, w.second_moment) and got.n_texts == w.n_texts
+        assert got.convergence["history"] == w.convergence["history"]
+        assert r["converged"] == w.convergence["stopped"] and r["probe_change"] == w.convergence["change_at_stop"]
