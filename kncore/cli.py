@@ -262,6 +262,9 @@ def cmd_trace(args) -> int:
 
 def cmd_stats(args) -> int:
     rome = backend("kncore.rome", "stats")
+    if not args.probes and (args.until or args.check_every or args.n_probes):
+        raise InputError("--until, --check-every and --n-probes need --probes (the facts whose keys measure "
+                         "convergence), e.g. --probes counterfact")
     if args.layers is None:
         raise InputError("'kncore stats' needs --layers (e.g. --layers 5); ROME edits use one layer")
     job = Job(args, "stats")
@@ -277,12 +280,17 @@ def cmd_stats(args) -> int:
         bar(info["texts"] - seen[0], tok_s=f"{info['tokens'] / max(1e-9, time.time() - t0):.0f}")
         seen[0] = info["texts"]
 
+    probes = None
+    if args.probes:  # convergence checks on the keys of these facts' subjects
+        cases = pipeline.edit_cases(args.probes, data_dir=args.data_dir, command="stats")[:args.n_probes]
+        probes = rome.probe_keys_for(lm, [c.request() for c in cases], layers)
     try:
         # layer_stats shards the texts over ranks, all-reduces the sums, and
         # resumes from its own checkpoints in the cache folder.
         res = rome.layer_stats(lm, layers, args.data or "pydoc", n_samples=args.n_samples, dtype=args.stats_dtype,
                                cache_dir=args.stats_cache, progress=prog if job.progress_on else False,
-                               batch_tokens=args.batch_tokens)
+                               batch_tokens=args.batch_tokens, probe_keys=probes, check_every=args.check_every,
+                               until=args.until, tol=args.tol)
     finally:
         bar.close()
     if job.rank == 0:
@@ -291,7 +299,9 @@ def cmd_stats(args) -> int:
             C = st.second_moment.double()
             rows.append({"key": f"layer{L:03d}", "layer": L, "n_tokens": st.n_tokens, "n_texts": st.n_texts,
                          "trace": float(C.diagonal().sum()), "mean_norm": float(st.mean.double().norm()),
-                         "file": str(st.path) if st.path else None})
+                         "file": str(st.path) if st.path else None,
+                         "probe_change": (st.convergence or {}).get("change_at_stop"),
+                         "converged": (st.convergence or {}).get("stopped")})
         done = job.rd.done_keys("stats")
         rows = [r for r in rows if r["key"] not in done]
         if rows:
@@ -544,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("stats", cmd_stats, "ROME layer statistics (second moment of MLP keys) over a text corpus",
             example="examples:\n  kncore stats --layers 5 --n-samples 500\n"
-                    "  kncore stats --data texts.jsonl --layers 5,6 --out runs/stats")
+                    "  kncore stats --data texts.jsonl --layers 5,6 --out runs/stats\n"
+                    "  kncore stats --layers 2-5 --probes counterfact --n-probes 20 --until converged --tol 0.01")
     g = p.add_argument_group("stats")
     g.add_argument("--layers", help="layers, e.g. 5 or 4-6")
     g.add_argument("--n-samples", type=V.arg("n_samples"), default=100000,
@@ -554,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-tokens", type=V.arg("batch_tokens"), default=4096)
     g.add_argument("--stats-cache", help="cache folder of the statistics (default: kncore's cache, where "
                                          "'kncore edit' finds them)")
+    g.add_argument("--probes", help="facts whose subjects' keys measure convergence: counterfact, zsre or a "
+                                    "file of edit requests (CounterFact's layout)")
+    g.add_argument("--n-probes", type=V.arg("n_probes"), help="the first N facts of --probes (default: all)")
+    g.add_argument("--check-every", type=V.arg("check_every"), help="tokens between convergence checks "
+                                                                    "(default: d_ff)")
+    g.add_argument("--until", choices=("converged",), help="stop once C^-1 k of the probes changes by less than "
+                                                           "--tol at two checks in a row (needs --probes)")
+    g.add_argument("--tol", type=V.arg("tol"), default=0.01, help="relative change that counts as converged")
 
     def edit_options(p, what):
         g = p.add_argument_group(what)

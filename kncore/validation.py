@@ -110,6 +110,12 @@ RANGES: dict[str, Range] = {
     "n_samples": Range(int, 1, none=True),
     "batch_tokens": Range(int, 1),
     "edit_layer": Range(int, 0, none=True),
+    # layer_stats' convergence checks: tokens between checks, the relative change of
+    # C^-1 k that counts as converged (1 or more would stop on noise), the mom2_reg of the probes
+    "check_every": Range(int, 1, none=True),
+    "tol": Range(float, 0, 1, lo_open=True),
+    "probe_reg": Range(float, 0),
+    "n_probes": Range(int, 1, none=True),
     # report
     "max_rows": Range(int, 1),
     # planner (kncore plan, kncore.plan): the sizes of the jobs it costs

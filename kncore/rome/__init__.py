@@ -18,10 +18,10 @@ from .editing import Edit, EditStep, Request, SingularStatistics, clear_cache, e
 from .hparams import ROMEHparams, available, hparams_for, load_hparams
 from .memit import BatchStep, EMMETHparams, MEMITHparams, batch_edit, emmet_edit, memit_edit
 from .solver import SingularSystem
-from .stats import LayerStats, StatsCacheMismatch, layer_stats, load_stats, read_meta
+from .stats import LayerStats, StatsCacheMismatch, layer_stats, load_stats, probe_keys_for, read_meta
 from .templates import context_templates, generate
 
-__all__ = ["layer_stats", "LayerStats", "load_stats", "read_meta", "StatsCacheMismatch", "edit", "Edit",
+__all__ = ["layer_stats", "probe_keys_for", "LayerStats", "load_stats", "read_meta", "StatsCacheMismatch", "edit", "Edit",
            "EditStep", "Request", "parse_request", "locate", "SingularStatistics", "clear_cache",
            "ROMEHparams", "load_hparams", "hparams_for", "available", "context_templates", "generate",
            "open_corpus", "Corpus", "pydoc_texts", "DEFAULT_CORPUS", "memit_edit", "emmet_edit", "batch_edit",

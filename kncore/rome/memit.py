@@ -227,11 +227,12 @@ def compute_targets(lm, reqs: list[Request], hp: MEMITHparams, templates: list[s
     return torch.stack(zs, 1), rows, losses, ps
 
 
-def _apply_batch(lm, reqs: list[Request], hp: MEMITHparams, templates, groups, stats: dict, out: Edit):
+def _apply_batch(lm, reqs: list[Request], hp: MEMITHparams, templates, groups, stats: dict, out: Edit,
+                 targets=None):
     layers = sorted(hp.layers)
     zL = layers[-1]
     vd = _vec_dtype(lm)
-    Z, rows, losses, ps = compute_targets(lm, reqs, hp, templates)
+    Z, rows, losses, ps = compute_targets(lm, reqs, hp, templates) if targets is None else targets
     key_rows = [(r.ids[i][: r.prompt_len[i]], r.lookup[i]) for r in rows for i in range(r.n_rewrite)]
     B = len(reqs)
     for i, L in enumerate(layers):
@@ -255,7 +256,8 @@ def _apply_batch(lm, reqs: list[Request], hp: MEMITHparams, templates, groups, s
                  float(R.norm()), float(share.norm() * A.norm()))
 
 
-def batch_edit(lm, requests, hparams=None, *, method: str = "MEMIT", stats=None, cache_dir=None) -> Edit:
+def batch_edit(lm, requests, hparams=None, *, method: str = "MEMIT", stats=None, cache_dir=None,
+               targets=None) -> Edit:
     """Apply MEMIT or EMMET to ``lm`` in place; returns the :class:`Edit` (undo
     restores every byte; a context manager undoes on exit).
 
@@ -265,6 +267,9 @@ def batch_edit(lm, requests, hparams=None, *, method: str = "MEMIT", stats=None,
     the model's shipped file. ``stats``: a dict {layer: LayerStats | tensor |
     path} for every edit layer, or None to compute/load them with
     :func:`kncore.rome.layer_stats` (cached under ``cache_dir``).
+    ``targets``: for one batch, what :func:`compute_targets` returned for it
+    on this model and hparams (z does not depend on C, so edits that differ
+    only in their statistics can share one v* optimisation).
     """
     method = str(method).upper()
     if method not in METHODS:
@@ -275,13 +280,16 @@ def batch_edit(lm, requests, hparams=None, *, method: str = "MEMIT", stats=None,
     hp.validate()
     hp.check_model(lm)
     batches = [check_batch(lm, b, hp) for b in split_batches(requests)]
+    if targets is not None and (len(batches) != 1 or targets[0].shape[1] != len(batches[0])):
+        raise InputError(f"targets are for {targets[0].shape[1]} requests in one batch, but the requests make "
+                         f"{len(batches)} batches of {[len(b) for b in batches]}")
     all_stats = _resolve_stats(lm, hp, stats, cache_dir)
     templates = context_templates(lm, hp)
     groups = template_groups(hp, templates)
     result = Edit(lm, hp)
     try:
         for reqs in batches:
-            _apply_batch(lm, reqs, hp, templates, groups, all_stats, result)
+            _apply_batch(lm, reqs, hp, templates, groups, all_stats, result, targets)
     except BaseException:
         if result.steps:
             result.undo()

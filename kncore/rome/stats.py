@@ -33,6 +33,23 @@ uninterrupted run (the batches are the same and are added in the same order).
 Under ``torchrun`` (``torch.distributed`` initialised) rank r takes texts
 r, r + W, r + 2W, ... and the partial sums are all-reduced; rank 0 writes
 the cache.
+
+**Convergence.** Given probe keys (``probe_keys``: keys at each layer, for
+example the subjects of the edits, :func:`probe_keys_for`), the stream measures
+how far C still moves what an editor reads from it: every ``check_every``
+tokens it solves u = C'^-1 k for each probe key (C' = C + ``probe_reg`` x
+mean(diag C) x I, the editors' ``mom2_reg``) and records the relative change
+max_k ||u - u_prev|| / ||u|| against the previous check, the largest over
+probes and layers. Checks fall at the end of a chunk of ``chunk_texts``
+texts (the first chunk end with at least ``check_every`` new tokens), because
+only there does the sum equal the sum over the first n texts of the corpus:
+a run stopped there gives the statistics of those n texts, the same
+batches added in the same order as ``n_samples=n``. With
+``until="converged"`` the stream stops after two checks in a row below
+``tol``. The file records the tokens used, the change at the stop and the
+whole history; such a file has its own identity (the probes, tolerance,
+check interval, chunking and layers are part of it), so it is never served
+for a full-statistics request, nor a full file for a converged one.
 """
 from __future__ import annotations
 
@@ -89,6 +106,12 @@ class LayerStats:
     path: Path | None = None
 
     @property
+    def convergence(self) -> dict | None:
+        """The convergence record (probes, history of checks, change at the stop), if
+        the statistics were streamed with probe keys."""
+        return self.meta.get("convergence")
+
+    @property
     def key(self) -> str:
         """A hash of what the statistics were computed from (for in-memory caches)."""
         return _digest(_identity(self.meta))
@@ -114,7 +137,7 @@ def _tokenizer_id(lm) -> dict:
 
 # Fields that describe a result (counts, timing) or label it (the model's name or
 # path, the corpus's path): recorded, never part of the identity.
-_NOT_IDENTITY = ("model", "n_tokens", "n_texts", "seconds", "position", "done")
+_NOT_IDENTITY = ("model", "n_tokens", "n_texts", "seconds", "position", "done", "convergence", "monitor")
 
 
 def _identity(meta: dict) -> dict:
@@ -287,11 +310,157 @@ def _acc_from_state(acc, state: dict):
     return acc.load_state_dict({k: v.to(acc.C.device) for k, v in state.items()})
 
 
+# -- convergence ------------------------------------------------------------------------------
+UNTIL = (None, "converged")
+# Checks below tol in a row before a run with until="converged" stops: one check can
+# fall below by chance when a few texts happen to resemble the last ones.
+CONVERGED_CHECKS = 2
+# Texts per chunk when probes are given and chunk_texts is not: checks fall at chunk
+# ends, and 1024 pydoc texts (~110k SmolLM2 tokens, the whole corpus) would allow one
+# check; 16 are ~2,300 SmolLM2 tokens, about one check per d_ff (1536) tokens.
+PROBE_CHUNK_TEXTS = 16
+
+
+def probe_keys_for(lm, requests, layers, fact_token: str = "subject_last") -> dict[int, torch.Tensor]:
+    """Probe keys for :func:`layer_stats`: the key (down-projection input) at each of
+    ``layers`` at the subject token of each request's bare prompt, the key an edit of
+    that request reads. ``requests``: edit requests (ROME's dicts, CounterFact
+    records, :class:`kncore.rome.Request`) or a fact set's. Returns ``{layer: [P, d_ff]}``."""
+    from .editing import locate, parse_request
+    layers = [layers] if isinstance(layers, int) else sorted(set(layers))
+    if not layers:
+        raise InputError("no layers given for the probe keys")
+    for L in layers:
+        if not isinstance(L, int) or not 0 <= L < lm.n_layers:
+            raise InputError(f"layer {L!r} is outside the model's {lm.n_layers} layers")
+    if isinstance(requests, dict):
+        requests = [requests]
+    requests = list(requests)
+    if not requests:
+        raise InputError("no requests given to build probe keys from")
+    rows = []
+    for r in requests:
+        req = parse_request(r)
+        rows.append(locate(lm, req.prompt, req.subject, fact_token))
+    out: dict[int, list] = {L: [] for L in layers}
+    with torch.inference_mode():
+        for c in range(0, len(rows), 256):
+            part = rows[c:c + 256]
+            b = lm.batch_ids([ids for ids, _ in part])
+            pos = torch.tensor([p for _, p in part], device=lm.device)
+            o = lm.run(b.input_ids, attention_mask=b.attention_mask, stop_layer=max(layers) + 1, logits=None,
+                       capture=[("act", L) for L in layers], capture_positions=pos)
+            for L in layers:
+                out[L].append(o[("act", L)][:, 0].float().cpu())
+    return {L: torch.cat(v) for L, v in out.items()}
+
+
+def _check_probes(lm, layers, probe_keys) -> dict[int, torch.Tensor]:
+    if isinstance(probe_keys, torch.Tensor):
+        if len(layers) != 1:
+            raise InputError(f"one probe-key tensor given for layers {layers}; pass a dict {{layer: keys}}")
+        probe_keys = {layers[0]: probe_keys}
+    if not isinstance(probe_keys, dict):
+        raise InputError(f"probe_keys must be a dict {{layer: [P, d_ff] tensor}}, not {type(probe_keys).__name__}")
+    missing = [L for L in layers if L not in probe_keys]
+    if missing:
+        raise InputError(f"no probe keys for layers {missing} (have {sorted(probe_keys)}); build them with "
+                         "probe_keys_for(lm, requests, layers)")
+    out = {}
+    for L in layers:
+        k = probe_keys[L]
+        if not isinstance(k, torch.Tensor):
+            raise InputError(f"probe keys of layer {L} must be a tensor, not {type(k).__name__}")
+        if k.dim() == 1:
+            k = k[None]
+        if k.dim() != 2 or k.shape[1] != lm.d_ff or k.shape[0] == 0:
+            raise InputError(f"probe keys of layer {L} must be [P, {lm.d_ff}] with P >= 1, got {tuple(k.shape)}")
+        k = k.detach().to(torch.float64)
+        if not torch.isfinite(k).all():
+            raise InputError(f"probe keys of layer {L} hold NaN or infinite values")
+        if bool((k.norm(dim=1) == 0).any()):
+            raise InputError(f"a probe key of layer {L} is all zeros (C^-1 0 has no direction to follow)")
+        out[L] = k
+    return out
+
+
+def _probe_digest(keys: dict[int, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for L in sorted(keys):
+        k = keys[L].contiguous().cpu()
+        h.update(f"{L}:{tuple(k.shape)}:".encode())
+        h.update(k.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Monitor:
+    """Relative change of C'^-1 k for the probe keys, every ``every`` tokens (at chunk ends)."""
+
+    def __init__(self, keys: dict, every: int, until, tol: float, reg: float, device):
+        self.keys = {L: k.to(device).T.contiguous() for L, k in keys.items()}  # [d_ff, P] float64
+        self.every, self.until, self.tol, self.reg = every, until, tol, reg
+        self.prev: dict = {}
+        self.last = 0          # tokens at the last check
+        self.below = 0         # checks in a row below tol
+        self.history: list = []
+        self.stopped = False
+
+    def due(self, tokens: int) -> bool:
+        return tokens - self.last >= self.every
+
+    def check(self, accs: dict, done: dict) -> bool:
+        """Measure now; True when the stream should stop."""
+        changes = {}
+        for L, acc in accs.items():
+            C = acc.second_moment().to(torch.float64)
+            if self.reg > 0:
+                C.diagonal().add_(self.reg * C.diagonal().mean())
+            Lf, info = torch.linalg.cholesky_ex(C)
+            if int(info) != 0:  # fewer tokens than key dimensions, or rank-deficient so far
+                self.prev.pop(L, None)
+                changes[str(L)] = None
+                continue
+            U = torch.cholesky_solve(self.keys[L], Lf)
+            prev = self.prev.get(L)
+            self.prev[L] = U
+            if prev is None:
+                changes[str(L)] = None
+                continue
+            rel = (U - prev).norm(dim=0) / U.norm(dim=0)
+            changes[str(L)] = float(rel.max())
+        vals = list(changes.values())
+        worst = None if any(v is None for v in vals) else max(vals)
+        self.below = self.below + 1 if worst is not None and worst < self.tol else 0
+        self.last = done["tokens"]
+        self.history.append({"tokens": done["tokens"], "texts": done["texts"], "change": worst, "layers": changes})
+        log.info("layer stats: %d tokens, %d texts: probe change %s", done["tokens"], done["texts"],
+                 "n/a" if worst is None else f"{worst:.3g}")
+        if self.until == "converged" and self.below >= CONVERGED_CHECKS:
+            self.stopped = True
+        return self.stopped
+
+    def state(self) -> tuple[dict, dict]:
+        """(tensors, JSON) to checkpoint; :meth:`restore` takes them back."""
+        tensors = {f"L{L}.probe_prev": U for L, U in self.prev.items()}
+        return tensors, {"last": self.last, "below": self.below, "history": self.history}
+
+    def restore(self, tensors: dict, state: dict) -> None:
+        self.prev = {L: tensors[f"L{L}.probe_prev"].to(self.keys[L].device) for L in self.keys
+                     if f"L{L}.probe_prev" in tensors}
+        self.last, self.below, self.history = state["last"], state["below"], list(state["history"])
+
+    def record(self, identity: dict) -> dict:
+        last = self.history[-1]["change"] if self.history else None
+        return dict(identity, history=self.history, stopped=self.stopped, change_at_stop=last,
+                    checks=len(self.history))
+
+
 def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtype="float32",
                 cache_dir=None, batch_tokens: int = DEFAULT_BATCH_TOKENS, max_length: int | None = None,
                 progress=True, recompute: bool = False, use_cache: bool = True,
                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                chunk_texts: int = DEFAULT_CHUNK_TEXTS) -> dict[int, LayerStats]:
+                chunk_texts: int | None = None, probe_keys=None, check_every: int | None = None,
+                until: str | None = None, tol: float = 1e-2, probe_reg: float = 0.0) -> dict[int, LayerStats]:
     """Second moments E[k k^T] of the down-projection inputs at ``layers``.
 
     ``corpus``: see :mod:`kncore.rome.corpus` (None: the built-in ``"pydoc"``).
@@ -302,7 +471,16 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
     addressed by content (see the module doc); ``recompute``: compute again
     and overwrite the cached file even when it checks out.
     ``progress``: True (a bar), False, or a callable given after every batch a
-    dict with ``batches``, ``texts``, ``tokens``. Returns ``{layer: LayerStats}``.
+    dict with ``batches``, ``texts``, ``tokens`` (and ``change``, the last
+    probe change, when probes are given). ``chunk_texts``: texts sorted by
+    length together (default 1024; 16 with probes).
+
+    Convergence (module doc): ``probe_keys`` ``{layer: [P, d_ff]}`` (see
+    :func:`probe_keys_for`) turns on a check every ``check_every`` tokens
+    (default: d_ff), with ``probe_reg`` the editors' ``mom2_reg``; each
+    result's ``convergence`` holds the history. ``until="converged"`` stops
+    after two checks in a row with a change below ``tol``; ``n_samples``
+    then caps the texts read. Returns ``{layer: LayerStats}``.
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
     if not layers:
@@ -316,6 +494,32 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
     if dtype not in _DTYPES:
         raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     V.check_all(n_samples=n_samples, batch_tokens=batch_tokens)
+    if until not in UNTIL:
+        raise InputError(f"until must be None or 'converged', got {until!r}")
+    if probe_keys is None:
+        if until is not None:
+            raise InputError("until='converged' needs probe_keys: the keys whose C^-1 k must settle "
+                             "(probe_keys_for(lm, requests, layers))")
+        if check_every is not None:
+            raise InputError("check_every needs probe_keys: the convergence checks measure C^-1 k for them")
+    monitor = None
+    conv_id = None
+    if probe_keys is not None:
+        if dist.world() > 1:
+            # Each rank sees every W-th text, so a check needs every rank at the same
+            # chunk end, and a streamed corpus does not say how many chunks each rank gets.
+            raise InputError("probe keys (convergence checks) do not run under torchrun: compute converged "
+                             "statistics in one process, then share the cached file")
+        check_every = lm.d_ff if check_every is None else V.check("check_every", check_every)
+        tol = V.check("tol", tol)
+        probe_reg = V.check("probe_reg", probe_reg)
+        keys = _check_probes(lm, layers, probe_keys)
+        conv_id = {"probes": _probe_digest(keys), "n_probes": {str(L): int(k.shape[0]) for L, k in keys.items()},
+                   "check_every": check_every, "probe_reg": probe_reg, "until": until}
+        if until is not None:
+            conv_id["tol"] = tol
+    if chunk_texts is None:
+        chunk_texts = DEFAULT_CHUNK_TEXTS if probe_keys is None else PROBE_CHUNK_TEXTS
     if chunk_texts < 1 or checkpoint_every < 1:
         raise InputError("chunk_texts and checkpoint_every must be >= 1")
     max_len = min(lm.adapter.n_ctx, 2048) if max_length is None else int(max_length)
@@ -334,16 +538,26 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
     base = {"format": FORMAT, "kind": "stats", "model": lm.name, "fingerprint": lm.fingerprint(),
             "tokenizer": _tokenizer_id(lm), "site": "act", "corpus": corp.identity, "n_samples": n_samples,
             "max_length": max_len, "dtype": dtype}
+    if until == "converged":
+        # Where the stream stops depends on the probes, the tolerance, the check
+        # interval, the chunking and which layers stop together: all of it is the
+        # identity of a converged file, and the "until" key keeps it apart from
+        # every full-statistics file.
+        base["until"] = dict(conv_id, chunk_texts=chunk_texts, layers=layers)
+    if monitor is None and conv_id is not None:
+        monitor = _Monitor(keys, check_every, until, tol, probe_reg, lm.device)
     root = ident = None
     if use_cache:
         # content-addressed: model fingerprint / corpus digest / settings + identity hash
         root = (Path(cache_dir if cache_dir is not None else cache_dir_default()) / lm.fingerprint()
                 / f"{corp.kind}-{corp.digest[:12]}")
         ident = _digest(_identity(base))
+    tag = "-conv" if until == "converged" else ""
     result: dict[int, LayerStats] = {}
     todo = []
     for L in layers:
-        path = None if root is None else root / f"layer{L}-{dtype}-n{n_samples or 'all'}-t{max_len}-{ident}.safetensors"
+        path = (None if root is None else
+                root / f"layer{L}-{dtype}-n{n_samples or 'all'}-t{max_len}{tag}-{ident}.safetensors")
         if path is not None and not recompute and (path.exists() or sidecar_path(path).exists()):
             try:
                 st = load_stats(path)
@@ -357,9 +571,13 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
             moved = set_aside(path)
             log.warning("cached statistics %s %s; set aside as %s and recomputing them", path, problem, moved)
         todo.append((L, path))
+    if until == "converged" and todo and len(todo) < len(layers):
+        # the layers stop together, so a missing one means computing them all again
+        todo = [(L, p) for L, p in todo] + [(L, result.pop(L).path) for L in layers if L in result]
+        todo.sort()
     if todo:
         computed = _compute(lm, [L for L, _ in todo], corp, n_samples, dtype, max_len, batch_tokens,
-                            chunk_texts, checkpoint_every, root, base, progress, ident)
+                            chunk_texts, checkpoint_every, root, base, progress, ident, monitor, conv_id)
         for L, path in todo:
             st = computed[L]
             if path is not None and dist.rank() == 0:
@@ -371,17 +589,20 @@ def layer_stats(lm, layers, corpus=None, *, n_samples: int | None = 100000, dtyp
 
 
 def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, chunk_texts,
-             checkpoint_every, root, base, progress, ident=None) -> dict[int, LayerStats]:
+             checkpoint_every, root, base, progress, ident=None, monitor=None, conv_id=None) -> dict[int, LayerStats]:
     r, w = dist.rank(), dist.world()
     dev = lm.device
     acc_dtype = _DTYPES[dtype]
     d_ff = lm.d_ff
     ckpt_meta = dict(base, kind="checkpoint", layers=layers, batch_tokens=batch_tokens,
                      chunk_texts=chunk_texts, rank=r, world=w)
+    if conv_id is not None:
+        ckpt_meta["probes"] = conv_id  # a monitored run resumes only its own checkpoint (it holds the history)
     ckpt = None
     if root is not None:
         tag = "-".join(map(str, layers))
-        ckpt = root / f"partial-L{tag}-{dtype}-n{n_samples or 'all'}-t{max_len}-{ident}-r{r}of{w}.safetensors"
+        ptag = "" if conv_id is None else f"-p{_digest(conv_id)[:8]}"
+        ckpt = root / f"partial-L{tag}-{dtype}-n{n_samples or 'all'}-t{max_len}-{ident}{ptag}-r{r}of{w}.safetensors"
     accs = {L: _new_acc(d_ff, acc_dtype, dev) for L in layers}
     start = (0, 0)  # (chunk, batch) to resume from
     done = {"batches": 0, "texts": 0, "tokens": 0}
@@ -389,6 +610,8 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
         try:
             found, t = _read_checked(ckpt)
             bad = _diff(found, ckpt_meta)
+            if not bad and monitor is not None and "monitor" not in found:
+                bad = ["the checkpoint holds no convergence history"]
         except InputError as e:  # damaged or truncated: start over (the sums restart from zero)
             found, bad = None, [getattr(e, "problem", str(e))]
         if bad:
@@ -398,7 +621,10 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
         else:
             for L in layers:
                 pre = f"L{L}."
-                _acc_from_state(accs[L], {k[len(pre):]: v for k, v in t.items() if k.startswith(pre)})
+                _acc_from_state(accs[L], {k[len(pre):]: v for k, v in t.items()
+                                          if k.startswith(pre) and k[len(pre):] in ("C", "s", "n")})
+            if monitor is not None:
+                monitor.restore(t, found["monitor"])
             start = tuple(found["position"])
             done = dict(found["done"])
             log.info("resuming layer statistics from %s at chunk %d batch %d", ckpt, *start)
@@ -411,6 +637,7 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
     texts = take(corp, n_samples)
     if w > 1:
         texts = (t for i, t in enumerate(texts) if i % w == r)
+    halted = False
     try:
         with torch.inference_mode():
             for ci, chunk in enumerate(_chunks(texts, chunk_texts)):
@@ -435,12 +662,22 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
                     done["tokens"] += int(b.lengths.sum())
                     if bi == len(batches) - 1:
                         done["texts"] += len(chunk)
-                    if ckpt is not None and done["batches"] % checkpoint_every == 0:
+                        # a chunk end: the sums are those of the first done["texts"] texts
+                        if monitor is not None and monitor.due(done["tokens"]):
+                            halted = monitor.check(accs, done)
+                    if ckpt is not None and not halted and done["batches"] % checkpoint_every == 0:
                         nxt = (ci, bi + 1) if bi + 1 < len(batches) else (ci + 1, 0)
-                        _save_ckpt(ckpt, accs, dict(ckpt_meta, position=list(nxt), done=done))
-                    report(dict(done))
+                        _save_ckpt(ckpt, accs, dict(ckpt_meta, position=list(nxt), done=done), monitor)
+                    info = dict(done)
+                    if monitor is not None and monitor.history:
+                        info["change"] = monitor.history[-1]["change"]
+                    report(info)
+                if halted:
+                    break
     finally:
         close()
+    if monitor is not None and not halted and done["tokens"] > monitor.last:
+        monitor.check(accs, done)  # the change at the end of the corpus (the stop of a full run)
     for acc in accs.values():
         acc.all_reduce()
     n_texts = torch.tensor([done["texts"]], dtype=torch.long)
@@ -453,6 +690,8 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
         if n_tok == 0:
             raise InputError("the corpus gave no tokens")
         meta = dict(base, layer=L, n_tokens=n_tok, n_texts=int(n_texts), seconds=round(seconds, 3))
+        if monitor is not None:
+            meta["convergence"] = monitor.record(conv_id)
         out[L] = LayerStats(L, acc.second_moment(), acc.mean(), n_tok, int(n_texts), meta)
     if ckpt is not None:
         for p in (ckpt, sidecar_path(ckpt)):
@@ -461,9 +700,13 @@ def _compute(lm, layers, corp: Corpus, n_samples, dtype, max_len, batch_tokens, 
     return out
 
 
-def _save_ckpt(path: Path, accs: dict, meta: dict) -> None:
+def _save_ckpt(path: Path, accs: dict, meta: dict, monitor=None) -> None:
     tensors = {}
     for L, acc in accs.items():
         for k, v in acc.state_dict().items():
             tensors[f"L{L}.{k}"] = v
+    if monitor is not None:
+        extra, state = monitor.state()
+        tensors.update(extra)
+        meta = dict(meta, monitor=state)
     _atomic_save(tensors, meta, path)
