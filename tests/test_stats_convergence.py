@@ -13,9 +13,7 @@ from kncore.cli import main
 from kncore.errors import InputError
 from kncore.rome import editing
 from kncore.rome import stats as S
-from kncore.testing import _WORDS, tiny_lm
-
-WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
+from kncore.testing import WORDS, tiny_lm
 
 
 @pytest.fixture(autouse=True)
