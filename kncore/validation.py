@@ -110,6 +110,11 @@ RANGES: dict[str, Range] = {
     "n_samples": Range(int, 1, none=True),
     "batch_tokens": Range(int, 1),
     "edit_layer": Range(int, 0, none=True),
+    # sequential editing (kncore edit-seq)
+    "batches": Range(int, 1),
+    "edits_per_batch": Range(int, 1),
+    "fluency_prompts": Range(int, 1),
+    "gen_len": Range(int, 2),
     # report
     "max_rows": Range(int, 1),
     # planner (kncore plan, kncore.plan): the sizes of the jobs it costs
