@@ -233,3 +233,35 @@ def test_report_shows_the_collapse(tmp_path):
     assert not any(f.name == "plots-collapse" for s in secs for f in s.figures)  # shown once, among the findings
     html, md = report.write(tmp_path / "run")
     assert "Sequential editing" in md.read_text()
+
+
+@pytest.mark.parametrize("method", ["rome", "emmet"])
+def test_other_editors_resume_from_their_saved_factors(tmp_path, method):
+    """ROME's rank-one steps (one per request) and EMMET's rank-B steps are saved
+    and re-applied to the same bits on a fresh copy of the model."""
+    seed = random.randrange(1000)
+    from kncore.data import load_counterfact
+    from kncore.evaluation import counterfact_case
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(_records(4, seed)))
+    cases = [counterfact_case(r) for r in load_counterfact(data)]
+    hpd = json.loads(_hp(tmp_path / "hp.json", [1], seed).read_text())
+    hpd["alg_name"] = method.upper()
+    hpd.pop("mom2_update_weight") if method == "rome" else None
+    (tmp_path / "hp.json").write_text(json.dumps(hpd))
+    lm = tiny_lm("gpt2", seed=seed)
+    snap = _bits(lm)
+    hp = sequential.load_hparams(lm, method, str(tmp_path / "hp.json"))
+    rd = RunDir.open(tmp_path / "run", {"m": method}, lm)
+    e = sequential.run(lm, rd, [cases[:2], cases[2:]], hp, prompts=["the cat"], gen_len=8)
+    assert len(e.steps) == (4 if method == "rome" else 2)
+    final = sequential.weights_sha256(lm, [1])
+    rd.close()
+    lm2 = tiny_lm("gpt2", seed=seed)
+    rd = RunDir.open(tmp_path / "run", {"m": method}, lm2)
+    e2 = sequential.run(lm2, rd, [cases[:2], cases[2:]], hp, prompts=["the cat"], gen_len=8)
+    assert sequential.weights_sha256(lm2, [1]) == final != sequential.weights_sha256(tiny_lm("gpt2", seed=seed), [1])
+    assert _same(_bits(lm2), _bits(lm))
+    e2.undo()
+    e.undo()
+    assert _same(_bits(lm), snap) and _same(_bits(lm2), snap)
