@@ -140,8 +140,8 @@ class SavedStep:
         return f"{len(self.requests)} requests @L{self.layer} (re-applied)"
 
 
-def apply_batch(lm, reqs: list, hp, method: str, stats: dict):
-    """One batch through its editor; returns the :class:`kncore.rome.Edit`."""
+def apply_batch(lm, reqs: list, hp, stats: dict):
+    """One batch through its editor (``hp.METHOD``); returns the :class:`kncore.rome.Edit`."""
     from . import rome
 
     if hp.METHOD == "ROME":
@@ -282,7 +282,7 @@ def run(lm, rd, batches: list, hp, *, prompts: list[str], gen_len: int = 100, st
                     progress(b, resumed=True)
                 continue
             t0 = time.perf_counter()
-            e = apply_batch(lm, rq, hp, hp.METHOD, all_stats)
+            e = apply_batch(lm, rq, hp, all_stats)
             result.steps += e.steps
             t_edit = time.perf_counter() - t0
             tens, step_layers = factors(e.steps)
@@ -375,12 +375,13 @@ def collapse_reading(rows: list[dict]) -> str:
 # -- the command -------------------------------------------------------------------------------------------
 def cmd(args) -> int:
     """``kncore edit-seq``: see the module doc."""
+    from pathlib import Path
+
     from . import pipeline
     from .data import load_counterfact
     from .data.records import DATA_SETS
-    from .jobs import Job, Progress, parse_layers
     from .evaluation import counterfact_case
-    from pathlib import Path
+    from .jobs import Job, Progress, parse_layers
 
     method = args.method.upper()
     hparams_class(method)
@@ -410,8 +411,7 @@ def cmd(args) -> int:
     batches = [cases[i * args.edits_per_batch:(i + 1) * args.edits_per_batch] for i in range(args.batches)]
     prompts = fluency_prompts(records, args.fluency_prompts)
     check_batches(lm, batches, hp)  # before the run directory exists
-    import dataclasses
-    job.open(hparams={f.name: getattr(hp, f.name) for f in dataclasses.fields(hp) if f.name != "ignored"})
+    job.open(hparams=hp.to_dict())
     bar = Progress(args.batches, "batch", f"{method} sequential", job.progress_on)
     try:
         run(lm, job.rd, batches, hp, prompts=prompts, gen_len=args.gen_len, cache_dir=args.stats_cache,
