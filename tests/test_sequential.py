@@ -265,3 +265,22 @@ def test_other_editors_resume_from_their_saved_factors(tmp_path, method):
     e2.undo()
     e.undo()
     assert _same(_bits(lm), snap) and _same(_bits(lm2), snap)
+
+
+def test_score_cases_equals_evaluate_edits_without_an_edit(tmp_path):
+    """The cumulative scorer (all cases' probes batched together) gives evaluate_edits' rows."""
+    from kncore.data import load_counterfact
+    from kncore.evaluation import counterfact_case, evaluate_edits
+    from kncore.evaluation.edits import score_cases
+
+    seed = random.randrange(1000)
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(_records(5, seed)))
+    cases = [counterfact_case(r) for r in load_counterfact(data)]
+    lm = tiny_lm("gpt2", seed=seed)
+    got, want = score_cases(lm, cases, batch_size=4), evaluate_edits(lm, cases, None)
+    assert len(got) == len(want) == 5
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k, v in w.items():
+            assert g[k] == (pytest.approx(v, rel=1e-5, abs=1e-7) if isinstance(v, float) else v), k
