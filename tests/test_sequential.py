@@ -247,19 +247,26 @@ def test_other_editors_resume_from_their_saved_factors(tmp_path, method):
     cases = [counterfact_case(r) for r in load_counterfact(data)]
     hpd = json.loads(_hp(tmp_path / "hp.json", [1], seed).read_text())
     hpd["alg_name"] = method.upper()
+    r = random.Random(seed)
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("\n".join(" ".join(r.choices(WORDS, k=r.randint(5, 20))) for _ in range(40)) + "\n")
+    hpd.update(mom2_adjustment=True, mom2_dataset=str(corpus), mom2_n_samples=40, mom2_dtype="float64",
+               mom2_reg=0.1)  # statistics computed once, then loaded from the cache by the resumed run
     hpd.pop("mom2_update_weight") if method == "rome" else None
     (tmp_path / "hp.json").write_text(json.dumps(hpd))
     lm = tiny_lm("gpt2", seed=seed)
     snap = _bits(lm)
     hp = sequential.load_hparams(lm, method, str(tmp_path / "hp.json"))
     rd = RunDir.open(tmp_path / "run", {"m": method}, lm)
-    e = sequential.run(lm, rd, [cases[:2], cases[2:]], hp, prompts=["the cat"], gen_len=8)
+    e = sequential.run(lm, rd, [cases[:2], cases[2:]], hp, prompts=["the cat"], gen_len=8,
+                       cache_dir=tmp_path / "stats")
     assert len(e.steps) == (4 if method == "rome" else 2)
     final = sequential.weights_sha256(lm, [1])
     rd.close()
     lm2 = tiny_lm("gpt2", seed=seed)
     rd = RunDir.open(tmp_path / "run", {"m": method}, lm2)
-    e2 = sequential.run(lm2, rd, [cases[:2], cases[2:]], hp, prompts=["the cat"], gen_len=8)
+    e2 = sequential.run(lm2, rd, [cases[:2], cases[2:]], hp, prompts=["the cat"], gen_len=8,
+                        cache_dir=tmp_path / "stats")
     assert sequential.weights_sha256(lm2, [1]) == final != sequential.weights_sha256(tiny_lm("gpt2", seed=seed), [1])
     assert _same(_bits(lm2), _bits(lm))
     e2.undo()
