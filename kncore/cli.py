@@ -36,6 +36,7 @@ examples:
   kncore stats --data pydoc --layers 5 --n-samples 500 --out runs/stats
   kncore edit --data counterfact --limit 10 --out runs/edit
   kncore eval --data counterfact --limit 100 --out runs/eval
+  kncore edit-seq --batches 3 --edits-per-batch 10 --out runs/seq
   kncore report runs/kn-capitals            # writes runs/kn-capitals/report.html and report.md
   kncore bench ig                           # runs bench/bench_ig.py
   torchrun --nproc-per-node 4 -m kncore localise --data pararel --out runs/kn-all --device cuda
@@ -343,6 +344,10 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def cmd_edit_seq(args) -> int:
+    return backend("kncore.sequential", "edit-seq").cmd(args)
+
+
 def _hparams_dict(hp) -> dict:
     import dataclasses
     return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp) if f.name != "ignored"}
@@ -593,6 +598,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: the model's shipped file)")
     g.add_argument("--edit-layer", type=V.arg("edit_layer"), help="edit this layer instead of the hparams' one")
     g.add_argument("--stats-cache", help="where ROME's layer statistics are cached (default: kncore's cache)")
+
+    p = add("edit-seq", cmd_edit_seq, "sequential editing: N batches of CounterFact edits one after another, "
+            "ES/PS/NS and generation entropy after each (the collapse curve)",
+            example="examples:\n  kncore edit-seq --batches 3 --edits-per-batch 10 --out runs/seq\n"
+                    "  kncore edit-seq --method emmet --batches 20 --edits-per-batch 50 --layers 2-5")
+    g = p.add_argument_group("edit-seq")
+    g.add_argument("--method", default="memit", choices=("memit", "emmet", "rome"))
+    g.add_argument("--batches", type=V.arg("batches"), default=3)
+    g.add_argument("--edits-per-batch", type=V.arg("edits_per_batch"), default=10)
+    g.add_argument("--hparams", help="the editor's hyper-parameters: a shipped name or a YAML/JSON file "
+                                     "(default: the model's shipped file)")
+    g.add_argument("--layers", help="edit these layers instead of the hparams' (e.g. 2-5)")
+    g.add_argument("--fluency-prompts", type=V.arg("fluency_prompts"), default=10,
+                   help="generation prompts whose n-gram entropy is measured after each batch (default: %(default)s)")
+    g.add_argument("--gen-len", type=V.arg("gen_len"), default=100,
+                   help="tokens per greedy generation, prompt included (default: %(default)s, as MEMIT)")
+    g.add_argument("--stats-cache", help="where the layer statistics are cached (default: kncore's cache)")
 
     p = add("eval", cmd_eval, "evaluate the unedited model: edit-case probes, or BLiMP minimal pairs",
             example="examples:\n  kncore eval --data counterfact --limit 100\n"

@@ -11,7 +11,9 @@ a one-sentence reading computed from the data, its figures and its key table:
 * interventions (``effect``): the probability-change bars with significance
   marked (:func:`kncore.plots.plot_probability_changes`) and their t-tests;
 * edit evaluation (``edit_eval``): pass or fail per criterion (ROME's ES, PS,
-  NS: success rates after the edit) and the metrics per method.
+  NS: success rates after the edit) and the metrics per method;
+* sequential editing (``sequential``): the collapse curve, ES/PS/NS and
+  generation entropy against the number of edits (:mod:`kncore.sequential`).
 
 Then the figures in ``RUN/plots/`` and the run's summary; the manifest, the
 config (values in full) and every table (a summary and its first rows) are
@@ -539,12 +541,30 @@ def _findings(rd: RunDir, tabs: dict) -> list[Section]:
         if es:
             sec.tables.append(es)
         out.append(sec)
+    if "sequential" in tabs and tabs["sequential"].num_rows:
+        out.append(_sequential_finding(tabs["sequential"]))
     for name, tab in tabs.items():
         if name not in ("kn", "trace", "effect", "edit_eval") and PLOTS.get(name):
             figs = _figures(name, tab, rd)
             if figs:
                 out.append(Section(f"Figures of `{name}`", DESCRIPTIONS.get(name, ""), figures=figs))
     return out
+
+
+def _sequential_finding(tab) -> Section:
+    """Sequential editing (kncore.sequential): the collapse curve, its reading, the metrics per batch."""
+    from .sequential import METRICS, collapse_reading, plot_collapse
+
+    rows = tab.to_pylist()
+    sec = Section("Sequential editing", collapse_reading(rows),
+                  figures=[Figure("Metrics against the number of edits (cumulative set of edited facts; "
+                                  "0 = the unedited model on every fact)", _png(plot_collapse(rows)),
+                                  "sequential-collapse")])
+    hdr = ["batch", "n_edits", "scope", "n_cases", *METRICS, "entropy"]
+    body = [[_fmt(r.get(h)) for h in hdr] for r in sorted(rows, key=lambda r: (r["n_edits"], r["scope"]))]
+    sec.tables.append(("ES, PS, NS, S and generation n-gram entropy after each batch, on the facts edited so far "
+                       "(cumulative) and on the batch alone", hdr, body))
+    return sec
 
 
 def _cell(v) -> str:
@@ -566,6 +586,8 @@ def build(run, *, max_rows: int = 30) -> list[Section]:
     sections = _findings(rd, tabs)
     if rd.plots_dir.is_dir():
         pngs = sorted(rd.plots_dir.glob("*.png"))
+        if "sequential" in tabs:  # drawn among the findings from the table
+            pngs = [p for p in pngs if p.name != "collapse.png"]
         if pngs:
             sections.append(Section("Plots", "Figures saved in the run's plots/ folder.",
                                     figures=[Figure(p.stem, p.read_bytes(), f"plots-{p.stem}") for p in pngs]))

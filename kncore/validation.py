@@ -116,6 +116,11 @@ RANGES: dict[str, Range] = {
     "tol": Range(float, 0, 1, lo_open=True),
     "probe_reg": Range(float, 0),
     "n_probes": Range(int, 1, none=True),
+    # sequential editing (kncore edit-seq)
+    "batches": Range(int, 1),
+    "edits_per_batch": Range(int, 1),
+    "fluency_prompts": Range(int, 1),
+    "gen_len": Range(int, 2),
     # report
     "max_rows": Range(int, 1),
     # planner (kncore plan, kncore.plan): the sizes of the jobs it costs

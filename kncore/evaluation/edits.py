@@ -186,6 +186,23 @@ def evaluate_edits(lm: LM, cases: Sequence[EditCase], make_edit, *, batch_size: 
     return rows
 
 
+def score_cases(lm: LM, cases: Sequence[EditCase], *, batch_size: int = 32) -> list[dict]:
+    """Each case's probes scored on the model as it is now (no edit is
+    applied): the rows of :func:`evaluate_edits` with ``_pre`` = ``_post``,
+    all cases' probes batched together. For models edited elsewhere (a
+    sequential run scores every fact edited so far after each batch)."""
+    cases = list(cases)
+    built = [_case_requests(lm, c) for c in cases]
+    flat = [r for reqs, _ in built for r in reqs]
+    got = score_sequences(lm, flat, [], batch_size)
+    rows, at = [], 0
+    for case, (reqs, index) in zip(cases, built):
+        res = [(lps, am, r[2]) for (lps, am), r in zip(got[at:at + len(reqs)], reqs)]
+        at += len(reqs)
+        rows.append(_case_row(case, index, res, res, False))
+    return rows
+
+
 def evaluate_edit(lm: LM, case: EditCase, apply_edit, *, batch_size: int = 32, details: bool = False) -> dict:
     """Evaluate one edit: ``apply_edit`` is a context manager or a
     zero-argument callable returning one (``lambda: kncore.patch_neurons(lm,
