@@ -17,10 +17,9 @@ from kncore import sequential
 from kncore.cli import main
 from kncore.evaluation import fluency
 from kncore.rundir import RunDir
-from kncore.testing import _WORDS, tiny_lm
+from kncore.testing import WORDS, tiny_lm
 from test_rome import _one_thread  # noqa: F401  (autouse: tiny models on one thread)
 
-WORDS = [w for w in dict.fromkeys(_WORDS) if w.isalpha()]
 RELATIONS = [("P36", "the capital of {} is"), ("P37", "{} speaks"), ("P19", "{} was born in")]
 
 
