@@ -216,32 +216,37 @@ class LM:
         ci = prompt.find(subject)
         if ci < 0:
             raise InputError(f"subject {subject!r} is not in the prompt {prompt!r}")
-        ids = self.tokenize(prompt)
+        first, last = self.char_tokens(prompt, ci, ci + len(subject))
+        return first, last + 1
+
+    def char_tokens(self, text: str, ci: int, ce: int, ids: list | None = None) -> tuple[int, int]:
+        """First and last token (indices into ``ids``, by default
+        ``self.tokenize(text)``) that overlap the characters text[ci:ce]: from
+        the tokenizer's offset map, else (slow tokenizers) by decoding growing
+        prefixes, as ROME's code does."""
+        ids = self.tokenize(text) if ids is None else ids
         enc = None
         try:
-            enc = self.tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+            enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         except (NotImplementedError, ValueError, TypeError):
             pass
         if enc is not None and "offset_mapping" in enc:
             offs = list(enc["offset_mapping"])
-            shift = len(ids) - len(offs)  # a forced BOS
-            ce = ci + len(subject)
-            toks = [i + shift for i, (a, b) in enumerate(offs) if b > a and a < ce and b > ci]
+            shift = len(ids) - len(offs)  # a BOS added or removed by the LM's policy
+            toks = [i + shift for i, (a, b) in enumerate(offs) if b > a and a < ce and b > ci and 0 <= i + shift]
             if toks:
-                return toks[0], toks[-1] + 1
-        # ROME's way: decode prefixes until the subject is covered.
-        text = ""
-        start = end = None
-        for i, t in enumerate(ids):
-            text += self.tokenizer.decode([t])
-            if start is None and len(text) > ci:
-                start = i
-            if start is not None and len(text) >= ci + len(subject):
-                end = i + 1
+                return toks[0], toks[-1]
+        first = last = None
+        for i in range(len(ids)):
+            pos = len(self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
+            if first is None and pos > ci:
+                first = i
+            if first is not None and pos >= ce:
+                last = i
                 break
-        if start is None or end is None:
-            raise InputError(f"could not map subject {subject!r} onto tokens of {prompt!r}")
-        return start, end
+        if first is None or last is None:
+            raise InputError(f"could not map characters {ci}-{ce} ({text[ci:ce]!r}) onto the tokens of {text!r}")
+        return first, last
 
     # -- running -------------------------------------------------------------------
     def run(self, input_ids=None, **kw) -> runtime.RunOutput:

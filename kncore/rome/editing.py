@@ -106,34 +106,6 @@ def parse_request(req) -> Request:
 
 # -- token positions ----------------------------------------------------------------
 
-def _char_tokens(lm, text: str, ids: list, ci: int, ce: int) -> tuple[int, int]:
-    """First and last token (indices into ``ids``) overlapping text[ci:ce]."""
-    enc = None
-    try:
-        enc = lm.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError):
-        pass
-    if enc is not None and "offset_mapping" in enc:
-        offs = list(enc["offset_mapping"])
-        shift = len(ids) - len(offs)  # a BOS added or removed by the LM's policy
-        toks = [i + shift for i, (a, b) in enumerate(offs) if b > a and a < ce and b > ci and 0 <= i + shift]
-        if toks:
-            return toks[0], toks[-1]
-    # Slow tokenizers: decode growing prefixes (ROME's approach).
-    s = e = None
-    pos = 0
-    for i, t in enumerate(ids):
-        pos = len(lm.tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
-        if s is None and pos > ci:
-            s = i
-        if s is not None and pos >= ce:
-            e = i
-            break
-    if s is None or e is None:
-        raise InputError(f"could not find the subject's tokens in {text!r}")
-    return s, e
-
-
 def locate(lm, template: str, subject: str, fact_token: str = "subject_last") -> tuple[list, int]:
     """Token ids of ``template`` with the subject filled in, and the index of
     the token ROME reads the fact at (``fact_token``)."""
@@ -142,7 +114,7 @@ def locate(lm, template: str, subject: str, fact_token: str = "subject_last") ->
     ids = lm.tokenize(text)
     if fact_token == "last":
         return ids, len(ids) - 1
-    first, last = _char_tokens(lm, text, ids, ci, ci + len(subject))
+    first, last = lm.char_tokens(text, ci, ci + len(subject), ids)
     return ids, (last if fact_token == "subject_last" else first)
 
 
