@@ -600,13 +600,20 @@ def _weights_in(params, dtype):
     for p in params:
         if p.is_floating_point() and p.dtype != dtype and id(p) not in held:
             held[id(p)] = (p, p.data)
+    # The converted tensors are referenced here until the block ends: the
+    # planner's memory model (kncore.planner) sees a tensor's bytes as freed
+    # when its last reference goes, and ``p.data = t`` keeps t's storage but
+    # not t itself.
+    wide = []
     try:
         for p, d in held.values():
-            p.data = d.to(dtype)
+            wide.append(d.to(dtype))
+            p.data = wide[-1]
         yield
     finally:
         for p, d in held.values():
             p.data = d
+        wide.clear()
 
 
 def _block_params(lm: LM, L: int) -> list:

@@ -71,9 +71,14 @@ PROMPTS = {"decoder": (["the capital of canada is", "dog cat apple apples"], ["o
            "bert": (["the capital of canada is [MASK] .", "dog [MASK] apple"], ["ottawa", "dogs"], "capital of")}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama", "bert"])
-def test_tiny_attribute_flops_and_memory(arch):
-    lm = tiny_lm(arch, d_model=40, d_ff=123, n_layers=3)
+def test_tiny_attribute_flops_and_memory(arch, dtype):
+    # bf16 decoders run IG's base pass and end rows in fp32, one block's
+    # weights upcast at a time: the plan must hold those copies as long as the
+    # run does (it under-counted them by 34-40% until attribution._weights_in
+    # kept its converted tensors referenced).
+    lm = tiny_lm(arch, d_model=40, d_ff=123, n_layers=3, dtype=dtype)
     prompts, targets, _ = PROMPTS["bert" if arch == "bert" else "decoder"]
     lengths = [len(lm.tokenize(p)) for p in prompts]
     run = lambda: A.attribute(lm, prompts, targets, steps=5, layers=[2, 0], batch_size=2, progress=False)
