@@ -11,6 +11,17 @@ Three levels of API:
 from __future__ import annotations
 
 import importlib
+import os
+
+# MKL's conditional numerical reproducibility: without it, MKL's fp32 matmuls
+# can round differently with the alignment of their buffers, so one process's
+# results differ from the next's. Measured at c632e2c: kncore.trace on the
+# quick bench_trace model gave one of two score tables across processes
+# (2.0e-6 vs 2.8e-5 relative from ROME's loop, the second in about 1 run in 9),
+# and 0 of 22 runs varied with MKL_CBWR=AUTO or COMPATIBLE, at the same speed
+# for AUTO. MKL reads the variable at its first call, so this holds when kncore
+# is imported before the first matmul; a user's own setting is kept.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 from .errors import InputError
 
