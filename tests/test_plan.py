@@ -8,56 +8,16 @@ import json
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils import flop_counter as fcm
-from torch.utils.flop_counter import FlopCounterMode
 
 import kncore.planner as P
 from kncore import InputError
 from kncore import attribution as A
-from kncore.testing import tiny_lm
+from kncore.testing import measure_run, tiny_lm
 from kncore.tracing import trace
 
 
-def _sdpa(q, k, v, *a, out_val=None, **kw):
-    return fcm.sdpa_flop_count(q.shape, k.shape, v.shape)
-
-
-def _sdpa_bwd(g, q, k, v, *a, out_val=None, **kw):
-    return fcm.sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
-
-
-_sdpa._get_raw = _sdpa_bwd._get_raw = True
-# FlopCounterMode counts the CUDA attention kernels but not the CPU one that
-# the fp32 CPU run dispatches to; the same rules, registered for it.
-_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_bwd}
-
-
-def measure(fn) -> tuple[int, int]:
-    """(FLOPs, peak bytes) of one run of fn. FLOPs: torch's FlopCounterMode.
-    Peak: of the CPU tensors allocated by fn (above those alive before it):
-    torch's profiler records every allocation (on the op that made it) and
-    every release, so the running sum over time is the live total.
-    Deterministic, unlike the process RSS, which glibc's arenas blur and
-    which the weights (540 MB for SmolLM2) would dwarf."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, \
-            FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as fc:
-        fn()
-    # Net bytes per op, at its start: the tensors ops hand each other, which is
-    # what the plan models. Workspace a kernel allocates and frees inside one op
-    # is not counted (the raw records see it: the CPU logsumexp of a trace's
-    # head allocates a [rows, vocab] temporary that CUDA's fused kernel does not).
-    evs = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    cur = peak = 0
-    for _, d in evs:
-        cur += d
-        peak = max(peak, cur)
-    return fc.get_total_flops(), peak
-
-
 def _check(pl, fn):
-    flops, peak = measure(fn)
+    flops, peak = measure_run(fn)
     _close(pl.flops, flops, 0.05)
     _close(pl.peak_bytes - pl.weights_bytes, peak, 0.20)
 
@@ -124,7 +84,7 @@ def test_auto_batch_stays_under_a_simulated_budget(monkeypatch):
     seen = []
     orig = A._ig_chunk
     monkeypatch.setattr(A, "_ig_chunk", lambda lm_, items, *a: seen.append(len(items)) or orig(lm_, items, *a))
-    peak = measure(lambda: A.attribute(lm, prompts, "ottawa", batch_size="auto", progress=False))[1]
+    peak = measure_run(lambda: A.attribute(lm, prompts, "ottawa", batch_size="auto", progress=False))[1]
     assert seen == [3, 3, 3, 3]
     assert peak <= budget * 1.2  # the plan's 20% tolerance
 
