@@ -76,12 +76,38 @@ def bits(lm, layers):
     return {L: lm.adapter.down_module(L).weight.detach().clone() for L in layers}
 
 
+def write(rows: list, st, hp, suffix: str = "") -> str:
+    """Write the table of the sizes done so far (after each size: a stopped run keeps its rows)."""
+    tag = f"{machine()}_{commit()}{suffix}"
+    keys = ["n", "kncore_s", "kncore_s_per_edit", "peer_s", "peer_s_per_edit", "speedup", "update_rel_err",
+            "kncore_peak_mib", "peer_peak_mib", "ES", "PS", "NS", "S", "undo_exact"]
+    write_csv(RESULTS / f"bench_memit_{tag}.csv", rows, keys)
+    md = [f"# bench_memit on {machine()} at {commit()}", "",
+          f"`flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_memit.py {' '.join(sys.argv[1:])}`; "
+          f"torch threads {torch.get_num_threads()}; one run per size (the shared 2-core machine); "
+          f"statistics: pydoc corpus, {st[hp.layers[0]].n_tokens:,} tokens per layer; MEMIT layers {hp.layers}.",
+          "", "Peer: plain MEMIT (kncore.rome.reference.memit_ref). Update error: max over layers of "
+          "max |kncore - peer| / max |peer| of the layer's update. Peak: resident memory above the call's start. "
+          "ES/PS/NS/S: ROME's CounterFact scores with the whole batch applied.", "",
+          "| N | kncore s | s/edit | peer s | peer s/edit | speed-up | update rel err | peak MiB (kncore / peer) "
+          "| ES | PS | NS | S | undo exact |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = lambda k: r.get(k, "")  # noqa: E731
+        md.append(f"| {g('n')} | {g('kncore_s')} | {g('kncore_s_per_edit')} | {g('peer_s')} | {g('peer_s_per_edit')} "
+                  f"| {g('speedup')} | {g('update_rel_err')} | {g('kncore_peak_mib')} / {g('peer_peak_mib')} "
+                  f"| {g('ES')} | {g('PS')} | {g('NS')} | {g('S')} | {g('undo_exact')} |")
+    md += ["", "GPU (GPT-J shape, N = 1000; statistics projected to convergence): not measured on GPU."]
+    write_atomic(RESULTS / f"bench_memit_{tag}.md", "\n".join(md) + "\n")
+    return "\n".join(md)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,10,100")
     ap.add_argument("--ref-sizes", default="1,10,100")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-eval", action="store_true", help="skip ES/PS/NS")
+    ap.add_argument("--suffix", default="", help="appended to the results' file names (runs split over sizes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,28 +145,9 @@ def main():
                        update_rel_err=f"{err:.1e}")
             print(row, flush=True)
         rows.append(row)
+        write(rows, st, hp, args.suffix)
 
-    tag = f"{machine()}_{commit()}"
-    keys = ["n", "kncore_s", "kncore_s_per_edit", "peer_s", "peer_s_per_edit", "speedup", "update_rel_err",
-            "kncore_peak_mib", "peer_peak_mib", "ES", "PS", "NS", "S", "undo_exact"]
-    write_csv(RESULTS / f"bench_memit_{tag}.csv", rows, keys)
-    md = [f"# bench_memit on {machine()} at {commit()}", "",
-          f"`flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_memit.py {' '.join(sys.argv[1:])}`; "
-          f"torch threads {torch.get_num_threads()}; one run per size (the shared 2-core machine); "
-          f"statistics: pydoc corpus, {st[hp.layers[0]].n_tokens:,} tokens per layer; MEMIT layers {hp.layers}.",
-          "", "Peer: plain MEMIT (kncore.rome.reference.memit_ref). Update error: max over layers of "
-          "max |kncore - peer| / max |peer| of the layer's update. Peak: resident memory above the call's start. "
-          "ES/PS/NS/S: ROME's CounterFact scores with the whole batch applied.", "",
-          "| N | kncore s | s/edit | peer s | peer s/edit | speed-up | update rel err | peak MiB (kncore / peer) "
-          "| ES | PS | NS | S | undo exact |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        g = lambda k: r.get(k, "")  # noqa: E731
-        md.append(f"| {g('n')} | {g('kncore_s')} | {g('kncore_s_per_edit')} | {g('peer_s')} | {g('peer_s_per_edit')} "
-                  f"| {g('speedup')} | {g('update_rel_err')} | {g('kncore_peak_mib')} / {g('peer_peak_mib')} "
-                  f"| {g('ES')} | {g('PS')} | {g('NS')} | {g('S')} | {g('undo_exact')} |")
-    md += ["", "GPU (GPT-J shape, N = 1000; statistics projected to convergence): not measured on GPU."]
-    write_atomic(RESULTS / f"bench_memit_{tag}.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    print(write(rows, st, hp, args.suffix))
 
 
 if __name__ == "__main__":
