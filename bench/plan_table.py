@@ -2,7 +2,8 @@
 predicted H100 time of LLaMA-2-7B, GPT-J-6B and GPT-2-XL, from their shipped
 configs (no weights). Predictions, not measurements on a GPU.
 
-    python bench/plan_table.py            # prints the Markdown rows, writes bench/results/plan_table.json
+    python bench/plan_table.py            # prints the Markdown rows of docs/planner.md's table,
+                                          # writes bench/results/plan_table.json
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def main():
             out[f"{m}/{dt}"] = p.to_dict()
             print(f"{m} {dt}: planned in {time.time() - t0:.0f} s", file=sys.stderr)
             for j in p.jobs:
-                print(f"| {m} | {dt} | {j.job} | {j.flops / 1e12:.3g} TFLOP | {j.peak_bytes / 1e9:.3g} GB | "
+                print(f"| {m} | {dt} | {j.job} | {j.flops / 1e12:.3g} TFLOP | "
+                      f"{(j.weight_bytes + j.act_bytes) / 1e9:.3g} GB | {j.peak_bytes / 1e9:.3g} GB | "
                       f"{P._sec(j.seconds('H100', p.dtype))} | {p.auto_batch.get('H100', '') if j.job == 'attribute' else ''} |")
     res = ROOT / "bench" / "results" / "plan_table.json"
     res.write_text(json.dumps(out, indent=1))

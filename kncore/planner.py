@@ -167,6 +167,33 @@ def _sdpa_bwd(g, q, k, v, *a, out_val=None, **kw):
 
 
 _sdpa._get_raw = _sdpa_bwd._get_raw = True
+
+
+def cov_flops(rows: int, d: int) -> int:
+    """FLOPs of ``kncore::cov_accumulate_`` over ``rows`` kept rows of width d:
+    C's lower triangle, d (d + 1) / 2 multiply-adds per row."""
+    return int(rows) * d * (d + 1)
+
+
+def _cov_rule(C, s, n, X, mask=None, *a, out_val=None, **kw):
+    rows = X.shape[0] if mask is None or mask.is_meta else int(mask.sum())
+    return cov_flops(rows, X.shape[1])
+
+
+_cov_rule._get_raw = True
+
+
+def flop_rules() -> dict:
+    """The FLOP rules kncore counts with beyond FlopCounterMode's own: attention on
+    the CPU (:data:`CPU_SDPA_RULES`) and the C++ covariance op, when it is built."""
+    from . import _ext
+    rules = dict(CPU_SDPA_RULES)
+    _ext.load()
+    try:
+        rules[torch.ops.kncore.cov_accumulate_] = _cov_rule
+    except (AttributeError, RuntimeError):  # the extension is not built: the reference's aten ops count
+        pass
+    return rules
 # FlopCounterMode counts the CUDA attention kernels but not the CPU one that
 # an fp32 CPU run dispatches to: the same rules, registered for it.
 CPU_SDPA_RULES = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
@@ -174,7 +201,7 @@ CPU_SDPA_RULES = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _s
 
 
 class FlopCount(TorchDispatchMode):
-    """FLOPs by torch's FlopCounterMode rules (and :data:`CPU_SDPA_RULES`),
+    """FLOPs by torch's FlopCounterMode rules (and :func:`flop_rules`),
     of the ops on real devices (``meta=False``: what ``--profile`` counts a
     run with, leaving out the planning that ``batch_size="auto"`` does on the
     meta device inside it) or of those on the meta device (``meta=True``)."""
@@ -183,16 +210,24 @@ class FlopCount(TorchDispatchMode):
         super().__init__()
         self.meta = meta
         self.flops = 0
-        self.rules = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_RULES).flop_registry
+        self.rules = FlopCounterMode(display=False, custom_mapping=flop_rules()).flop_registry
 
     def get_total_flops(self) -> int:
         return self.flops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
         rule = self.rules.get(func._overloadpacket)
+        if rule is None and func is not torch.ops.prim.device.default:
+            # as FlopCounterMode does: an op without a rule counts as its decomposition
+            # (under inference_mode, aten.linear reaches the mode whole, not as mm/addmm)
+            with self:
+                out = func.decompose(*args, **(kwargs or {}))
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **(kwargs or {}))
         if rule is not None:
-            first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
+            # the device of the output (of the first input for an in-place op that returns none)
+            first = next((t for t in tree_flatten((out, args))[0] if isinstance(t, torch.Tensor)), None)
             if first is not None and first.is_meta == self.meta:
                 self.flops += rule(*args, **(kwargs or {}), out_val=out)
         return out
@@ -498,10 +533,9 @@ def _positive(**kw):
 # -- layer statistics --------------------------------------------------------------------------
 def _stats_batch(lm: LM, B: int, width: int, layers: list, acc_dtype):
     """One batch of ``rome.stats._compute`` on the meta device: the forward up
-    to the last layer, capturing the keys, then the covariance updates (the
-    C++ op computes C's lower triangle: d (d + 1) FLOPs per kept row, which
-    FlopCounterMode cannot see inside a custom op, so they are added here as
-    the op's cost)."""
+    to the last layer, capturing the keys. The covariance updates are costed by
+    the caller (:func:`cov_flops` over the batch's real tokens: on the meta
+    device the mask that picks them holds no values)."""
     with torch.no_grad():
         out = lm.run(_ids(B, width), attention_mask=_mask([width] * B, width), stop_layer=max(layers) + 1,
                      logits=None, capture=[("act", L) for L in layers])
@@ -513,12 +547,34 @@ def _stats_batch(lm: LM, B: int, width: int, layers: list, acc_dtype):
 
 def plan_stats(lm: LM, *, layers=None, texts: int = 100000, text_tokens: int | None = None,
                batch_tokens: int | None = None, dtype: str = "float32",
-               chunk_texts: int | None = None) -> JobPlan:
+               chunk_texts: int | None = None, lengths: Sequence[int] | None = None) -> JobPlan:
     """ROME's layer statistics over ``texts`` texts of ``text_tokens`` tokens
     each (default: the truncation length, ``min(context, 2048)``: an upper
-    bound for a corpus of shorter texts). ``layers``: default, the layer a
-    ROME edit of this model uses (:func:`edit_hparams`)."""
-    from .rome.stats import _DTYPES, DEFAULT_BATCH_TOKENS, DEFAULT_CHUNK_TEXTS, _batches, _chunks
+    bound for a corpus of shorter texts), or over texts of the given token
+    ``lengths`` (after truncation, in corpus order). ``layers``: default, the
+    layer a ROME edit of this model uses (:func:`edit_hparams`)."""
+    from .rome.stats import DEFAULT_CHUNK_TEXTS, _chunks
+
+    max_len = min(lm.adapter.n_ctx, 2048)
+    if lengths is None:
+        n = max_len if text_tokens is None else min(int(text_tokens), max_len)
+        _positive(texts=texts, text_tokens=n)
+        lengths = [n] * texts
+    else:
+        lengths = [min(int(x), max_len) for x in lengths]
+        if not lengths or min(lengths) < 1:
+            raise InputError("lengths must be a non-empty list of positive token counts")
+    chunks = list(_chunks(lengths, chunk_texts or DEFAULT_CHUNK_TEXTS))
+    return stats_schedule(lm, layers, chunks, batch_tokens, dtype)
+
+
+def stats_schedule(lm: LM, layers, chunks: list, batch_tokens: int | None = None,
+                   dtype: str = "float32") -> JobPlan:
+    """The plan of ``rome.stats._compute`` over ``chunks``: the token lengths of
+    each chunk's texts as it encodes them, cut into batches by the run's own
+    ``_batches``. The covariance FLOPs are those of the C++ op over the real
+    (unpadded) tokens, :func:`cov_flops`."""
+    from .rome.stats import _DTYPES, DEFAULT_BATCH_TOKENS, _batches
 
     layers = sorted(set([layers] if isinstance(layers, int) else (layers or edit_hparams(lm).layers[:1])))
     for L in layers:
@@ -526,41 +582,49 @@ def plan_stats(lm: LM, *, layers=None, texts: int = 100000, text_tokens: int | N
             raise InputError(f"layer {L!r} is outside the model's {lm.n_layers} layers")
     if dtype not in _DTYPES:
         raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    max_len = min(lm.adapter.n_ctx, 2048)
-    n = max_len if text_tokens is None else min(int(text_tokens), max_len)
-    _positive(texts=texts, text_tokens=n)
     bt = batch_tokens or DEFAULT_BATCH_TOKENS
-    shapes: dict = {}
-    fake = [range(n)] * texts  # _batches reads only the lengths
-    for chunk in _chunks(fake, chunk_texts or DEFAULT_CHUNK_TEXTS):
-        for idx in _batches(chunk, bt):
-            key = (len(idx), n)
-            shapes[key] = shapes.get(key, 0) + 1
+    shapes: dict = {}  # (batch, padded width) -> [batches, real tokens]
+    for chunk in chunks:
+        seqs = [range(n) for n in chunk]  # _batches reads only the lengths
+        for idx in _batches(seqs, bt):
+            key = (len(idx), max(chunk[i] for i in idx))
+            s = shapes.setdefault(key, [0, 0])
+            s[0] += 1
+            s[1] += sum(chunk[i] for i in idx)
+    from .ops.cov_accumulate import CovAccumulator
+
     acc = _DTYPES[dtype]
     c = _Costing(lm)
     accs = []
 
     def setup():
-        for _ in layers:
-            accs.append(torch.zeros(lm.d_ff, lm.d_ff, dtype=acc, device="meta"))
-            accs.append(torch.zeros(lm.d_ff, dtype=acc, device="meta"))
+        accs.extend(CovAccumulator(lm.d_ff, dtype=acc, device="meta") for _ in layers)
+
+    def results():  # as _compute ends: each layer's mirrored second moment and mean, the sums still held
+        return [(a.second_moment(), a.mean()) for a in accs]
 
     c.stage("accumulators", setup)
     el = torch.finfo(acc).bits // 8
-    rows = 0
-    for (B, w), k in shapes.items():
+    tokens = 0
+    for (B, w), (k, real) in shapes.items():
         st = c.stage(f"batch of {B} x {w} tokens", _stats_batch, k, lm, B, w, layers, acc)
-        cov = float(len(layers) * B * w * lm.d_ff * (lm.d_ff + 1)) * k
-        st.flops += cov
+        st.flops += len(layers) * cov_flops(real, lm.d_ff)
         st.act_bytes += len(layers) * k * (lm.d_ff * lm.d_ff * el * 2 + B * w * lm.d_ff * el)
-        rows += B * w * k
-    peak = c.peak  # the accumulators (carried) and the largest batch
+        tokens += real
+    c.stage("second moments", results)
+    peak = c.peak  # the accumulators (carried), then the largest batch or the results
     accs.clear()
-    return JobPlan("stats", dict(layers=layers, texts=texts, text_tokens=n, tokens=rows, batch_tokens=bt,
-                                 dtype=dtype, batches=sum(shapes.values())),
+    n_texts = sum(len(ch) for ch in chunks)
+    lens = [n for ch in chunks for n in ch]
+    text_tokens = max(lens) if lens else 0
+    return JobPlan("stats", dict(layers=layers, texts=n_texts, text_tokens=text_tokens, tokens=tokens,
+                                 batch_tokens=bt, dtype=dtype, batches=sum(v[0] for v in shapes.values())),
                    c.stages, _weights_bytes(lm), _weights_bytes(lm) + peak,
-                   ["texts of text_tokens tokens each: an upper bound for a corpus of shorter texts",
-                    "covariance FLOPs: the C++ op's lower triangle, d_ff (d_ff + 1) per token"])
+                   ["texts of text_tokens tokens each: an upper bound for a corpus of shorter texts"
+                    if len(set(lens)) <= 1 else "texts of the given lengths",
+                    "covariance FLOPs: the C++ op's lower triangle, d_ff (d_ff + 1) per real token",
+                    "not counted: the covariance op's packing workspace, kept between calls (at most 64 MiB "
+                    "per thread)"])
 
 
 # -- ROME edit ---------------------------------------------------------------------------------

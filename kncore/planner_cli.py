@@ -113,7 +113,7 @@ STAGES = (
 )
 
 
-def _plan_chunk(c: dict):
+def _plan_chunk(c: dict, out=None):
     """The plan of one ``attribution.ig_chunk`` call: the same function on the
     meta device, over items of the same lengths (no gap_tol refinement)."""
     from . import planner as P
@@ -124,7 +124,7 @@ def _plan_chunk(c: dict):
     return plan
 
 
-def _plan_trace(c: dict):
+def _plan_trace(c: dict, out=None):
     """The plan of one ``tracing.trace`` call: its runs and grid walk on the meta device."""
     from . import planner as P
     from .tracing.core import DEFAULT_MAX_TOKENS, check_args
@@ -136,7 +136,7 @@ def _plan_trace(c: dict):
     return lambda: P.trace_run(P.meta_lm(lm), T, b, e, kinds, c["samples"], c["window"], mt)
 
 
-def _plan_edit(c: dict):
+def _plan_edit(c: dict, out=None):
     """The plan of one ROME request (``rome.editing._edit_one``): ``kncore.plan``'s
     edit job for a prompt of the request's length, subject end and target."""
     from . import planner as P
@@ -148,12 +148,28 @@ def _plan_edit(c: dict):
                                target_tokens=n_target, hparams=hp, layer=c["layer"]).flops
 
 
+def _plan_stats(c: dict, out):
+    """The plan of one ``rome.stats._compute`` call: the texts it read (this rank's
+    share of the first ``n_texts``, encoded and chunked as the run did), batched by
+    the run's own schedule on the meta device (:func:`kncore.planner.stats_schedule`)."""
+    from . import distributed as dist
+    from . import planner as P
+    from .rome.stats import _chunks, _encode, take
+    lm = c["lm"]
+    n_texts = next(iter(out.values())).n_texts
+    r, w = dist.rank(), dist.world()
+    texts = (t for i, t in enumerate(take(c["corp"], n_texts)) if i % w == r)
+    chunks = [[len(ids) for ids in _encode(lm, ch, c["max_len"])] for ch in _chunks(texts, c["chunk_texts"])]
+    return lambda: P.stats_schedule(P.meta_lm(lm), c["layers"], chunks, c["batch_tokens"], c["dtype"]).flops
+
+
 # Stages timed and planned but not printed: an IG chunk is its two stages.
 HIDDEN = {"IG chunks"}
-# stage name -> (bound arguments of a call -> a function that plans that call on
+# stage name -> (bound arguments of a call, its result -> a function that plans that call on
 # the meta device, after the run; it returns the planned FLOPs, or None when
 # they are the FLOPs counted while it runs the engine's own functions)
-PLANS = {"IG chunks": _plan_chunk, "trace: one prompt": _plan_trace, "edit: one request": _plan_edit}
+PLANS = {"IG chunks": _plan_chunk, "trace: one prompt": _plan_trace, "edit: one request": _plan_edit,
+         "stats: layer statistics": _plan_stats}
 
 
 def _device_name(device) -> str:
@@ -251,7 +267,7 @@ class Profile:
             try:
                 out = fn(*a, **kw)
                 if self.planning is None and plan_of is not None:  # planned after the run, from the same arguments
-                    self.requests.append((name, plan_of(_bind(fn, a, kw))))
+                    self.requests.append((name, plan_of(_bind(fn, a, kw), out)))
                 return out
             finally:
                 self.active[name] = 0

@@ -313,7 +313,7 @@ def measure_run(fn) -> tuple[int, int]:
     """(FLOPs, peak bytes) of one run of fn on the CPU: what the planner's
     predictions are checked against (tests/test_plan.py, bench/plan_accuracy.py).
     FLOPs: torch's FlopCounterMode, with its attention rules registered for the
-    CPU kernel too (:data:`kncore.planner.CPU_SDPA_RULES`). Peak: of the CPU
+    CPU kernel too, and the covariance op's (:func:`kncore.planner.flop_rules`). Peak: of the CPU
     tensors allocated by fn (above those alive before it): torch's profiler
     records every allocation (on the op that made it) and every release, so the
     running sum over time is the live total. Deterministic, unlike the process
@@ -322,10 +322,10 @@ def measure_run(fn) -> tuple[int, int]:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .planner import CPU_SDPA_RULES
+    from .planner import flop_rules
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, \
-            FlopCounterMode(display=False, custom_mapping=CPU_SDPA_RULES) as fc:
+            FlopCounterMode(display=False, custom_mapping=flop_rules()) as fc:
         fn()
     # Net bytes per op, at its start: the tensors ops hand each other, which is
     # what the plan models. Workspace a kernel allocates and frees inside one op

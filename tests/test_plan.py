@@ -74,6 +74,27 @@ def test_smollm2_attribute_and_trace(smollm):
     _check(pl, run)
 
 
+STATS_TEXTS = ["the capital of canada is ottawa", "dog cat", "apple apples dog cat the capital of canada",
+               "is", "ottawa ottawa ottawa dog cat apple apples the capital of canada is ottawa", "cat"] * 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_tiny_stats_flops_and_memory(arch):
+    # texts of many lengths: the plan batches them by the run's own schedule,
+    # and counts the covariance op over the real (unpadded) tokens
+    from kncore import rome
+    from kncore.rome.stats import _encode
+    lm = tiny_lm(arch, d_model=40, d_ff=123, n_layers=3)
+    lengths = [len(ids) for ids in _encode(lm, STATS_TEXTS, 2048)]
+    run = lambda: rome.layer_stats(lm, [0, 2], STATS_TEXTS, n_samples=None, use_cache=False, progress=False,
+                                   batch_tokens=64, chunk_texts=7)
+    pl = P.plan_stats(P.meta_lm(lm), layers=[2, 0], lengths=lengths, batch_tokens=64, chunk_texts=7)
+    run()  # the covariance op's packing workspace is kept between calls (per thread): not this job's memory
+    assert pl.params["tokens"] == sum(lengths) and pl.params["texts"] == len(STATS_TEXTS)
+    assert pl.params["batches"] > len(STATS_TEXTS) // 7  # several batches per chunk
+    _check(pl, run)
+
+
 def test_auto_batch_stays_under_a_simulated_budget(monkeypatch):
     lm = tiny_lm("llama", d_model=40, d_ff=123, n_layers=3)
     prompts = ["the capital of canada is"] * 12
@@ -163,3 +184,14 @@ def test_profile_flag(tmp_path, capsys):
     assert set(rows) == {"attribute: base pass", "attribute: step rows, backward, reduction"}
     for r in rows.values():
         assert int(r[-5]) == 1 and float(r[-3]) > 0  # one call each, FLOPs counted
+
+
+def test_profile_plans_the_statistics(tmp_path, capsys):
+    # the stats stage gets a plan: the texts the run read, batched as it batched them
+    from kncore.cli import main
+    assert main(["stats", "--model", "tiny-llama", "--layers", "0,1", "--n-samples", "12", "--out",
+                 str(tmp_path / "run"), "--stats-cache", str(tmp_path / "cache"), "--profile", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    row = next(ln for ln in err.splitlines() if ln.startswith("stats: layer statistics"))
+    planned, share = row[45:].split()[:2]
+    assert float(planned) > 0 and abs(float(share.rstrip("%")) - 100) <= 5, row

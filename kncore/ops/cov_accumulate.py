@@ -168,6 +168,8 @@ class CovAccumulator:
         return self
 
     def _count(self) -> int:
+        if self.n.is_meta:  # the planner (kncore.planner.stats_schedule): shapes and bytes, no values
+            return 1
         n = int(self.n)
         if n == 0:
             raise ValueError("CovAccumulator: no rows accumulated yet")
