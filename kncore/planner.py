@@ -628,55 +628,45 @@ def stats_schedule(lm: LM, layers, chunks: list, batch_tokens: int | None = None
 
 
 # -- ROME edit ---------------------------------------------------------------------------------
-def _edit_prepare(lm: LM, hp, layer: int, tokens: int, subject_end: int, target_tokens: int, templates: list,
-                  state: dict):
-    """ROME's edit up to its optimisation (``rome.editing._edit_one``): the
-    keys over the rewriting prompts up to the layer, then the base pass with
-    its cache; what the steps need is left in ``state``."""
-    from .runtime import KVCache
-
-    N = lm.adapter.n_layers
-    # rows: each template's prefix + prompt + target[:-1], then the KL prompts ("{} is a": subject + 2)
-    lens = [t + tokens + target_tokens - 1 for t in templates] + [subject_end + 2] * len(hp.kl_prompts)
-    look = [t + subject_end - 1 for t in templates] + [subject_end - 1] * len(hp.kl_prompts)
-    with torch.no_grad():
-        key_lens = [t + tokens for t in (templates[:1] if hp.fact_token == "last" else templates)]
-        Tk = max(key_lens)
-        lm.run(_ids(len(key_lens), Tk), attention_mask=_mask(key_lens, Tk), stop_layer=layer + 1, logits=None,
-               capture=[("act", layer), ("mlp_out", layer)],
-               capture_positions=torch.tensor(look[:len(key_lens)]).to("meta"))
-        B, T = len(lens), max(lens)
-        pre = lm.run(_ids(B, T), attention_mask=_mask(lens, T), return_kv=layer + 1 < N, logits=None,
-                     capture=[("resid_post", layer), ("mlp_out", layer)])
-        P = max(look)
-        cache = None
-        S = T
-        if P > 0 and layer + 1 < N:
-            keep = lambda ts: [None if (l <= layer or t is None) else t[:, :, :P] for l, t in enumerate(ts)]
-            cache = KVCache(keep(pre.kv.k), keep(pre.kv.v),
-                            (torch.arange(P)[None] < torch.tensor(look)[:, None]).to("meta"))
-            S = max(n - p for n, p in zip(lens, look))
-        state.update(cache=cache, h_suf=pre[("resid_post", layer)][:, :S].clone(),
-                     n_scored=len(templates) * target_tokens + len(hp.kl_prompts))
-        del pre
+def edit_rows(hp, tokens: int, subject_end: int, target_tokens: int):
+    """ROME's rows (``rome.editing.build_rows``) when only lengths are known: one
+    rewriting row per context template (prefix + prompt + target[:-1]), then the
+    KL prompts (``"{} is a"``: the subject, taken to be the prompt's first
+    ``subject_end`` tokens, and two more). The context
+    templates are ``"{}"`` and one per generated prefix of its nominal length
+    (ROME's ``get_context_templates``), followed by ". "; token ids are zeros."""
+    from .rome.editing import _Rows
+    prefixes = [0] + [length + 1 for length, n in hp.context_template_length_params
+                      for _ in range(n // len(hp.context_prompts) * len(hp.context_prompts))]
+    ids = [[0] * (t + tokens + target_tokens - 1) for t in prefixes]
+    look = [t + subject_end - 1 for t in prefixes]
+    ids += [[0] * (subject_end + 2) for _ in hp.kl_prompts]
+    look += [subject_end - 1] * len(hp.kl_prompts)
+    return _Rows(ids, look, len(prefixes), [t + tokens for t in prefixes], [0] * target_tokens)
 
 
-def _edit_step(lm: LM, layer: int, state: dict, backward: bool):
-    """One evaluation of ROME's ``compute_v`` loop on the cached suffix
-    (``optimise_delta``): the layers above the edit, the head at the scored
-    positions, and (but for the last) the gradient with respect to delta."""
-    ad = lm.adapter
-    vd = torch.float64 if lm.dtype == torch.float64 else torch.float32
-    h_suf, cache = state["h_suf"], state["cache"]
-    delta = torch.zeros(ad.d_model, dtype=vd, device="meta", requires_grad=True)
-    sel = torch.zeros(state["n_scored"], dtype=torch.long, device="meta")
+def _edit_keys(lm: LM, layer: int, rows, fact_token: str):
+    """ROME's keys: ``rome.editing.compute_keys`` over the rows' key rows."""
+    from .rome.editing import compute_keys
+    compute_keys(lm, layer, rows.key_rows(fact_token))
+
+
+def _edit_base(lm: LM, layer: int, rows, state: dict):
+    """The base pass and suffix cache of ROME's v* loop: ``rome.editing.v_prepare``."""
+    from .rome.editing import v_prepare
+    state["v"] = v_prepare(lm, layer, [rows], "mlp_out")
+
+
+def _edit_step(hp, state: dict, backward: bool):
+    """One evaluation of the v* loss (``rome.editing.v_loss``) and, but for the
+    last, its gradient with respect to delta, as ``optimise_deltas`` takes them."""
+    from .rome.editing import v_loss
+    st = state["v"]
+    deltas = [torch.zeros(st.lm.adapter.d_model, dtype=st.vd, device=st.dev, requires_grad=True)]
     with torch.enable_grad():
-        h_in = h_suf + delta.to(h_suf.dtype)
-        o = lm.run(hidden=h_in, start_layer=layer + 1, past=cache, logits=None) if layer + 1 < ad.n_layers else None
-        h = h_in if o is None else o.hidden
-        loss = ad.final(h[sel, sel]).to(vd).log_softmax(-1)[:, 0].sum()
+        loss, _ = v_loss(st, torch.stack(deltas), hp)
         if backward:
-            torch.autograd.grad(loss, [delta])
+            torch.autograd.grad(loss.sum(), deltas)
 
 
 def edit_hparams(lm: LM, hparams=None):
@@ -692,12 +682,15 @@ def edit_hparams(lm: LM, hparams=None):
 
 
 def plan_edit(lm: LM, *, tokens: int = 8, subject_end: int | None = None, target_tokens: int = 1,
-              hparams=None, layer: int | None = None) -> JobPlan:
+              hparams=None, layer: int | None = None, rows=None) -> JobPlan:
     """One ROME edit of a prompt of ``tokens`` tokens whose subject ends at
     token ``subject_end`` (default: the prompt's middle), with a target of
     ``target_tokens`` tokens. ``hparams``: a :class:`~kncore.rome.ROMEHparams`,
     a shipped name or a file (default: the model's shipped file when kncore
-    has one, else ROME's defaults at the middle layer)."""
+    has one, else ROME's defaults at the middle layer). ``rows``: the request's
+    own rows (``rome.editing.build_rows``, as ``--profile`` passes them) instead
+    of :func:`edit_rows` from the lengths. The work runs through ROME's own
+    ``compute_keys``, ``v_prepare`` and ``v_loss`` on the meta device."""
     hp = edit_hparams(lm, hparams)
     L = hp.layers[0] if layer is None else int(layer)
     if not 0 <= L < lm.n_layers:
@@ -706,16 +699,15 @@ def plan_edit(lm: LM, *, tokens: int = 8, subject_end: int | None = None, target
     se = max(1, tokens // 2) if subject_end is None else int(subject_end)
     if not 1 <= se <= tokens:
         raise InputError(f"subject_end {se} outside a prompt of {tokens} tokens")
-    # context templates: "{}" and one per generated prefix of `length` tokens (ROME's
-    # get_context_templates), followed by ". "
-    templates = [0] + [length + 1 for length, n in hp.context_template_length_params
-                       for _ in range(n // len(hp.context_prompts) * len(hp.context_prompts))]
+    if rows is None:
+        rows = edit_rows(hp, tokens, se, target_tokens)
     c = _Costing(lm)
     state: dict = {}
-    c.stage("keys and base pass", _edit_prepare, 1, lm, hp, L, tokens, se, target_tokens, templates, state)
+    c.stage("keys", _edit_keys, 1, lm, L, rows, hp.fact_token)
+    c.stage("base pass", _edit_base, 1, lm, L, rows, state)
     if hp.v_num_grad_steps > 1:
-        c.stage("optimisation step (forward and backward)", _edit_step, hp.v_num_grad_steps - 1, lm, L, state, True)
-    c.stage("last evaluation", _edit_step, 1, lm, L, state, False)
+        c.stage("optimisation step (forward and backward)", _edit_step, hp.v_num_grad_steps - 1, hp, state, True)
+    c.stage("last evaluation", _edit_step, 1, hp, state, False)
     state.clear()
     if hp.mom2_adjustment:
         # u = C^-1 k*: the Cholesky factor of C (d_ff^3 / 3, cached per layer) and
@@ -724,7 +716,7 @@ def plan_edit(lm: LM, *, tokens: int = 8, subject_end: int | None = None, target
         c.stages.append(Stage("cholesky of C (once per layer)", d ** 3 / 3 + 2 * d * d, 0.0, 3 * d * d * 8.0,
                               2 * d * d * 8))
     return JobPlan("edit", dict(layer=L, tokens=tokens, subject_end=se, target_tokens=target_tokens,
-                                rows=len(templates) + len(hp.kl_prompts), v_num_grad_steps=hp.v_num_grad_steps),
+                                rows=len(rows.ids), v_num_grad_steps=hp.v_num_grad_steps),
                    c.stages, _weights_bytes(lm), _weights_bytes(lm) + c.peak,
                    ["no early stop: all v_num_grad_steps evaluated",
                     "context templates' generation (once per model) not included"])

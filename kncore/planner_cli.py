@@ -138,14 +138,15 @@ def _plan_trace(c: dict, out=None):
 
 def _plan_edit(c: dict, out=None):
     """The plan of one ROME request (``rome.editing._edit_one``): ``kncore.plan``'s
-    edit job for a prompt of the request's length, subject end and target."""
+    edit job over the request's own rows (its templates, prompt, target and KL
+    prompts, tokenised as the run did)."""
     from . import planner as P
-    from .rome.editing import locate
+    from .rome.editing import build_rows
     lm, req, hp = c["lm"], c["req"], c["hp"]
-    ids, look = locate(lm, req.prompt, req.subject, hp.fact_token)
-    n_target = len(lm.target_ids(req.text(), req.target))
-    return lambda: P.plan_edit(P.meta_lm(lm), tokens=len(ids), subject_end=min(len(ids), look + 1),
-                               target_tokens=n_target, hparams=hp, layer=c["layer"]).flops
+    rows = build_rows(lm, req, c["templates"], hp.fact_token, hp.kl_prompts)
+    n = rows.prompt_len[0]
+    return lambda: P.plan_edit(P.meta_lm(lm), tokens=n, subject_end=min(n, rows.lookup[0] + 1),
+                               target_tokens=len(rows.target), hparams=hp, layer=c["layer"], rows=rows).flops
 
 
 def _plan_stats(c: dict, out):

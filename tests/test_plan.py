@@ -95,6 +95,28 @@ def test_tiny_stats_flops_and_memory(arch):
     _check(pl, run)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_tiny_edit_flops_and_memory(arch):
+    # the plan runs ROME's own compute_keys, v_prepare and v_loss on the meta
+    # device, over the request's rows or rows built from its lengths alone
+    from kncore import rome
+    from kncore.rome.editing import build_rows, parse_request
+    lm = tiny_lm(arch, d_model=40, d_ff=123, n_layers=3)
+    hp = rome.ROMEHparams(layers=[1], v_num_grad_steps=4, early_stop_loss=0.0, mom2_adjustment=False,
+                          context_template_length_params=[], kl_prompts=["{} is a"])
+    # the subject opens the prompt, as edit_rows assumes (its KL rows: the subject and "is a")
+    req = {"prompt": "{} is the capital of", "subject": "canada", "target_new": "dogs"}
+    rows = build_rows(lm, parse_request(req), ["{}"], hp.fact_token, hp.kl_prompts)
+    n, se = rows.prompt_len[0], rows.lookup[0] + 1
+    from_rows = P.plan_edit(P.meta_lm(lm), tokens=n, subject_end=se, target_tokens=len(rows.target), hparams=hp,
+                            rows=rows)
+    from_lengths = P.plan_edit(P.meta_lm(lm), tokens=n, subject_end=se, target_tokens=len(rows.target), hparams=hp)
+    assert from_lengths.flops == from_rows.flops and from_lengths.peak_bytes == from_rows.peak_bytes
+    edits = []
+    _check(from_rows, lambda: edits.append(rome.edit(lm, req, hp)))
+    edits[0].undo()
+
+
 def test_auto_batch_stays_under_a_simulated_budget(monkeypatch):
     lm = tiny_lm("llama", d_model=40, d_ff=123, n_layers=3)
     prompts = ["the capital of canada is"] * 12

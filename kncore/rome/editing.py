@@ -198,6 +198,12 @@ class _Rows:
     prompt_len: list   # per rewriting row: tokens before the target
     target: list       # target token ids
 
+    def key_rows(self, fact_token: str = "subject_last") -> list[tuple[list, int]]:
+        """(ids, position) of the rows the key is read from: every rewriting prompt
+        without its target, or the prompt itself alone for ROME's ``"last"``."""
+        n = 1 if fact_token == "last" else self.n_rewrite
+        return [(self.ids[i][: self.prompt_len[i]], self.lookup[i]) for i in range(n)]
+
 
 def build_rows(lm, req: Request, templates: list[str], fact_token: str, kl_prompts: list[str]) -> _Rows:
     """ROME's rewriting prompts (template + prompt + target[:-1]) and KL prompts."""
@@ -235,122 +241,23 @@ def optimise_deltas(lm, layer: int, rows_list: list, hparams: ROMEHparams, init_
     so Adam skips it), so the result is the one-request loop run per request.
     ``init_site``: ``"mlp_out"`` (ROME's v = MLP output) or ``"resid_post"``
     (MEMIT's z = the layer's output); the clamp and weight decay use its norm.
+    The work is :func:`v_prepare` (the base pass and its cache) and one
+    :func:`v_loss` per step: what :func:`kncore.plan` runs on the meta device.
     """
-    ad = lm.adapter
-    dev = lm.device
-    N = ad.n_layers
-    ids, lookup, req_of, n_rw, off = [], [], [], [], []
-    for j, r in enumerate(rows_list):
-        off.append(len(ids))
-        ids += r.ids
-        lookup += r.lookup
-        req_of += [j] * len(r.ids)
-        n_rw.append(r.n_rewrite)
-    R = len(rows_list)
-    b = lm.batch_ids(ids)
-    B, T = b.input_ids.shape
-    look = torch.tensor(lookup, device=dev)
-    with torch.no_grad():
-        pre = lm.run(b.input_ids, attention_mask=b.attention_mask, return_kv=layer + 1 < N, logits=None,
-                     capture=[("resid_post", layer), (init_site, layer)])
-    inits = pre[(init_site, layer)][torch.tensor(off, device=dev), look[off]].detach()
-    resid = pre[("resid_post", layer)]
-    # Keys/values of the tokens before each row's lookup position, layers > L.
-    P = int(look.max())
-    cache = None
-    if P > 0 and layer + 1 < N:
-        keep = lambda ts: [None if (l <= layer or t is None) else t[:, :, :P] for l, t in enumerate(ts)]
-        cache = KVCache(keep(pre.kv.k), keep(pre.kv.v),
-                        torch.arange(P, device=dev)[None] < look[:, None])
-    if cache is None:  # nothing to reuse: recompute from the first token
-        look_eff = torch.zeros_like(look)
-    else:
-        look_eff = look
-    S = int((b.lengths - look_eff).max())
-    col = look_eff[:, None] + torch.arange(S, device=dev)[None]
-    suf_mask = col < b.lengths[:, None]
-    h_suf = resid.gather(1, col.clamp(max=T - 1)[..., None].expand(-1, -1, resid.shape[-1]))
-    onehot = torch.zeros(B, S, 1, dtype=resid.dtype, device=dev)
-    onehot[torch.arange(B, device=dev), look - look_eff] = 1
-    # ROME's delta is added to the MLP output (the down-projection's, whose
-    # weight it edits). Where a norm follows the MLP (BLOCK_SANDWICH) the
-    # residual stream changes by post(m + delta) - post(m) at the lookup token.
-    # (MEMIT's z is the layer's output: its delta enters the residual as it is.)
-    post = ad.post_mlp_norm if ad.block_style == BLOCK_SANDWICH and init_site == "mlp_out" else None
-    if post is not None:
-        m_look = pre[("mlp_out", layer)][torch.arange(B, device=dev), look][:, None]  # [B, 1, d]
-        post_m = post(layer, m_look)
-    del pre, resid
-
-    # Scored positions: each target token of each rewriting row, then each KL row's lookup.
-    sel_r, sel_c, labels, w_nll, kl_r = [], [], [], [], []
-    for j, r in enumerate(rows_list):
-        nt = len(r.target)
-        for i in range(r.n_rewrite):
-            g = off[j] + i
-            for t in range(nt):
-                sel_r.append(g)
-                sel_c.append(r.prompt_len[i] - 1 + t - int(look_eff[g]))
-                labels.append(r.target[t])
-                w_nll.append(1.0 / nt)
-    n_scored = len(sel_r)
-    for j, r in enumerate(rows_list):
-        for i in range(r.n_rewrite, len(r.ids)):
-            g = off[j] + i
-            sel_r.append(g)
-            sel_c.append(int(look[g] - look_eff[g]))
-            kl_r.append(g)
-    sel_r = torch.tensor(sel_r, device=dev)
-    sel_c = torch.tensor(sel_c, device=dev)
-    labels = torch.tensor(labels, device=dev)
-    req_t = torch.tensor(req_of, device=dev)
-    vd = _vec_dtype(lm)
-    row_of = sel_r[:n_scored]
-    w_nll = torch.tensor(w_nll, dtype=vd, device=dev)
-    kl_req = req_t[torch.tensor(kl_r, dtype=torch.long, device=dev)]
-    n_rw_t = torch.tensor(n_rw, dtype=vd, device=dev)
-    n_kl_t = torch.tensor([max(1, len(r.ids) - r.n_rewrite) for r in rows_list], dtype=vd, device=dev)
-    rw_req = torch.tensor([j for j, r in enumerate(rows_list) for _ in range(r.n_rewrite)], device=dev)
-    rw_rows = torch.tensor([off[j] + i for j, r in enumerate(rows_list) for i in range(r.n_rewrite)], device=dev)
-
-    inits = inits.to(vd)
+    st = v_prepare(lm, layer, rows_list, init_site)
+    R, dev, vd = st.R, st.dev, st.vd
+    inits = st.inits
     init_norm = inits.norm(dim=1)
-    deltas = [torch.zeros(ad.d_model, dtype=vd, device=dev, requires_grad=True) for _ in range(R)]
+    deltas = [torch.zeros(lm.adapter.d_model, dtype=vd, device=dev, requires_grad=True) for _ in range(R)]
     opt = torch.optim.Adam(deltas, lr=hparams.v_lr)
-    kl_init = None
     losses = [[] for _ in range(R)]
     p_target = [float("nan")] * R
     active = [True] * R
     max_norm = hparams.clamp_norm_factor * init_norm
-    start = layer + 1
     for it in range(hparams.v_num_grad_steps):
-        D = torch.stack(deltas)
-        Dr = D[req_t][:, None, :]
-        if post is None:
-            h_in = h_suf + onehot * Dr.to(h_suf.dtype)
-        else:
-            h_in = h_suf + onehot * (post(layer, m_look + Dr.to(m_look.dtype)) - post_m)
-        if cache is None:
-            o = lm.run(hidden=h_in, start_layer=start, attention_mask=suf_mask, logits=None) if start < N else None
-        else:
-            o = lm.run(hidden=h_in, start_layer=start, past=cache, attention_mask=suf_mask, logits=None)
-        h = h_in if o is None else o.hidden
-        logp = ad.final(h[sel_r, sel_c]).to(vd).log_softmax(-1)
-        tok_lp = logp[:n_scored].gather(1, labels[:, None])[:, 0]
-        nll_row = -torch.zeros(B, dtype=vd, device=dev).index_add(0, row_of, tok_lp * w_nll)
-        nll_each = nll_row[rw_rows]  # per rewriting row, in request order
-        nll = torch.zeros(R, dtype=vd, device=dev).index_add(0, rw_req, nll_each) / n_rw_t
-        kl_lp = logp[n_scored:]
-        if kl_init is None:
-            kl_init = kl_lp.detach().clone()
-        # F.kl_div(init, new, log_target=True, reduction="batchmean") per request.
-        kl_row = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
-        kl = hparams.kl_factor * torch.zeros(R, dtype=vd, device=dev).index_add(0, kl_req, kl_row) / n_kl_t
-        wd = hparams.v_weight_decay * (D.norm(dim=1) / init_norm ** 2)
-        loss = nll + kl + wd
+        loss, p_req = v_loss(st, torch.stack(deltas), hparams)
         loss_val = loss.detach().tolist()
-        p_req = (torch.zeros(R, dtype=vd, device=dev).index_add(0, rw_req, torch.exp(-nll_each.detach()))
-                 / n_rw_t).tolist()
+        p_req = p_req.tolist()
         for j in range(R):
             if not active[j]:
                 continue
@@ -374,6 +281,137 @@ def optimise_deltas(lm, layer: int, rows_list: list, hparams: ROMEHparams, init_
                 if deltas[j].norm() > max_norm[j]:
                     deltas[j].mul_(max_norm[j] / deltas[j].norm())
     return [(deltas[j].detach(), inits[j], losses[j], p_target[j]) for j in range(R)]
+
+
+class _VState:
+    """What the v*/z* steps read: the suffix of every row after its lookup
+    position, the prefix cache of the layers above the edit, the scored
+    positions and each request's rows (:func:`v_prepare`)."""
+
+
+def v_prepare(lm, layer: int, rows_list: list, init_site: str = "mlp_out") -> _VState:
+    """The base pass of :func:`optimise_deltas` over every request's rows, with
+    the cache of the tokens before each lookup position at the layers above
+    ``layer``. Positions come from the rows (Python lists), so it runs on the
+    meta device too."""
+    ad = lm.adapter
+    dev = lm.device
+    N = ad.n_layers
+    ids, lookup, req_of, n_rw, off = [], [], [], [], []
+    for j, r in enumerate(rows_list):
+        off.append(len(ids))
+        ids += r.ids
+        lookup += r.lookup
+        req_of += [j] * len(r.ids)
+        n_rw.append(r.n_rewrite)
+    R = len(rows_list)
+    b = lm.batch_ids(ids)
+    B, T = b.input_ids.shape
+    look = torch.tensor(lookup, device=dev)
+    with torch.no_grad():
+        pre = lm.run(b.input_ids, attention_mask=b.attention_mask, return_kv=layer + 1 < N, logits=None,
+                     capture=[("resid_post", layer), (init_site, layer)])
+    inits = pre[(init_site, layer)][torch.tensor(off, device=dev), look[off]].detach()
+    resid = pre[("resid_post", layer)]
+    # Keys/values of the tokens before each row's lookup position, layers > L.
+    P = max(lookup)
+    cache = None
+    if P > 0 and layer + 1 < N:
+        keep = lambda ts: [None if (l <= layer or t is None) else t[:, :, :P] for l, t in enumerate(ts)]
+        cache = KVCache(keep(pre.kv.k), keep(pre.kv.v),
+                        torch.arange(P, device=dev)[None] < look[:, None])
+    # nothing to reuse: recompute from the first token
+    look_eff = [0] * B if cache is None else lookup
+    look_eff_t = torch.tensor(look_eff, device=dev)
+    S = max(len(x) - e for x, e in zip(ids, look_eff))
+    col = look_eff_t[:, None] + torch.arange(S, device=dev)[None]
+    suf_mask = col < b.lengths[:, None]
+    h_suf = resid.gather(1, col.clamp(max=T - 1)[..., None].expand(-1, -1, resid.shape[-1]))
+    onehot = torch.zeros(B, S, 1, dtype=resid.dtype, device=dev)
+    onehot[torch.arange(B, device=dev), look - look_eff_t] = 1
+    # ROME's delta is added to the MLP output (the down-projection's, whose
+    # weight it edits). Where a norm follows the MLP (BLOCK_SANDWICH) the
+    # residual stream changes by post(m + delta) - post(m) at the lookup token.
+    # (MEMIT's z is the layer's output: its delta enters the residual as it is.)
+    post = ad.post_mlp_norm if ad.block_style == BLOCK_SANDWICH and init_site == "mlp_out" else None
+    m_look = post_m = None
+    if post is not None:
+        m_look = pre[("mlp_out", layer)][torch.arange(B, device=dev), look][:, None]  # [B, 1, d]
+        post_m = post(layer, m_look)
+    del pre, resid
+
+    # Scored positions: each target token of each rewriting row, then each KL row's lookup.
+    sel_r, sel_c, labels, w_nll, kl_r = [], [], [], [], []
+    for j, r in enumerate(rows_list):
+        nt = len(r.target)
+        for i in range(r.n_rewrite):
+            g = off[j] + i
+            for t in range(nt):
+                sel_r.append(g)
+                sel_c.append(r.prompt_len[i] - 1 + t - look_eff[g])
+                labels.append(r.target[t])
+                w_nll.append(1.0 / nt)
+    n_scored = len(sel_r)
+    for j, r in enumerate(rows_list):
+        for i in range(r.n_rewrite, len(r.ids)):
+            g = off[j] + i
+            sel_r.append(g)
+            sel_c.append(lookup[g] - look_eff[g])
+            kl_r.append(g)
+    st = _VState()
+    vd = _vec_dtype(lm)
+    sel_r = torch.tensor(sel_r, device=dev)
+    req_t = torch.tensor(req_of, device=dev)
+    st.__dict__.update(
+        lm=lm, layer=layer, R=R, B=B, dev=dev, vd=vd, post=post, m_look=m_look, post_m=post_m,
+        h_suf=h_suf, onehot=onehot, cache=cache, suf_mask=suf_mask, n_scored=n_scored, req_t=req_t,
+        sel_r=sel_r, sel_c=torch.tensor(sel_c, device=dev), labels=torch.tensor(labels, device=dev),
+        row_of=sel_r[:n_scored], w_nll=torch.tensor(w_nll, dtype=vd, device=dev),
+        kl_req=req_t[torch.tensor(kl_r, dtype=torch.long, device=dev)],
+        n_rw_t=torch.tensor(n_rw, dtype=vd, device=dev),
+        n_kl_t=torch.tensor([max(1, len(r.ids) - r.n_rewrite) for r in rows_list], dtype=vd, device=dev),
+        rw_req=torch.tensor([j for j, r in enumerate(rows_list) for _ in range(r.n_rewrite)], device=dev),
+        rw_rows=torch.tensor([off[j] + i for j, r in enumerate(rows_list) for i in range(r.n_rewrite)],
+                             device=dev),
+        inits=inits.to(vd), kl_init=None)
+    return st
+
+
+def v_loss(st: _VState, D: torch.Tensor, hparams: ROMEHparams) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation of the v*/z* loss for the deltas ``D`` [R, d_model]: the
+    layers above the edit over the cached suffix, the head at the scored
+    positions. Returns (loss [R], mean target probability per request [R]);
+    the first call fixes the KL prompts' initial distribution."""
+    lm, layer, R, dev, vd = st.lm, st.layer, st.R, st.dev, st.vd
+    ad = lm.adapter
+    N = ad.n_layers
+    start = layer + 1
+    Dr = D[st.req_t][:, None, :]
+    if st.post is None:
+        h_in = st.h_suf + st.onehot * Dr.to(st.h_suf.dtype)
+    else:
+        h_in = st.h_suf + st.onehot * (st.post(layer, st.m_look + Dr.to(st.m_look.dtype)) - st.post_m)
+    if st.cache is None:
+        o = lm.run(hidden=h_in, start_layer=start, attention_mask=st.suf_mask, logits=None) if start < N else None
+    else:
+        o = lm.run(hidden=h_in, start_layer=start, past=st.cache, attention_mask=st.suf_mask, logits=None)
+    h = h_in if o is None else o.hidden
+    logp = ad.final(h[st.sel_r, st.sel_c]).to(vd).log_softmax(-1)
+    n_scored = st.n_scored
+    tok_lp = logp[:n_scored].gather(1, st.labels[:, None])[:, 0]
+    nll_row = -torch.zeros(st.B, dtype=vd, device=dev).index_add(0, st.row_of, tok_lp * st.w_nll)
+    nll_each = nll_row[st.rw_rows]  # per rewriting row, in request order
+    nll = torch.zeros(R, dtype=vd, device=dev).index_add(0, st.rw_req, nll_each) / st.n_rw_t
+    kl_lp = logp[n_scored:]
+    if st.kl_init is None:
+        st.kl_init = kl_lp.detach().clone()
+    # F.kl_div(init, new, log_target=True, reduction="batchmean") per request.
+    kl_row = (kl_lp.exp() * (kl_lp - st.kl_init)).sum(-1)
+    kl = hparams.kl_factor * torch.zeros(R, dtype=vd, device=dev).index_add(0, st.kl_req, kl_row) / st.n_kl_t
+    wd = hparams.v_weight_decay * (D.norm(dim=1) / st.inits.norm(dim=1) ** 2)
+    p_req = (torch.zeros(R, dtype=vd, device=dev).index_add(0, st.rw_req, torch.exp(-nll_each.detach()))
+             / st.n_rw_t)
+    return nll + kl + wd, p_req
 
 
 def v_loop(forward, v_init: torch.Tensor, hparams: ROMEHparams):
@@ -589,11 +627,7 @@ def edit(lm, request, hparams=None, *, stats=None, cache_dir=None) -> Edit:
 def _edit_one(lm, req: Request, layer: int, hp: ROMEHparams, templates: list[str], stats) -> EditStep:
     rows = build_rows(lm, req, templates, hp.fact_token, hp.kl_prompts)
     vd = _vec_dtype(lm)
-    if hp.fact_token == "last":  # ROME: the key of the prompt itself
-        key_rows = [(rows.ids[0][: rows.prompt_len[0]], rows.lookup[0])]
-    else:
-        key_rows = [(rows.ids[i][: rows.prompt_len[i]], rows.lookup[i]) for i in range(rows.n_rewrite)]
-    acts, outs = compute_keys(lm, layer, key_rows)
+    acts, outs = compute_keys(lm, layer, rows.key_rows(hp.fact_token))
     acts, outs = acts.to(vd), outs.to(vd)
     k_star = acts.mean(0)
     left = left_vector(lm, layer, k_star, hp, stats)

@@ -233,7 +233,7 @@ def _apply_batch(lm, reqs: list[Request], hp: MEMITHparams, templates, groups, s
     zL = layers[-1]
     vd = _vec_dtype(lm)
     Z, rows, losses, ps = compute_targets(lm, reqs, hp, templates) if targets is None else targets
-    key_rows = [(r.ids[i][: r.prompt_len[i]], r.lookup[i]) for r in rows for i in range(r.n_rewrite)]
+    key_rows = [kr for r in rows for kr in r.key_rows()]
     B = len(reqs)
     for i, L in enumerate(layers):
         acts, h = keys_and_outputs(lm, L, zL, key_rows)
