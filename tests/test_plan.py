@@ -12,7 +12,7 @@ import torch
 import kncore.planner as P
 from kncore import InputError
 from kncore import attribution as A
-from kncore.testing import measure_run, tiny_lm
+from kncore.testing import PLAN_EDIT_HPARAMS, PLAN_EDIT_REQUEST, STATS_TEXTS, measure_run, tiny_lm
 from kncore.tracing import trace
 
 
@@ -74,10 +74,6 @@ def test_smollm2_attribute_and_trace(smollm):
     _check(pl, run)
 
 
-STATS_TEXTS = ["the capital of canada is ottawa", "dog cat", "apple apples dog cat the capital of canada",
-               "is", "ottawa ottawa ottawa dog cat apple apples the capital of canada is ottawa", "cat"] * 3
-
-
 @pytest.mark.parametrize("arch", ["llama", "gptj"])
 def test_tiny_stats_flops_and_memory(arch):
     # texts of many lengths: the plan batches them by the run's own schedule,
@@ -102,10 +98,8 @@ def test_tiny_edit_flops_and_memory(arch):
     from kncore import rome
     from kncore.rome.editing import build_rows, parse_request
     lm = tiny_lm(arch, d_model=40, d_ff=123, n_layers=3)
-    hp = rome.ROMEHparams(layers=[1], v_num_grad_steps=4, early_stop_loss=0.0, mom2_adjustment=False,
-                          context_template_length_params=[], kl_prompts=["{} is a"])
-    # the subject opens the prompt, as edit_rows assumes (its KL rows: the subject and "is a")
-    req = {"prompt": "{} is the capital of", "subject": "canada", "target_new": "dogs"}
+    hp = rome.ROMEHparams(layers=[1], **PLAN_EDIT_HPARAMS)
+    req = PLAN_EDIT_REQUEST
     rows = build_rows(lm, parse_request(req), ["{}"], hp.fact_token, hp.kl_prompts)
     n, se = rows.prompt_len[0], rows.lookup[0] + 1
     from_rows = P.plan_edit(P.meta_lm(lm), tokens=n, subject_end=se, target_tokens=len(rows.target), hparams=hp,
