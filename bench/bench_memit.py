@@ -1,6 +1,7 @@
 """MEMIT in kncore against plain MEMIT (kmeng01/memit's algorithm, run as it runs), on SmolLM2.
 
     flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_memit.py [--sizes 1,10,100] [--ref-sizes 1,10,100]
+        [--step-sizes 1000]
 
 The peer is :func:`kncore.rome.reference.memit_ref`: ``execute_memit`` line by
 line on the Hugging Face model with forward hooks (``compute_z`` one request
@@ -18,7 +19,11 @@ corpus cached under $KNCORE_CACHE/rome_stats):
   :func:`kncore.evaluation.evaluate_edits` with the batch applied); undo
   checked bit for bit on every edited weight.
 * peer (for N in ``--ref-sizes``): seconds and peak memory; the update of each
-  layer compared with kncore's (max |difference| / max |peer|, over layers).
+  layer compared with kncore's (max |difference| / max |peer|, over layers), and
+  each request's z.
+* update step (for N in ``--step-sizes``): the peer's keys, solves and layer
+  spreading on kncore's z (``memit_ref(z=...)``), where the plain z loop would
+  take hours: its time and its update's error.
 
 Target: at least 3x the peer's speed at N = 100 with the same update to 1e-4
 relative. Results: bench/results/bench_memit_<machine>_<commit>.{csv,md}.
@@ -80,21 +85,26 @@ def write(rows: list, st, hp, suffix: str = "") -> str:
     """Write the table of the sizes done so far (after each size: a stopped run keeps its rows)."""
     tag = f"{machine()}_{commit()}{suffix}"
     keys = ["n", "kncore_s", "kncore_s_per_edit", "peer_s", "peer_s_per_edit", "speedup", "update_rel_err",
-            "kncore_peak_mib", "peer_peak_mib", "ES", "PS", "NS", "S", "undo_exact"]
+            "z_rel_err", "z_worst", "peer_step_s", "step_rel_err", "kncore_peak_mib", "peer_peak_mib",
+            "ES", "PS", "NS", "S", "undo_exact"]
     write_csv(RESULTS / f"bench_memit_{tag}.csv", rows, keys)
     md = [f"# bench_memit on {machine()} at {commit()}", "",
           f"`flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_memit.py {' '.join(sys.argv[1:])}`; "
           f"torch threads {torch.get_num_threads()}; one run per size (the shared 2-core machine); "
           f"statistics: pydoc corpus, {st[hp.layers[0]].n_tokens:,} tokens per layer; MEMIT layers {hp.layers}.",
           "", "Peer: plain MEMIT (kncore.rome.reference.memit_ref). Update error: max over layers of "
-          "max |kncore - peer| / max |peer| of the layer's update. Peak: resident memory above the call's start. "
+          "max |kncore - peer| / max |peer| of the layer's update; z error: the largest over requests of "
+          "max |z_kncore - z_peer| / max |z_peer| (request index in the batch); update step: the peer's keys, "
+          "solves and layer spreading on kncore's z. Peak: resident memory above the call's start. "
           "ES/PS/NS/S: ROME's CounterFact scores with the whole batch applied.", "",
-          "| N | kncore s | s/edit | peer s | peer s/edit | speed-up | update rel err | peak MiB (kncore / peer) "
-          "| ES | PS | NS | S | undo exact |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| N | kncore s | s/edit | peer s | peer s/edit | speed-up | update rel err | z rel err (request) "
+          "| peer update step s | update step rel err | peak MiB (kncore / peer) | ES | PS | NS | S | undo exact |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = lambda k: r.get(k, "")  # noqa: E731
         md.append(f"| {g('n')} | {g('kncore_s')} | {g('kncore_s_per_edit')} | {g('peer_s')} | {g('peer_s_per_edit')} "
-                  f"| {g('speedup')} | {g('update_rel_err')} | {g('kncore_peak_mib')} / {g('peer_peak_mib')} "
+                  f"| {g('speedup')} | {g('update_rel_err')} | {g('z_rel_err')} ({g('z_worst')}) "
+                  f"| {g('peer_step_s')} | {g('step_rel_err')} | {g('kncore_peak_mib')} / {g('peer_peak_mib')} "
                   f"| {g('ES')} | {g('PS')} | {g('NS')} | {g('S')} | {g('undo_exact')} |")
     md += ["", "GPU (GPT-J shape, N = 1000; statistics projected to convergence): not measured on GPU."]
     write_atomic(RESULTS / f"bench_memit_{tag}.md", "\n".join(md) + "\n")
@@ -107,12 +117,15 @@ def main():
     ap.add_argument("--ref-sizes", default="1,10,100")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-eval", action="store_true", help="skip ES/PS/NS")
+    ap.add_argument("--step-sizes", default="", help="sizes at which the plain update step runs on kncore's z "
+                    "(the plain z loop is skipped): the update step's own error and time")
     ap.add_argument("--suffix", default="", help="appended to the results' file names (runs split over sizes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     ref_sizes = {int(x) for x in args.ref_sizes.split(",") if x}
+    step_sizes = {int(x) for x in args.step_sizes.split(",") if x}
     lm = kncore.load("smollm2-135m")
     hp = rome.load_hparams("smollm2-135m", memit.MEMITHparams)
     st = rome.layer_stats(lm, hp.layers, hp.mom2_dataset, n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype,
@@ -128,6 +141,7 @@ def main():
         before = bits(lm, hp.layers)
         e, t_ours, peak_ours = measure(lambda: memit.memit_edit(lm, reqs, hp, stats=st))
         ours = {s.layer: (s.right.double() @ s.left.double().T) for s in e.steps}
+        Z = e.steps[0].z.double()  # the targets z, one column per request
         sc = {} if args.no_eval else scores(lm, recs)
         e.undo()
         after = bits(lm, hp.layers)
@@ -140,9 +154,19 @@ def main():
             ref, t_ref, peak_ref = measure(lambda: reference.memit_ref(lm, parsed, hp, C, templates, groups))
             err = max(((ours[L] - ref["updates"][L]).abs().max() / ref["updates"][L].abs().max()).item()
                       for L in hp.layers)
+            zr = ref["z"]
+            zerr = ((Z - zr).abs().amax(0) / zr.abs().amax(0))  # per request
             row.update(peer_s=round(t_ref, 2), peer_s_per_edit=round(t_ref / n, 3),
                        peer_peak_mib=round(peak_ref / 2**20), speedup=round(t_ref / t_ours, 2),
-                       update_rel_err=f"{err:.1e}")
+                       update_rel_err=f"{err:.1e}", z_rel_err=f"{zerr.max().item():.1e}",
+                       z_worst=int(zerr.argmax()))
+            print(row, flush=True)
+        if n in step_sizes:  # the update step alone, on kncore's z (the plain z loop at this N takes hours)
+            parsed = [editing.parse_request(r) for r in reqs]
+            ref, t_step, _ = measure(lambda: reference.memit_ref(lm, parsed, hp, C, templates, groups, z=Z))
+            err = max(((ours[L] - ref["updates"][L]).abs().max() / ref["updates"][L].abs().max()).item()
+                      for L in hp.layers)
+            row.update(peer_step_s=round(t_step, 2), step_rel_err=f"{err:.1e}")
             print(row, flush=True)
         rows.append(row)
         write(rows, st, hp, args.suffix)

@@ -145,6 +145,13 @@ def test_edit_matches_reference(arch, method):
         assert _rel(upd, ref["updates"][L]) < 1e-5
         assert _rel(dW[L], ref["updates"][L]) < 1e-5
         assert ref["updates"][L].abs().max() > 0
+    # the update step alone on given z (bench_memit --step-sizes): the same updates without the z loop
+    Z = steps[layers[-1]].z
+    step = reference.memit_ref(lm, [editing.parse_request(r) for r in reqs], hp, C, templates,
+                               memit.template_groups(hp, templates), method, z=Z)
+    assert torch.equal(step["z"], Z.double())
+    for L in layers:
+        assert _rel(step["updates"][L], ref["updates"][L]) < 1e-5
 
 
 def test_batched_v_loop_equals_one_request_loop():

@@ -159,11 +159,13 @@ def _key_and_block_out(lm, layer: int, z_layer: int, ids: list, p: int):
 
 
 def memit_ref(lm, requests: list[Request], hparams, C_by_layer: dict, templates: list[str], groups: list[int],
-              method: str = "MEMIT") -> dict:
+              method: str = "MEMIT", z: torch.Tensor | None = None) -> dict:
     """MEMIT's ``execute_memit`` (or EMMET's update) line by line: z per request
     by :func:`delta_ref` (full forwards), keys one forward per template,
     ``torch.linalg.solve`` / ``torch.inverse`` in float64, each layer's update
     added to W before the next layer's keys are read. W is restored at the end.
+    ``z`` [d_model, B]: given targets instead of delta_ref's (the update step
+    alone, on the same z as the code it checks).
     Returns ``{"z": [d_model, B], "updates": {layer: [d_model, d_ff]}, "keys", "resid"}``."""
     layers = sorted(hparams.layers)
     zL = layers[-1]
@@ -171,9 +173,10 @@ def memit_ref(lm, requests: list[Request], hparams, C_by_layer: dict, templates:
     for r in requests:
         rows = build_rows(lm, r, templates, hparams.fact_token, hparams.kl_prompts)
         all_rows.append(rows)
-        delta, init, _ = delta_ref(lm, zL, rows, hparams, init="layer")
-        zs.append(init.double() + delta.double())
-    Z = torch.stack(zs, 1)
+        if z is None:
+            delta, init, _ = delta_ref(lm, zL, rows, hparams, init="layer")
+            zs.append(init.double() + delta.double())
+    Z = torch.stack(zs, 1) if z is None else z.double()
     out = {"z": Z, "updates": {}, "keys": {}, "resid": {}}
     saved = {}
     try:
