@@ -40,6 +40,9 @@ STAMP=$(mktemp)  # result files newer than this are this run's
 step() {  # step NAME SECONDS CMD...: run with a time limit, log output and exit code
   local name=$1 limit=$2 t0 rc
   shift 2
+  # the limits budget the device lease; a smoke run on a shared CPU (the test
+  # suite's) gets four times as long, so a busy machine is not a failed step
+  if [ "$SMOKE" = 1 ]; then limit=$((limit * 4)); fi
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   t0=$(date +%s)
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
