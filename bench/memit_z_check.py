@@ -1,0 +1,65 @@
+"""Per-request z of kncore's MEMIT against plain MEMIT's compute_z, on SmolLM2:
+where the batched update of bench_memit.py differs from the peer's, which
+requests carry it, and whether it is rounding (float32) or the algorithm
+(float64 makes rounding vanish).
+
+    python bench/memit_z_check.py --n 100 --requests 39 31 --dtypes float32 float64
+
+For each request (its index among the first N CounterFact records of a valid
+batch, as bench_memit.py picks them) and dtype: kncore's z optimised alone,
+the peer's (``reference.delta_ref``, MEMIT's init at the layer output), and
+in the first dtype kncore's z optimised in the whole batch of N (the
+``batch_requests`` chunks bench_memit runs). Errors: max |a - b| / max |b|.
+Prints; writes nothing. GPU: not measured on GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import kncore  # noqa: E402
+from kncore import rome  # noqa: E402
+from kncore.rome import editing, memit, reference  # noqa: E402
+
+import bench_memit  # noqa: E402
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--requests", type=int, nargs="+", required=True)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    args = ap.parse_args()
+    for k, dt in enumerate(args.dtypes):
+        lm = kncore.load("smollm2-135m", dtype=dt)
+        hp = rome.load_hparams("smollm2-135m", memit.MEMITHparams)
+        templates = rome.context_templates(lm, hp)
+        _, reqs = bench_memit.records(lm, args.n, hp)
+        parsed = [editing.parse_request(r) for r in reqs]
+        zL = max(hp.layers)
+        batched = memit.compute_targets(lm, parsed, hp, templates)[0] if k == 0 else None
+        for j in args.requests:
+            rows = editing.build_rows(lm, parsed[j], templates, hp.fact_token, hp.kl_prompts)
+            delta, init, lr = reference.delta_ref(lm, zL, rows, hp, init="layer")
+            z_peer = init.double() + delta.double()
+            dk, ik, lk, _ = editing.optimise_deltas(lm, zL, [rows], hp, init_site="resid_post")[0]
+            z_alone = ik.double() + dk.double()
+            msg = (f"{dt} request {j}: kncore alone vs peer {rel(z_alone, z_peer):.2e} "
+                   f"(Adam steps {len(lk)} / {len(lr)})")
+            if batched is not None:
+                msg += (f"; kncore in the batch of {args.n} vs alone {rel(batched[:, j], z_alone):.2e}, "
+                        f"vs peer {rel(batched[:, j], z_peer):.2e}")
+            print(msg, flush=True)
+
+
+if __name__ == "__main__":
+    main()
