@@ -39,6 +39,9 @@ def main():
     ap.add_argument("--requests", type=int, nargs="+", required=True)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     args = ap.parse_args()
+    bad = [j for j in args.requests if not 0 <= j < args.n]
+    if bad:
+        ap.error(f"--requests {bad} outside the batch of --n {args.n}")
     for k, dt in enumerate(args.dtypes):
         lm = kncore.load("smollm2-135m", dtype=dt)
         hp = rome.load_hparams("smollm2-135m", memit.MEMITHparams)

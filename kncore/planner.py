@@ -614,10 +614,8 @@ def stats_schedule(lm: LM, layers, chunks: list, batch_tokens: int | None = None
     c.stage("second moments", results)
     peak = c.peak  # the accumulators (carried), then the largest batch or the results
     accs.clear()
-    n_texts = sum(len(ch) for ch in chunks)
     lens = [n for ch in chunks for n in ch]
-    text_tokens = max(lens) if lens else 0
-    return JobPlan("stats", dict(layers=layers, texts=n_texts, text_tokens=text_tokens, tokens=tokens,
+    return JobPlan("stats", dict(layers=layers, texts=len(lens), text_tokens=max(lens, default=0), tokens=tokens,
                                  batch_tokens=bt, dtype=dtype, batches=sum(v[0] for v in shapes.values())),
                    c.stages, _weights_bytes(lm), _weights_bytes(lm) + peak,
                    ["texts of text_tokens tokens each: an upper bound for a corpus of shorter texts"

@@ -246,8 +246,7 @@ def optimise_deltas(lm, layer: int, rows_list: list, hparams: ROMEHparams, init_
     """
     st = v_prepare(lm, layer, rows_list, init_site)
     R, dev, vd = st.R, st.dev, st.vd
-    inits = st.inits
-    init_norm = inits.norm(dim=1)
+    inits, init_norm = st.inits, st.init_norm
     deltas = [torch.zeros(lm.adapter.d_model, dtype=vd, device=dev, requires_grad=True) for _ in range(R)]
     opt = torch.optim.Adam(deltas, lr=hparams.v_lr)
     losses = [[] for _ in range(R)]
@@ -374,6 +373,7 @@ def v_prepare(lm, layer: int, rows_list: list, init_site: str = "mlp_out") -> _V
         rw_rows=torch.tensor([off[j] + i for j, r in enumerate(rows_list) for i in range(r.n_rewrite)],
                              device=dev),
         inits=inits.to(vd), kl_init=None)
+    st.init_norm = st.inits.norm(dim=1)  # the clamp's and the weight decay's scale
     return st
 
 
@@ -408,7 +408,7 @@ def v_loss(st: _VState, D: torch.Tensor, hparams: ROMEHparams) -> tuple[torch.Te
     # F.kl_div(init, new, log_target=True, reduction="batchmean") per request.
     kl_row = (kl_lp.exp() * (kl_lp - st.kl_init)).sum(-1)
     kl = hparams.kl_factor * torch.zeros(R, dtype=vd, device=dev).index_add(0, st.kl_req, kl_row) / st.n_kl_t
-    wd = hparams.v_weight_decay * (D.norm(dim=1) / st.inits.norm(dim=1) ** 2)
+    wd = hparams.v_weight_decay * (D.norm(dim=1) / st.init_norm ** 2)
     p_req = (torch.zeros(R, dtype=vd, device=dev).index_add(0, st.rw_req, torch.exp(-nll_each.detach()))
              / st.n_rw_t)
     return nll + kl + wd, p_req
