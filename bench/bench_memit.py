@@ -1,7 +1,7 @@
 """MEMIT in kncore against plain MEMIT (kmeng01/memit's algorithm, run as it runs), on SmolLM2.
 
     flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_memit.py [--sizes 1,10,100] [--ref-sizes 1,10,100]
-        [--step-sizes 1000]
+        [--step-sizes 1000] [--dtype float64]
 
 The peer is :func:`kncore.rome.reference.memit_ref`: ``execute_memit`` line by
 line on the Hugging Face model with forward hooks (``compute_z`` one request
@@ -81,7 +81,7 @@ def bits(lm, layers):
     return {L: lm.adapter.down_module(L).weight.detach().clone() for L in layers}
 
 
-def write(rows: list, st, hp, suffix: str = "") -> str:
+def write(rows: list, st, hp, suffix: str = "", model_dtype: str = "float32") -> str:
     """Write the table of the sizes done so far (after each size: a stopped run keeps its rows)."""
     tag = f"{machine()}_{commit()}{suffix}"
     keys = ["n", "kncore_s", "kncore_s_per_edit", "peer_s", "peer_s_per_edit", "speedup", "update_rel_err",
@@ -90,7 +90,8 @@ def write(rows: list, st, hp, suffix: str = "") -> str:
     write_csv(RESULTS / f"bench_memit_{tag}.csv", rows, keys)
     md = [f"# bench_memit on {machine()} at {commit()}", "",
           f"`flock /tmp/kncore-bench.lock .venv/bin/python bench/bench_memit.py {' '.join(sys.argv[1:])}`; "
-          f"torch threads {torch.get_num_threads()}; one run per size (the shared 2-core machine); "
+          f"model dtype {model_dtype}; torch threads {torch.get_num_threads()}; one run per size (the shared "
+          f"2-core machine); "
           f"statistics: pydoc corpus, {st[hp.layers[0]].n_tokens:,} tokens per layer; MEMIT layers {hp.layers}.",
           "", "Peer: plain MEMIT (kncore.rome.reference.memit_ref). Update error: max over layers of "
           "max |kncore - peer| / max |peer| of the layer's update; z error: the largest over requests of "
@@ -120,13 +121,17 @@ def main():
     ap.add_argument("--step-sizes", default="", help="sizes at which the plain update step runs on kncore's z "
                     "(the plain z loop is skipped): the update step's own error and time")
     ap.add_argument("--suffix", default="", help="appended to the results' file names (runs split over sizes)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="the model's dtype, for both editors (float64: the update without the float32 rounding "
+                    "that Adam amplifies where a request's loss is flat; the statistics are those of the "
+                    "float64 model)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     ref_sizes = {int(x) for x in args.ref_sizes.split(",") if x}
     step_sizes = {int(x) for x in args.step_sizes.split(",") if x}
-    lm = kncore.load("smollm2-135m")
+    lm = kncore.load("smollm2-135m", dtype=args.dtype)
     hp = rome.load_hparams("smollm2-135m", memit.MEMITHparams)
     st = rome.layer_stats(lm, hp.layers, hp.mom2_dataset, n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype,
                           progress=False)
@@ -169,9 +174,9 @@ def main():
             row.update(peer_step_s=round(t_step, 2), step_rel_err=f"{err:.1e}")
             print(row, flush=True)
         rows.append(row)
-        write(rows, st, hp, args.suffix)
+        write(rows, st, hp, args.suffix, args.dtype)
 
-    print(write(rows, st, hp, args.suffix))
+    print(write(rows, st, hp, args.suffix, args.dtype))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -561,9 +562,12 @@ def plan_stats(lm: LM, *, layers=None, texts: int = 100000, text_tokens: int | N
         _positive(texts=texts, text_tokens=n)
         lengths = [n] * texts
     else:
-        lengths = [min(int(x), max_len) for x in lengths]
+        try:
+            lengths = [min(operator.index(x), max_len) for x in lengths]
+        except TypeError:
+            lengths = None
         if not lengths or min(lengths) < 1:
-            raise InputError("lengths must be a non-empty list of positive token counts")
+            raise InputError("lengths must be a non-empty list of positive integer token counts")
     chunks = list(_chunks(lengths, chunk_texts or DEFAULT_CHUNK_TEXTS))
     return stats_schedule(lm, layers, chunks, batch_tokens, dtype)
 

@@ -169,6 +169,9 @@ def test_bad_inputs(tmp_path):
         P.plan_attribute(P.meta_lm(lm), tokens=0)
     with pytest.raises(InputError, match="unknown job"):
         P.plan(lm, jobs=["nope"])
+    for bad in (["12", "x"], [3, 0], [], [2.5], 7):  # strings, zero, empty, fractions, not a list
+        with pytest.raises(InputError, match="positive integer token counts"):
+            P.plan_stats(P.meta_lm(lm), layers=[0], lengths=bad)
 
 
 def test_plan_cli_and_all_jobs(tmp_path, capsys):

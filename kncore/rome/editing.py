@@ -282,10 +282,42 @@ def optimise_deltas(lm, layer: int, rows_list: list, hparams: ROMEHparams, init_
     return [(deltas[j].detach(), inits[j], losses[j], p_target[j]) for j in range(R)]
 
 
+@dataclass
 class _VState:
-    """What the v*/z* steps read: the suffix of every row after its lookup
-    position, the prefix cache of the layers above the edit, the scored
-    positions and each request's rows (:func:`v_prepare`)."""
+    """What the v*/z* steps read (:func:`v_prepare` builds it, :func:`v_loss`
+    reads it). B rows (every request's rewriting and KL rows), R requests, S
+    suffix positions, d = d_model."""
+
+    lm: object
+    layer: int
+    R: int
+    B: int
+    dev: torch.device
+    vd: torch.dtype                     # the deltas' dtype
+    # the residual stream after the edit layer from each row's lookup position
+    h_suf: torch.Tensor                 # [B, S, d]
+    onehot: torch.Tensor                # [B, S, 1]: 1 at the row's lookup position
+    suf_mask: torch.Tensor              # [B, S]: real suffix tokens
+    cache: object                       # KVCache of the tokens before the lookup, layers > layer; or None
+    post: object                        # the post-MLP norm (BLOCK_SANDWICH, mlp_out) or None
+    m_look: torch.Tensor | None         # [B, 1, d] MLP output at the lookup (with post)
+    post_m: torch.Tensor | None         # post(m_look)
+    # scored positions: every target token of every rewriting row, then every KL row's lookup
+    n_scored: int
+    sel_r: torch.Tensor                 # row of each scored position
+    sel_c: torch.Tensor                 # its column in the suffix
+    labels: torch.Tensor                # target token of each of the first n_scored
+    row_of: torch.Tensor                # sel_r[:n_scored]
+    w_nll: torch.Tensor                 # 1 / (target length) per target token
+    req_t: torch.Tensor                 # [B] request of each row
+    kl_req: torch.Tensor                # request of each KL row
+    n_rw_t: torch.Tensor                # [R] rewriting rows per request
+    n_kl_t: torch.Tensor                # [R] KL rows per request (at least 1)
+    rw_req: torch.Tensor                # request of each rewriting row
+    rw_rows: torch.Tensor               # row index of each rewriting row
+    inits: torch.Tensor                 # [R, d] the value at the edit site before the edit
+    init_norm: torch.Tensor             # [R] ||inits||: the clamp's and the weight decay's scale
+    kl_init: torch.Tensor | None = None  # the KL rows' initial log-probabilities (v_loss's first call)
 
 
 def v_prepare(lm, layer: int, rows_list: list, init_site: str = "mlp_out") -> _VState:
@@ -357,11 +389,11 @@ def v_prepare(lm, layer: int, rows_list: list, init_site: str = "mlp_out") -> _V
             sel_r.append(g)
             sel_c.append(lookup[g] - look_eff[g])
             kl_r.append(g)
-    st = _VState()
     vd = _vec_dtype(lm)
     sel_r = torch.tensor(sel_r, device=dev)
     req_t = torch.tensor(req_of, device=dev)
-    st.__dict__.update(
+    inits = inits.to(vd)
+    return _VState(
         lm=lm, layer=layer, R=R, B=B, dev=dev, vd=vd, post=post, m_look=m_look, post_m=post_m,
         h_suf=h_suf, onehot=onehot, cache=cache, suf_mask=suf_mask, n_scored=n_scored, req_t=req_t,
         sel_r=sel_r, sel_c=torch.tensor(sel_c, device=dev), labels=torch.tensor(labels, device=dev),
@@ -372,9 +404,7 @@ def v_prepare(lm, layer: int, rows_list: list, init_site: str = "mlp_out") -> _V
         rw_req=torch.tensor([j for j, r in enumerate(rows_list) for _ in range(r.n_rewrite)], device=dev),
         rw_rows=torch.tensor([off[j] + i for j, r in enumerate(rows_list) for i in range(r.n_rewrite)],
                              device=dev),
-        inits=inits.to(vd), kl_init=None)
-    st.init_norm = st.inits.norm(dim=1)  # the clamp's and the weight decay's scale
-    return st
+        inits=inits, init_norm=inits.norm(dim=1))
 
 
 def v_loss(st: _VState, D: torch.Tensor, hparams: ROMEHparams) -> tuple[torch.Tensor, torch.Tensor]:
