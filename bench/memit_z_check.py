@@ -9,7 +9,8 @@ For each request (its index among the first N CounterFact records of a valid
 batch, as bench_memit.py picks them) and dtype: kncore's z optimised alone,
 the peer's (``reference.delta_ref``, MEMIT's init at the layer output), and
 in the first dtype kncore's z optimised in the whole batch of N (the
-``batch_requests`` chunks bench_memit runs). Errors: max |a - b| / max |b|.
+``batch_requests`` chunks bench_memit runs). Errors: bench_memit.rel_err,
+max |a - b| / max |b|.
 Prints; writes nothing. GPU: not measured on GPU.
 """
 from __future__ import annotations
@@ -27,10 +28,7 @@ from kncore import rome  # noqa: E402
 from kncore.rome import editing, memit, reference  # noqa: E402
 
 import bench_memit  # noqa: E402
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+from bench_memit import rel_err  # noqa: E402
 
 
 def main():
@@ -56,11 +54,11 @@ def main():
             z_peer = init.double() + delta.double()
             dk, ik, lk, _ = editing.optimise_deltas(lm, zL, [rows], hp, init_site="resid_post")[0]
             z_alone = ik.double() + dk.double()
-            msg = (f"{dt} request {j}: kncore alone vs peer {rel(z_alone, z_peer):.2e} "
+            msg = (f"{dt} request {j}: kncore alone vs peer {rel_err(z_alone, z_peer):.2e} "
                    f"(Adam steps {len(lk)} / {len(lr)})")
             if batched is not None:
-                msg += (f"; kncore in the batch of {args.n} vs alone {rel(batched[:, j], z_alone):.2e}, "
-                        f"vs peer {rel(batched[:, j], z_peer):.2e}")
+                msg += (f"; kncore in the batch of {args.n} vs alone {rel_err(batched[:, j], z_alone):.2e}, "
+                        f"vs peer {rel_err(batched[:, j], z_peer):.2e}")
             print(msg, flush=True)
 
 

@@ -290,7 +290,6 @@ class _VState:
 
     lm: object
     layer: int
-    R: int
     B: int
     dev: torch.device
     vd: torch.dtype                     # the deltas' dtype
@@ -307,7 +306,6 @@ class _VState:
     sel_r: torch.Tensor                 # row of each scored position
     sel_c: torch.Tensor                 # its column in the suffix
     labels: torch.Tensor                # target token of each of the first n_scored
-    row_of: torch.Tensor                # sel_r[:n_scored]
     w_nll: torch.Tensor                 # 1 / (target length) per target token
     req_t: torch.Tensor                 # [B] request of each row
     kl_req: torch.Tensor                # request of each KL row
@@ -318,6 +316,16 @@ class _VState:
     inits: torch.Tensor                 # [R, d] the value at the edit site before the edit
     init_norm: torch.Tensor             # [R] ||inits||: the clamp's and the weight decay's scale
     kl_init: torch.Tensor | None = None  # the KL rows' initial log-probabilities (v_loss's first call)
+
+    @property
+    def R(self) -> int:
+        """The number of requests."""
+        return len(self.n_rw_t)
+
+    @property
+    def row_of(self) -> torch.Tensor:
+        """The row of each of the first n_scored (target-token) positions."""
+        return self.sel_r[:self.n_scored]
 
 
 def v_prepare(lm, layer: int, rows_list: list, init_site: str = "mlp_out") -> _VState:
@@ -394,10 +402,10 @@ def v_prepare(lm, layer: int, rows_list: list, init_site: str = "mlp_out") -> _V
     req_t = torch.tensor(req_of, device=dev)
     inits = inits.to(vd)
     return _VState(
-        lm=lm, layer=layer, R=R, B=B, dev=dev, vd=vd, post=post, m_look=m_look, post_m=post_m,
+        lm=lm, layer=layer, B=B, dev=dev, vd=vd, post=post, m_look=m_look, post_m=post_m,
         h_suf=h_suf, onehot=onehot, cache=cache, suf_mask=suf_mask, n_scored=n_scored, req_t=req_t,
         sel_r=sel_r, sel_c=torch.tensor(sel_c, device=dev), labels=torch.tensor(labels, device=dev),
-        row_of=sel_r[:n_scored], w_nll=torch.tensor(w_nll, dtype=vd, device=dev),
+        w_nll=torch.tensor(w_nll, dtype=vd, device=dev),
         kl_req=req_t[torch.tensor(kl_r, dtype=torch.long, device=dev)],
         n_rw_t=torch.tensor(n_rw, dtype=vd, device=dev),
         n_kl_t=torch.tensor([max(1, len(r.ids) - r.n_rewrite) for r in rows_list], dtype=vd, device=dev),
