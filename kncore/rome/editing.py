@@ -343,7 +343,6 @@ def v_prepare(lm, layer: int, rows_list: list, init_site: str = "mlp_out") -> _V
         lookup += r.lookup
         req_of += [j] * len(r.ids)
         n_rw.append(r.n_rewrite)
-    R = len(rows_list)
     b = lm.batch_ids(ids)
     B, T = b.input_ids.shape
     look = torch.tensor(lookup, device=dev)
