@@ -488,13 +488,22 @@ def _target_probs(ad, final: torch.Tensor, target: int) -> torch.Tensor:
     a [R, vocab] softmax: exp(logit - logsumexp), HEAD_BYTES of logits per call.
     One pass at the end of a walk: per slice, the head of a GPT-2-medium trace
     ran at about half the matmul rate (calls of 10 rows; [rows, vocab] logits
-    over glibc's 32 MiB mmap threshold, fresh pages on every call)."""
+    over glibc's 32 MiB mmap threshold, fresh pages on every call).
+
+    The normaliser sums exp(logit - max) in float64: a float32 sum over 50k
+    terms moves with the order of summation (torch 2.13's CPU logsumexp gave
+    the same logits a normaliser 2.8e-5 apart, on some first calls of a
+    process and not others), and the float64 sum makes the score
+    the same whatever the threads and the order."""
     step = max(1, HEAD_BYTES // (ad.vocab_size * 4))
     host = final.device if final.device.type == "meta" else "cpu"  # meta: kncore.planner's dry run
     out = torch.empty(final.shape[0], dtype=torch.float32, device=host)
     for s in range(0, final.shape[0], step):
         logits = ad.final(final[s:s + step]).float()
-        out[s:s + step] = (logits[:, target] - torch.logsumexp(logits, -1)).exp().to(host)
+        top = logits.amax(-1, keepdim=True)
+        num = (logits[:, target].double() - top[:, 0].double()).exp()
+        z = logits.sub_(top).exp_().sum(-1, dtype=torch.float64)
+        out[s:s + step] = (num / z).float().to(host)
     return out
 
 
