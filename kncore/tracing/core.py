@@ -61,6 +61,8 @@ DEFAULT_MAX_TOKENS = 2048
 STATE_BYTES = 1 << 30
 # Logits per head call in the walk's final pass (see _target_probs).
 HEAD_BYTES = 30 << 20
+# float64 copy per row block of the head's normaliser sum (see _sum64).
+SUM64_BYTES = 4 << 20
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -502,9 +504,19 @@ def _target_probs(ad, final: torch.Tensor, target: int) -> torch.Tensor:
         logits = ad.final(final[s:s + step]).float()
         top = logits.amax(-1, keepdim=True)
         num = (logits[:, target].double() - top[:, 0].double()).exp()
-        z = logits.sub_(top).exp_().sum(-1, dtype=torch.float64)
-        out[s:s + step] = (num / z).float().to(host)
+        out[s:s + step] = (num / _sum64(logits.sub_(top).exp_())).float().to(host)
     return out
+
+
+def _sum64(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(-1) accumulated in float64 for float32 x [R, n], a few rows at a
+    time: torch casts a float32 input to a float64 copy before such a sum, and
+    the copy of a whole HEAD_BYTES slice would triple the head's memory."""
+    z = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    rows = max(1, SUM64_BYTES // (x.shape[1] * 8))
+    for i in range(0, x.shape[0], rows):
+        z[i:i + rows] = x[i:i + rows].sum(-1, dtype=torch.float64)
+    return z
 
 
 def _first_layers(lm: LM, L: int, code: Restore, inputs: list, clean) -> torch.Tensor:
