@@ -49,7 +49,7 @@ def test_embedding_std_is_that_of_the_embedding_output(tiny):
     assert core.embedding_std(tiny) == pytest.approx(float(out.float().std()), rel=1e-5)
 
 
-def test_target_probs_are_the_float64_softmax():
+def test_target_probs_are_the_float64_softmax(monkeypatch):
     """A cell's score is softmax(head(h))[target]: within 2e-7 of the float64
     softmax of the same float32 logits over a 50k vocabulary, the same whatever
     the slices the head runs in (the normaliser is a float64 sum)."""
@@ -69,12 +69,8 @@ def test_target_probs_are_the_float64_softmax():
     got = core._target_probs(Ad, hidden, target)
     assert got.dtype == torch.float32 and got.shape == (rows,)
     assert _rel(got.double(), ref) <= 2e-7
-    old = core.HEAD_BYTES
-    try:
-        core.HEAD_BYTES = vocab * 4 * 5  # 5 rows per slice
-        assert torch.equal(core._target_probs(Ad, hidden, target), got)
-    finally:
-        core.HEAD_BYTES = old
+    monkeypatch.setattr(core, "HEAD_BYTES", vocab * 4 * 5)  # 5 rows per slice
+    assert torch.equal(core._target_probs(Ad, hidden, target), got)
 
 
 @pytest.mark.every_arch

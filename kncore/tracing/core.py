@@ -487,7 +487,8 @@ def _walk(lm: LM, jobs: list, p0: int, inputs: list, clean, kv, samples: int, ta
 
 def _target_probs(ad, final: torch.Tensor, target: int) -> torch.Tensor:
     """softmax(head(final))[:, target] for hidden states [R, d], without writing
-    a [R, vocab] softmax: exp(logit - logsumexp), HEAD_BYTES of logits per call.
+    a [R, vocab] softmax: exp(logit - max) / sum exp(logit - max), HEAD_BYTES
+    of logits per call.
     One pass at the end of a walk: per slice, the head of a GPT-2-medium trace
     ran at about half the matmul rate (calls of 10 rows; [rows, vocab] logits
     over glibc's 32 MiB mmap threshold, fresh pages on every call).
